@@ -1,0 +1,55 @@
+"""CDS Hooks 2.0 medication-order safety service for migraine care.
+
+``create_app()`` is the application factory (Flask's own pattern): configuration comes from
+environment variables (see the README) or from a ``Settings`` passed in by tests.
+"""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+from flask_cors import CORS
+from werkzeug.exceptions import HTTPException
+
+from .config import Settings
+from .errors import ServiceError, error_response
+
+__all__ = ["create_app", "Settings"]
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
+    from .api import bp
+    from .runtime import Runtime
+
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["cds"] = Runtime(settings, **runtime_parts)
+    # Browser clients (the CDS Hooks Sandbox) preflight every call; the preflight carries no JWT.
+    CORS(app, resources={r"/cds-services*": {"origins": settings.cors_origins.split(",")}},
+         allow_headers=["Authorization", "Content-Type"], methods=["GET", "POST", "OPTIONS"], max_age=600)
+    app.register_blueprint(bp)
+
+    @app.errorhandler(ServiceError)
+    def _service_error(exc: ServiceError):
+        return error_response(exc.status, exc.message, exc.code, exc.field)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        messages = {404: "no such endpoint; CDS Services are listed at GET /cds-services",
+                    405: f"method {getattr(exc, 'valid_methods', None) and 'not allowed; allowed: ' + ', '.join(exc.valid_methods) or 'not allowed'}",
+                    413: f"request body larger than the limit of {settings.max_body_bytes} bytes"}
+        code = {404: "not-found", 405: "not-supported", 413: "too-costly"}.get(exc.code, "invalid")
+        response = error_response(exc.code or 500, messages.get(exc.code, exc.description or exc.name), code)
+        if exc.code == 405 and getattr(exc, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unexpected error while handling a request")
+        return error_response(500, "internal error; the service could not process this request", "exception")
+
+    return app

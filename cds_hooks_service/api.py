@@ -1,0 +1,94 @@
+"""HTTP endpoints of the CDS Service (CDS Hooks 2.0). Views are thin: parse, call, answer."""
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Blueprint, jsonify, request
+
+from .auth import AuthError, expected_audience
+from .errors import BadRequest, NotFound, Unauthorized, UnsupportedMediaType
+from .hook_call import call_service, validate_request, _first_error
+from .runtime import runtime
+from .services import SERVICES
+
+log = logging.getLogger(__name__)
+bp = Blueprint("cds", __name__)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_json() -> object:
+    if request.mimetype and not (request.mimetype.endswith("/json") or request.mimetype.endswith("+json")):
+        raise UnsupportedMediaType(f"send the body as application/json, not {request.mimetype}")
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        raise BadRequest("the request body is empty; a JSON object is expected")
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise BadRequest("the request body is not UTF-8 encoded JSON") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
+    except ValueError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def authenticate() -> None:
+    rt = runtime()
+    if rt.verifier is None:
+        return
+    audience = expected_audience(rt.settings.public_url, request.url_root, request.path)
+    try:
+        rt.verifier.verify(request.headers.get("Authorization"), audience)
+    except AuthError as exc:
+        log.info("JWT rejected: %s", exc.reason)  # the reason is for operators; the client gets none
+        raise Unauthorized("Unauthorized") from None
+
+
+def get_service(service_id: str):
+    service = SERVICES.get(service_id)
+    if service is None:
+        raise NotFound(f"no CDS Service {service_id!r}; see GET /cds-services", field="id")
+    return service
+
+
+@bp.get("/cds-services")
+def discovery():
+    authenticate()
+    return jsonify({"services": [s.discovery() for s in SERVICES.values()]})
+
+
+@bp.post("/cds-services/<service_id>")
+def hook(service_id: str):
+    authenticate()
+    service = get_service(service_id)
+    rt = runtime()
+    body = validate_request(read_json(), service, rt.validators)
+    result = call_service(service, body, rulebook=rt.rulebook, store=rt.store, settings=rt.settings)
+    log.info("hook %s answered: %d cards", service.id, len(result.response["cards"]),
+             extra={"hookInstance": body.get("hookInstance")})
+    return jsonify(result.response)
+
+
+@bp.post("/cds-services/<service_id>/feedback")
+def feedback(service_id: str):
+    authenticate()
+    service = get_service(service_id)
+    rt = runtime()
+    body = read_json()
+    if not isinstance(body, dict):
+        raise BadRequest("the feedback body must be a JSON object with a feedback array")
+    _first_error(rt.validators["feedback"], body)
+    stored = rt.store.record_feedback(service.id, body["feedback"])
+    return jsonify({"stored": stored})
+
+
+@bp.get("/healthz")
+def healthz():
+    rt = runtime()
+    ok = rt.store.ping()
+    body = {"status": "ok" if ok else "degraded", "rules": len(rt.rulebook.rules), "store": "ok" if ok else "down"}
+    return jsonify(body), (200 if ok else 503)

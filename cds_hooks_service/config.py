@@ -1,0 +1,88 @@
+"""Configuration, read once from environment variables (all listed in the README)."""
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from .facts import parse_time
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    try:
+        return float(value) if value else default
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {value!r}") from exc
+
+
+@dataclass
+class Settings:
+    rules_dir: Path = REPO_ROOT / "rules"
+    cards_dir: Path = REPO_ROOT / "cards"
+    rules_local_dir: Path | None = None
+    database_url: str = ""
+    jwt_issuers_file: Path | None = None
+    public_url: str | None = None
+    max_body_bytes: int = 5 * 1024 * 1024
+    time_budget: float = 1.5  # seconds for all FHIR fallback queries of one hook call
+    fhir_connect_timeout: float = 0.5
+    fhir_read_timeout: float = 1.0
+    cors_origins: str = "*"
+    suppression_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    fixed_now: datetime | None = None  # demos and tests only
+    debug_trace: bool = False
+    instance_dir: Path = REPO_ROOT / "instance"
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        env = os.environ
+        instance_dir = Path(env.get("CDS_INSTANCE_DIR") or REPO_ROOT / "instance")
+        rules_dir = Path(env.get("CDS_RULES_DIR") or REPO_ROOT / "rules")
+        fixed_now = None
+        if env.get("CDS_FIXED_NOW"):
+            fixed_now = parse_time(env["CDS_FIXED_NOW"])
+            if fixed_now is None:
+                raise ValueError(f"CDS_FIXED_NOW is not an ISO date-time: {env['CDS_FIXED_NOW']!r}")
+        settings = cls(
+            rules_dir=rules_dir,
+            cards_dir=Path(env.get("CDS_CARDS_DIR") or rules_dir.parent / "cards"),
+            rules_local_dir=Path(env["CDS_RULES_LOCAL_DIR"]) if env.get("CDS_RULES_LOCAL_DIR") else None,
+            database_url=env.get("DATABASE_URL") or f"sqlite:///{instance_dir / 'cds-hooks.sqlite3'}",
+            jwt_issuers_file=Path(env["CDS_JWT_ISSUERS"]) if env.get("CDS_JWT_ISSUERS") else None,
+            public_url=(env.get("CDS_PUBLIC_URL") or None),
+            max_body_bytes=int(_float("CDS_MAX_BODY_BYTES", 5 * 1024 * 1024)),
+            time_budget=_float("CDS_TIME_BUDGET", 1.5),
+            fhir_connect_timeout=_float("CDS_FHIR_CONNECT_TIMEOUT", 0.5),
+            fhir_read_timeout=_float("CDS_FHIR_READ_TIMEOUT", 1.0),
+            cors_origins=env.get("CDS_CORS_ORIGINS", "*"),
+            suppression_secret=_secret(env.get("CDS_SUPPRESSION_SECRET"), instance_dir),
+            fixed_now=fixed_now,
+            debug_trace=env.get("CDS_DEBUG_TRACE", "").lower() in ("1", "true", "yes"),
+            instance_dir=instance_dir,
+        )
+        for key, value in overrides.items():
+            setattr(settings, key, value)
+        return settings
+
+
+def _secret(value: str | None, instance_dir: Path) -> bytes:
+    """Key for the one-way suppression keys. Instances sharing a database must share it (set the env var)."""
+    if value:
+        return value.encode()
+    path = instance_dir / "suppression.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        instance_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_hex(32).encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+        return key
+    except OSError:
+        return secrets.token_bytes(32)

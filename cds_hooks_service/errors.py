@@ -1,0 +1,51 @@
+"""Errors a client can cause, answered as JSON OperationOutcome bodies (never a 5xx for client input)."""
+from __future__ import annotations
+
+from flask import jsonify
+
+
+class ServiceError(Exception):
+    status = 400
+    code = "invalid"  # FHIR issue type
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "invalid"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "login"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not-found"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "not-supported"
+
+
+class PreconditionFailed(ServiceError):
+    """CDS Hooks 2.0: the data the rules need could be had neither from prefetch nor from the FHIR server."""
+
+    status, code = 412, "processing"
+
+
+def operation_outcome(message: str, code: str = "invalid", field: str | None = None, severity: str = "error") -> dict:
+    issue = {"severity": severity, "code": code, "details": {"text": message}}
+    if field:
+        issue["expression"] = [field]
+    return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+def error_response(status: int, message: str, code: str = "invalid", field: str | None = None):
+    response = jsonify(operation_outcome(message, code, field))
+    response.status_code = status
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response

@@ -1,0 +1,110 @@
+"""Gather the patient data the triggered rules need: prefetch as sent, then the FHIR server.
+
+Per CDS Hooks 2.0, for each prefetch key:
+  * a resource or Bundle      -> used (Bundle: ``search.mode == match`` entries; a next page is fetched)
+  * ``null``                  -> the client has no data: an empty list, not re-queried
+  * an OperationOutcome       -> the client failed to prefetch: treated as absent
+  * absent                    -> searched on ``fhirServer`` (Bearer token when ``fhirAuthorization`` is given)
+Only the keys that the triggered rules need are resolved, so an order no rule cares about costs no
+FHIR traffic. What cannot be had is returned in ``unavailable`` with a reason safe to show.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .fhir_client import FhirClient, FhirError, SearchResult
+from .services import PREFETCH, render_query
+
+DATA_LABELS = {
+    "conditions": "conditions (problem list and diagnoses)",
+    "medicationRequests": "medication orders",
+    "medicationAdministrations": "medications given",
+    "medicationStatements": "medications taken (medication list)",
+    "observations": "blood pressure, eGFR and pregnancy test results",
+    "procedures": "procedures",
+    "patient": "patient demographics",
+}
+_EXPECTED_TYPE = {"patient": "Patient"}
+
+
+@dataclass
+class PatientData:
+    resources: dict[str, list[dict]] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)  # key -> reason (no patient data in it)
+    fetched: list[str] = field(default_factory=list)  # keys that came from the FHIR server
+
+
+def _from_prefetch(value: dict) -> tuple[list[dict] | None, bool]:
+    """(resources, complete). resources None: the value is unusable (an error)."""
+    rtype = value.get("resourceType")
+    if rtype == "OperationOutcome":
+        return None, False
+    if rtype == "Bundle":
+        out = []
+        for entry in value.get("entry") or []:
+            if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
+                continue
+            mode = (entry.get("search") or {}).get("mode") if isinstance(entry.get("search"), dict) else None
+            if mode in (None, "match") and entry["resource"].get("resourceType") != "OperationOutcome":
+                out.append(entry["resource"])
+        has_next = any(isinstance(link, dict) and link.get("relation") == "next" for link in value.get("link") or [])
+        return out, not has_next
+    if isinstance(rtype, str):
+        return [value], True
+    return None, False
+
+
+def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float, read_timeout: float,
+           session=None) -> PatientData:
+    data = PatientData()
+    prefetch = body.get("prefetch") if isinstance(body.get("prefetch"), dict) else {}
+    context = body.get("context") or {}
+    to_fetch: dict[str, str] = {}
+    partial: dict[str, list[dict]] = {}
+    for key in sorted(keys):
+        if key in prefetch:
+            value = prefetch[key]
+            if value is None:
+                data.resources[key] = []
+                continue
+            resources, complete = _from_prefetch(value)
+            if resources is not None and complete:
+                data.resources[key] = resources
+                continue
+            if resources is not None:
+                partial[key] = resources  # a first page: fetch the whole search instead
+        query = render_query(PREFETCH[key], context)
+        if query is None:
+            data.unavailable[key] = "the hook context lacks the patient id needed to search for it"
+        else:
+            to_fetch[key] = query
+    if not to_fetch:
+        return data
+
+    server = body.get("fhirServer")
+    if not isinstance(server, str) or not server:
+        for key in to_fetch:
+            data.unavailable[key] = "not prefetched, and the request names no fhirServer to read it from"
+        return data
+    auth = body.get("fhirAuthorization") if isinstance(body.get("fhirAuthorization"), dict) else {}
+    client = FhirClient(server, auth.get("access_token"), session=session,
+                        connect_timeout=connect_timeout, read_timeout=read_timeout)
+    results = client.fetch_all(to_fetch, budget=budget)
+    for key, result in results.items():
+        if isinstance(result, SearchResult):
+            data.resources[key] = result.resources
+            data.fetched.append(key)
+        elif isinstance(result, dict):
+            data.resources[key] = [result]
+            data.fetched.append(key)
+        elif result is None:
+            data.resources[key] = []
+            data.fetched.append(key)
+        else:
+            reason = result.reason if isinstance(result, FhirError) else "unknown error"
+            if key in partial:
+                data.resources[key] = partial[key]
+                data.unavailable[key] = f"only the first page was prefetched and the rest could not be read ({reason})"
+            else:
+                data.unavailable[key] = f"the FHIR server could not be read ({reason})"
+    return data

@@ -1,0 +1,324 @@
+"""Rule scenarios: the test cases that travel with each rule (``rules/<id>.tests.yaml``).
+
+A scenario is a patient, the drafted orders and what the rule must do. Resources may be written
+as full FHIR (anything with ``resourceType``) or in a shorthand that expands to valid FHIR R4:
+
+  drafts:                                   record:
+    - drug: "897745"   # RxNorm, any level    - condition: G43.909      # ICD-10-CM (or SNOMED digits)
+      text: hydromorphone 2 mg IV               status: active          # clinicalStatus (default active)
+      route: IV        # IV | IM | SC | PO | nasal (text)  verification: confirmed
+      reason: G43.909  # reasonCode             encounter: true         # diagnosis on this encounter
+      medication: {contained: true}  # code via a contained Medication
+                                              - given: "37418"          # MedicationAdministration
+                                                at: -2h                 # time relative to `now`
+                                              - ordered: "85762"        # MedicationRequest (status active)
+                                              - taking: "85762"         # MedicationStatement (status active)
+                                              - bp: [185, 110]          # BP panel with SBP/DBP components
+                                              - observation: 62238-1    # any LOINC with value/unit or result
+                                                value: 25
+                                              - procedure: "<code>"     # Procedure (system: snomed by default)
+
+``expect`` is ``fire`` (a card is shown), ``no-fire`` (the rule does not fire) or ``suppressed``
+(it fires but an exception hides the card); ``indicator`` optionally pins the card's indicator.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import yaml
+
+from .facts import parse_time
+from .terminology import ICD10CM, LOINC, RXNORM, SNOMED
+
+PATIENT_ID = "example-patient"
+ENCOUNTER_ID = "example-encounter"
+USER_ID = "Practitioner/example-practitioner"
+DEFAULT_NOW = "2026-03-01T12:00:00Z"
+_ROUTES = {  # SNOMED CT route codes (FHIR R4 SNOMED CT Route Codes value set)
+    "IV": ("47625008", "Intravenous route"), "IM": ("78421000", "Intramuscular route"),
+    "SC": ("34206005", "Subcutaneous route"), "PO": ("26643006", "Oral route"), "NASAL": ("46713006", "Nasal route"),
+}
+_REL = re.compile(r"^([+-]?\d+(?:\.\d+)?)(m|h|d)$")
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+@dataclass
+class Scenario:
+    rule_id: str
+    name: str
+    expect: str
+    indicator: str | None
+    hook: str | None  # None: every hook the rule serves
+    now: datetime
+    drafts: list[dict]
+    record: list[dict]
+    selections: list[str] | None
+    file: Path
+
+    def request(self, hook: str | None = None, *, fhir_server: str | None = None) -> dict:
+        """The CDS Hooks request for this scenario, with every record resource prefetched."""
+        hook = hook or self.hook or "order-sign"
+        context = {"userId": USER_ID, "patientId": PATIENT_ID, "encounterId": ENCOUNTER_ID,
+                   "draftOrders": {"resourceType": "Bundle", "type": "collection",
+                                   "entry": [{"resource": r} for r in self.drafts]}}
+        if hook == "order-select":
+            context["selections"] = self.selections or [
+                f"{r['resourceType']}/{r['id']}" for r in self.drafts[:1]]
+        body = {"hook": hook, "hookInstance": f"scenario-{self.rule_id}-{_slug(self.name)}-{hook}",
+                "context": context, "prefetch": prefetch_for(self.record)}
+        if fhir_server:
+            body["fhirServer"] = fhir_server
+        return body
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+
+
+_KEY_OF_TYPE = {"Condition": "conditions", "MedicationRequest": "medicationRequests",
+                "MedicationAdministration": "medicationAdministrations", "MedicationStatement": "medicationStatements",
+                "Observation": "observations", "Procedure": "procedures", "Patient": "patient"}
+
+
+def prefetch_for(resources: list[dict]) -> dict:
+    """Prefetch values as a client would send them: a searchset Bundle per key (empty ones too)."""
+    out: dict = {"patient": {"resourceType": "Patient", "id": PATIENT_ID, "gender": "female",
+                             "birthDate": "1985-04-12"}}
+    for key in ("conditions", "medicationRequests", "medicationAdministrations", "medicationStatements",
+                "observations", "procedures"):
+        entries = [{"fullUrl": f"urn:uuid:{r['resourceType']}-{r['id']}", "resource": r, "search": {"mode": "match"}}
+                   for r in resources if _KEY_OF_TYPE.get(r["resourceType"]) == key]
+        out[key] = {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
+    return out
+
+
+def load_scenarios(path: Path, rule_id: str) -> list[Scenario]:
+    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(doc, dict) or not isinstance(doc.get("scenarios"), list):
+        raise ScenarioError(f"{path}: needs a list under `scenarios`")
+    default_now = parse_time(str(doc.get("now", DEFAULT_NOW)))
+    out = []
+    for i, s in enumerate(doc["scenarios"]):
+        where = f"{path}: scenario {i + 1}"
+        if not isinstance(s, dict) or not s.get("name") or s.get("expect") not in ("fire", "no-fire", "suppressed"):
+            raise ScenarioError(f"{where}: needs a name and expect: fire | no-fire | suppressed")
+        now = parse_time(str(s["now"])) if s.get("now") else default_now
+        try:
+            drafts = [expand_draft(d, j, now) for j, d in enumerate(s.get("drafts") or [])]
+            record = [expand_record(r, j, now) for j, r in enumerate(s.get("record") or [])]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ScenarioError(f"{where} ({s['name']}): {exc}") from exc
+        if not drafts:
+            raise ScenarioError(f"{where} ({s['name']}): needs at least one draft")
+        out.append(Scenario(rule_id, s["name"], s["expect"], s.get("indicator"), s.get("hook"), now,
+                            drafts, record, s.get("selections"), path))
+    return out
+
+
+def _time(value, now: datetime) -> str:
+    if value is None:
+        value = "-1h"
+    text = str(value)
+    m = _REL.match(text)
+    if m:
+        seconds = float(m.group(1)) * {"m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        t = now + timedelta(seconds=seconds)
+    else:
+        t = parse_time(text)
+        if t is None:
+            raise ValueError(f"not a time: {text!r} (use e.g. -2h, -3d or an ISO date-time)")
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _coding(code: str, system: str | None = None, display: str | None = None) -> dict:
+    code = str(code)
+    if system is None:
+        system = ICD10CM if re.match(r"^[A-Z][0-9]", code) else SNOMED
+    system = {"icd10cm": ICD10CM, "snomed": SNOMED, "loinc": LOINC, "rxnorm": RXNORM}.get(system, system)
+    out = {"system": system, "code": code}
+    if display:
+        out["display"] = display
+    return out
+
+
+def _medication_cc(item: dict, key: str) -> dict:
+    code = item.get(key)
+    cc: dict = {}
+    if code:
+        cc["coding"] = [_coding(str(code), RXNORM, item.get("display"))]
+    if item.get("text"):
+        cc["text"] = item["text"]
+    if not cc:
+        raise ValueError("a medication needs an RxNorm code or a text")
+    return cc
+
+
+def _dosage(item: dict) -> list[dict]:
+    route = item.get("route")
+    if not route:
+        return []
+    route_code = _ROUTES.get(str(route).upper())
+    dosage = {"text": item.get("text") or str(route),
+              "route": {"coding": [{"system": SNOMED, "code": route_code[0], "display": route_code[1]}]}
+              if route_code else {"text": str(route)}}
+    return [dosage]
+
+
+def expand_draft(item: dict, index: int, now: datetime) -> dict:
+    if "resourceType" in item:
+        return item
+    rid = item.get("id", f"draft-{index + 1}")
+    resource: dict = {"resourceType": "MedicationRequest", "id": rid, "status": "draft", "intent": "order",
+                      "subject": {"reference": f"Patient/{PATIENT_ID}"},
+                      "encounter": {"reference": f"Encounter/{ENCOUNTER_ID}"},
+                      "authoredOn": _time(item.get("at", "0m"), now)}
+    _set_medication(resource, item, "drug", "dosageInstruction")
+    if item.get("reason"):
+        resource["reasonCode"] = [{"coding": [_coding(str(item["reason"]))]}]
+    return resource
+
+
+def _set_medication(resource: dict, item: dict, key: str, dosage_field: str) -> None:
+    how = item.get("medication") or {}
+    cc = _medication_cc(item, key)
+    if how.get("contained"):
+        resource["contained"] = [{"resourceType": "Medication", "id": "med", "code": cc}]
+        resource["medicationReference"] = {"reference": "#med"}
+    else:
+        resource["medicationCodeableConcept"] = cc
+    dosage = _dosage(item)
+    if dosage:
+        resource[dosage_field] = dosage if dosage_field == "dosageInstruction" else dosage[0]
+
+
+def expand_record(item: dict, index: int, now: datetime) -> dict:
+    if "resourceType" in item:
+        return item
+    rid = str(item.get("id", f"r{index + 1}"))
+    subject = {"reference": f"Patient/{PATIENT_ID}"}
+    if "condition" in item:
+        r = {"resourceType": "Condition", "id": rid,
+             "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                            "code": item.get("status", "active")}]},
+             "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                                                "code": item.get("verification", "confirmed")}]},
+             "code": {"coding": [_coding(item["condition"], item.get("system"), item.get("display"))]},
+             "subject": subject, "recordedDate": _time(item.get("at", "-30d"), now)}
+        if item.get("display"):
+            r["code"]["text"] = item["display"]
+        if item.get("encounter"):
+            r["encounter"] = {"reference": f"Encounter/{ENCOUNTER_ID}"}
+            r["category"] = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category",
+                                          "code": "encounter-diagnosis"}]}]
+        return r
+    if "given" in item:
+        r = {"resourceType": "MedicationAdministration", "id": rid, "status": item.get("status", "completed"),
+             "subject": subject, "effectiveDateTime": _time(item.get("at"), now)}
+        _set_medication(r, item, "given", "dosage")
+        if "dosage" in r:
+            r["dosage"] = {"text": r["dosage"]["text"], "route": r["dosage"]["route"]}
+        return r
+    if "ordered" in item:
+        r = {"resourceType": "MedicationRequest", "id": rid, "status": item.get("status", "active"),
+             "intent": "order", "subject": subject, "authoredOn": _time(item.get("at", "-7d"), now)}
+        _set_medication(r, item, "ordered", "dosageInstruction")
+        return r
+    if "taking" in item:
+        r = {"resourceType": "MedicationStatement", "id": rid, "status": item.get("status", "active"),
+             "subject": subject, "dateAsserted": _time(item.get("at", "-30d"), now)}
+        _set_medication(r, item, "taking", "dosage")
+        if "dosage" in r:
+            r["dosage"] = [r["dosage"]]
+        return r
+    if "bp" in item:
+        sbp, dbp = item["bp"]
+        return {"resourceType": "Observation", "id": rid, "status": "final",
+                "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                          "code": "vital-signs"}]}],
+                "code": {"coding": [{"system": LOINC, "code": "85354-9", "display": "Blood pressure panel"}]},
+                "subject": subject, "effectiveDateTime": _time(item.get("at"), now),
+                "component": [
+                    {"code": {"coding": [{"system": LOINC, "code": "8480-6", "display": "Systolic blood pressure"}]},
+                     "valueQuantity": {"value": sbp, "unit": "mmHg", "system": "http://unitsofmeasure.org",
+                                       "code": "mm[Hg]"}},
+                    {"code": {"coding": [{"system": LOINC, "code": "8462-4", "display": "Diastolic blood pressure"}]},
+                     "valueQuantity": {"value": dbp, "unit": "mmHg", "system": "http://unitsofmeasure.org",
+                                       "code": "mm[Hg]"}}]}
+    if "observation" in item:
+        r = {"resourceType": "Observation", "id": rid, "status": item.get("status", "final"),
+             "code": {"coding": [_coding(item["observation"], LOINC, item.get("display"))]},
+             "subject": subject, "effectiveDateTime": _time(item.get("at"), now)}
+        if "value" in item:
+            r["valueQuantity"] = {"value": item["value"], "unit": item.get("unit", "1")}
+        elif "result" in item:
+            r["valueCodeableConcept"] = {"text": str(item["result"])}
+        return r
+    if "procedure" in item:
+        return {"resourceType": "Procedure", "id": rid, "status": "completed",
+                "code": {"coding": [_coding(item["procedure"], item.get("system", "snomed"), item.get("display"))]},
+                "subject": subject, "performedDateTime": _time(item.get("at", "-10d"), now)}
+    raise ValueError(f"unknown record item {sorted(item)}; use condition, given, ordered, taking, bp, "
+                     "observation, procedure or a full FHIR resource")
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    hook: str
+    outcome: str  # fire | no-fire | suppressed
+    indicator: str | None
+    passed: bool
+    message: str
+
+
+def scenario_file(rule) -> Path:
+    return rule.path.with_name(rule.raw.get("tests") or f"{rule.id}.tests.yaml")
+
+
+def run_scenarios(rulebook, settings, rule_ids: list[str] | None = None) -> tuple[list[ScenarioResult], list[str]]:
+    """Run every rule's scenarios on each hook the rule serves. Returns results and problems
+    (a rule without scenarios, or without at least one firing and one non-firing scenario)."""
+    from .hook_call import call_service
+    from .services import SERVICES
+
+    by_hook = {s.hook: s for s in SERVICES.values()}
+    results: list[ScenarioResult] = []
+    problems: list[str] = []
+    for rule in rulebook.rules:
+        if rule_ids and rule.id not in rule_ids:
+            continue
+        path = scenario_file(rule)
+        if not path.exists():
+            problems.append(f"{rule.id}: no scenario file {path.name} beside the rule")
+            continue
+        try:
+            scenarios = load_scenarios(path, rule.id)
+        except ScenarioError as exc:
+            problems.append(str(exc))
+            continue
+        expects = {s.expect for s in scenarios}
+        if "fire" not in expects or not expects & {"no-fire", "suppressed"}:
+            problems.append(f"{rule.id}: needs at least one scenario that fires and one that does not")
+        for sc in scenarios:
+            hooks = [sc.hook] if sc.hook else sorted(rule.hooks)
+            for hook in hooks:
+                settings.fixed_now = sc.now
+                result = call_service(by_hook[hook], sc.request(hook), rulebook=rulebook, store=None,
+                                      settings=settings)
+                outcome, indicator = "no-fire", None
+                for f in result.findings:
+                    if f.rule.id == rule.id and f.evidence:
+                        outcome, indicator = ("fire" if f.fired else "suppressed"), f.indicator
+                        break
+                ok = outcome == sc.expect and (sc.indicator is None or outcome != "fire" or indicator == sc.indicator)
+                msg = "" if ok else (f"expected {sc.expect}" + (f" ({sc.indicator})" if sc.indicator else "")
+                                     + f", got {outcome}" + (f" ({indicator})" if indicator else ""))
+                results.append(ScenarioResult(sc, hook, outcome, indicator, ok, msg))
+    settings.fixed_now = None
+    return results, problems

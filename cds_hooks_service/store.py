@@ -1,0 +1,340 @@
+"""Feedback store: issued cards, CDS Hooks 2.0 feedback, and JWT replay ids.
+
+SQLAlchemy Core on two backends:
+
+* SQLite file (embedded default, ``sqlite:///path/file.db``): WAL journal,
+  ``synchronous=NORMAL``, a 30 s busy timeout, and every write transaction
+  opened with ``BEGIN IMMEDIATE`` so concurrent writers (threads, or gunicorn
+  worker processes sharing the file) queue on the write lock instead of
+  failing with "database is locked" when a read would have to be upgraded.
+* PostgreSQL (``postgresql://user@host:port/db``), via the psycopg 3 driver.
+
+Tables (created if missing):
+
+``cds_issued_card``
+    card_uuid PK, rule_id, service_id, hook_instance, indicator, mode
+    ("active" | "shadow"), suppression_key (indexed; opaque HMAC hex), issued_at.
+``cds_feedback``
+    id PK, card_uuid (indexed), service_id, rule_id (NULL if the card is
+    unknown), outcome, override_system, override_code, override_display,
+    has_comment, accepted_suggestions (JSON text list of ids),
+    outcome_timestamp, received_at; UNIQUE(card_uuid, outcome, outcome_timestamp).
+``cds_used_jti``
+    jti PK, expires_at.
+
+No patient data and no tokens are stored: the suppression key is an HMAC, and
+the free-text ``userComment`` of an override is reduced to ``has_comment``.
+All timestamps are timezone-aware UTC in Python (SQLite stores them as naive
+UTC text, PostgreSQL as ``timestamptz``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Iterable
+
+from sqlalchemy import (
+    Boolean, Column, DateTime, Index, Integer, MetaData, String, Table, Text,
+    UniqueConstraint, create_engine, event, func, select, text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.types import TypeDecorator
+
+UTC = timezone.utc
+_JTI_PURGE_INTERVAL_S = 300
+_JTI_PURGE_GRACE = timedelta(minutes=10)  # keep recently expired ids (clock-skew leeway)
+_IN_CHUNK = 500
+
+
+def _utc(dt: datetime) -> datetime:
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise ValueError(f"timezone-aware datetime required, got naive {dt!r}")
+    return dt.astimezone(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware-UTC datetimes on both backends (naive UTC text on SQLite)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        value = _utc(value)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+issued_card = Table(
+    "cds_issued_card", metadata,
+    Column("card_uuid", String(64), primary_key=True),
+    Column("rule_id", String(200), nullable=False),
+    Column("service_id", String(200), nullable=False),
+    Column("hook_instance", String(64), nullable=False),
+    Column("indicator", String(16), nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("suppression_key", String(128), nullable=False, index=True),
+    Column("issued_at", UTCDateTime(), nullable=False),
+    Index("ix_cds_issued_card_rule_issued", "rule_id", "issued_at"),
+)
+
+feedback = Table(
+    "cds_feedback", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("card_uuid", String(64), nullable=False, index=True),
+    Column("service_id", String(200), nullable=False),
+    Column("rule_id", String(200), nullable=True),
+    Column("outcome", String(16), nullable=False),
+    Column("override_system", String(500)),
+    Column("override_code", String(200)),
+    Column("override_display", String(500)),
+    Column("has_comment", Boolean, nullable=False, default=False),
+    Column("accepted_suggestions", Text, nullable=False, default="[]"),
+    Column("outcome_timestamp", UTCDateTime(), nullable=False),
+    Column("received_at", UTCDateTime(), nullable=False),
+    UniqueConstraint("card_uuid", "outcome", "outcome_timestamp",
+                     name="uq_cds_feedback_card_outcome_ts"),
+)
+
+used_jti = Table(
+    "cds_used_jti", metadata,
+    Column("jti", String(255), primary_key=True),
+    Column("expires_at", UTCDateTime(), nullable=False, index=True),
+)
+
+
+@dataclass(frozen=True)
+class IssuedCard:
+    card_uuid: str
+    rule_id: str
+    service_id: str
+    hook_instance: str
+    indicator: str  # info | warning | critical
+    mode: str  # "active" (shown) or "shadow" (evaluated, counted, not shown)
+    suppression_key: str  # opaque HMAC hex of (patient, draft order, rule)
+    issued_at: datetime  # tz-aware UTC
+
+
+def _parse_ts(value: str) -> datetime:
+    """RFC 3339 -> aware UTC (naive input is taken as UTC)."""
+    dt = datetime.fromisoformat(value.strip().replace("z", "Z"))
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def _normalise_url(url: str) -> str:
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+class FeedbackStore:
+    """Thread-safe store; one instance per process (each has its own pool)."""
+
+    def __init__(self, url: str):
+        url = _normalise_url(url)
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+            self.engine = create_engine(url, pool_pre_ping=True, connect_args={"timeout": 30})
+            event.listen(self.engine, "connect", _sqlite_on_connect)
+            event.listen(self.engine, "begin", _sqlite_on_begin)
+            self._insert = sqlite.insert
+        elif self.dialect == "postgresql":
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            self._insert = postgresql.insert
+        else:
+            raise ValueError(f"unsupported database URL scheme: {parsed.drivername}")
+        # Write transactions: BEGIN IMMEDIATE on SQLite (no-op option elsewhere).
+        self._writer = self.engine.execution_options(cds_write=True)
+        self._purge_lock = threading.Lock()
+        self._last_purge = 0.0
+        with self._writer.begin() as conn:
+            if self.dialect == "postgresql":  # serialise concurrent create_all
+                conn.execute(text("SELECT pg_advisory_xact_lock(7345012261)"))
+            metadata.create_all(conn)
+
+    @classmethod
+    def from_url(cls, url: str) -> "FeedbackStore":
+        return cls(url)
+
+    # -- writes -----------------------------------------------------------
+    def record_cards(self, cards: list[IssuedCard]) -> None:
+        if not cards:
+            return
+        rows = [{
+            "card_uuid": c.card_uuid, "rule_id": c.rule_id, "service_id": c.service_id,
+            "hook_instance": c.hook_instance, "indicator": c.indicator, "mode": c.mode,
+            "suppression_key": c.suppression_key, "issued_at": _utc(c.issued_at),
+        } for c in cards]
+        stmt = self._insert(issued_card).on_conflict_do_nothing(index_elements=["card_uuid"])
+        with self._writer.begin() as conn:
+            conn.execute(stmt, rows)
+
+    def record_feedback(self, service_id: str, items: list[dict]) -> int:
+        if not items:
+            return 0
+        now = datetime.now(UTC)
+        rows = []
+        for item in items:
+            reason = (item.get("overrideReason") or {})
+            coding = reason.get("reason") or {}
+            rows.append({
+                "card_uuid": str(item["card"]),
+                "service_id": service_id,
+                "rule_id": None,
+                "outcome": item["outcome"],
+                "override_system": coding.get("system"),
+                "override_code": coding.get("code"),
+                "override_display": coding.get("display"),
+                "has_comment": bool((reason.get("userComment") or "").strip()),
+                "accepted_suggestions": json.dumps(
+                    [s["id"] for s in item.get("acceptedSuggestions") or [] if "id" in s]),
+                "outcome_timestamp": _parse_ts(item["outcomeTimestamp"]),
+                "received_at": now,
+            })
+        uuids = sorted({r["card_uuid"] for r in rows})
+        stmt = self._insert(feedback).on_conflict_do_nothing(
+            index_elements=["card_uuid", "outcome", "outcome_timestamp"])
+        with self._writer.begin() as conn:
+            rule_of = {}
+            for i in range(0, len(uuids), _IN_CHUNK):
+                q = select(issued_card.c.card_uuid, issued_card.c.rule_id).where(
+                    issued_card.c.card_uuid.in_(uuids[i:i + _IN_CHUNK]))
+                rule_of.update(conn.execute(q).all())
+            for r in rows:
+                r["rule_id"] = rule_of.get(r["card_uuid"])
+            conn.execute(stmt, rows)
+        return len(rows)
+
+    def use_jti(self, jti: str, expires_at: datetime) -> bool:
+        stmt = self._insert(used_jti).values(jti=jti, expires_at=_utc(expires_at))
+        stmt = stmt.on_conflict_do_nothing(index_elements=["jti"]).execution_options(
+            preserve_rowcount=True)  # rowcount of an INSERT is not kept otherwise
+        with self._writer.begin() as conn:
+            if self._purge_due():
+                cutoff = datetime.now(UTC) - _JTI_PURGE_GRACE
+                conn.execute(used_jti.delete().where(used_jti.c.expires_at < cutoff))
+            return conn.execute(stmt).rowcount == 1
+
+    def _purge_due(self) -> bool:
+        with self._purge_lock:
+            now = time.monotonic()
+            if self._last_purge and now - self._last_purge < _JTI_PURGE_INTERVAL_S:
+                return False
+            self._last_purge = now
+            return True
+
+    # -- reads ------------------------------------------------------------
+    def overridden_keys(self, keys: Iterable[str], since: datetime) -> set[str]:
+        keys = sorted(set(keys))
+        since = _utc(since)
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for i in range(0, len(keys), _IN_CHUNK):
+                q = (select(issued_card.c.suppression_key).distinct()
+                     .join(feedback, feedback.c.card_uuid == issued_card.c.card_uuid)
+                     .where(issued_card.c.suppression_key.in_(keys[i:i + _IN_CHUNK]),
+                            issued_card.c.issued_at >= since,
+                            feedback.c.outcome == "overridden"))
+                found.update(conn.execute(q).scalars())
+        return found
+
+    def stats(self, since: datetime | None = None) -> list[dict]:
+        """Per-rule figures for cards issued at/after `since` (all time if None).
+
+        Feedback counts are distinct cards; a rule's ``mode`` is the mode of its
+        most recently issued card (a rule moved from shadow to active reports
+        "active")."""
+        ic, fb = issued_card, feedback
+        cond = [ic.c.issued_at >= _utc(since)] if since is not None else []
+        if self.dialect == "sqlite":
+            day = func.date(ic.c.issued_at)
+        else:
+            day = func.to_char(func.timezone("UTC", ic.c.issued_at), "YYYY-MM-DD")
+        joined = ic.join(fb, fb.c.card_uuid == ic.c.card_uuid)
+        out: dict[str, dict] = {}
+        latest: dict[str, datetime] = {}
+        with self.engine.connect() as conn:
+            q = (select(ic.c.rule_id, ic.c.mode, func.count(), func.max(ic.c.issued_at))
+                 .where(*cond).group_by(ic.c.rule_id, ic.c.mode))
+            for rule_id, mode, n, last in conn.execute(q):
+                r = out.setdefault(rule_id, {
+                    "rule_id": rule_id, "mode": mode, "issued": 0, "accepted": 0,
+                    "overridden": 0, "override_rate": None, "top_override_reasons": [],
+                    "by_day": []})
+                r["issued"] += n
+                if rule_id not in latest or last > latest[rule_id]:
+                    latest[rule_id], r["mode"] = last, mode
+            q = (select(ic.c.rule_id, fb.c.outcome, func.count(fb.c.card_uuid.distinct()))
+                 .select_from(joined).where(*cond).group_by(ic.c.rule_id, fb.c.outcome))
+            for rule_id, outcome, n in conn.execute(q):
+                if outcome in ("accepted", "overridden"):
+                    out[rule_id][outcome] = n
+            q = (select(ic.c.rule_id, fb.c.override_system, fb.c.override_code,
+                        func.max(fb.c.override_display), func.count())
+                 .select_from(joined)
+                 .where(*cond, fb.c.outcome == "overridden", fb.c.override_code.is_not(None))
+                 .group_by(ic.c.rule_id, fb.c.override_system, fb.c.override_code))
+            reasons = defaultdict(list)
+            for rule_id, system, code, display, n in conn.execute(q):
+                reasons[rule_id].append(
+                    {"system": system, "code": code, "display": display, "count": n})
+            days: dict[str, dict[str, dict]] = defaultdict(dict)
+            q = select(ic.c.rule_id, day, func.count()).where(*cond).group_by(ic.c.rule_id, day)
+            for rule_id, d, n in conn.execute(q):
+                days[rule_id][d] = {"day": d, "issued": n, "overridden": 0}
+            q = (select(ic.c.rule_id, day, func.count(fb.c.card_uuid.distinct()))
+                 .select_from(joined).where(*cond, fb.c.outcome == "overridden")
+                 .group_by(ic.c.rule_id, day))
+            for rule_id, d, n in conn.execute(q):
+                days[rule_id][d]["overridden"] = n
+        for rule_id, r in out.items():
+            r["override_rate"] = r["overridden"] / r["issued"] if r["issued"] else None
+            r["top_override_reasons"] = sorted(
+                reasons[rule_id],
+                key=lambda x: (-x["count"], x["system"] or "", x["code"]))[:5]
+            r["by_day"] = [days[rule_id][d] for d in sorted(days[rule_id])]
+        return [out[k] for k in sorted(out)]
+
+    # -- housekeeping -----------------------------------------------------
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except SQLAlchemyError:
+            return False
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_on_connect(dbapi_conn, _record) -> None:
+    dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _sqlite_on_begin)
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def _sqlite_on_begin(conn) -> None:
+    conn.exec_driver_sql(
+        "BEGIN IMMEDIATE" if conn.get_execution_options().get("cds_write") else "BEGIN")

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install system packages the test suite needs (idempotent; safe to re-run).
+# Debian/Ubuntu. Run as root (e.g. in CI or a dev container).
+set -euo pipefail
+
+# --- PostgreSQL ---
+# tests/plugins/postgres.py starts a throwaway cluster with initdb/pg_ctl.
+have_postgres() {
+    local d
+    for d in /usr/lib/postgresql/*/bin; do
+        [ -x "$d/initdb" ] && [ -x "$d/pg_ctl" ] && return 0
+    done
+    return 1
+}
+
+if have_postgres; then
+    echo "PostgreSQL server binaries already present: $(ls -d /usr/lib/postgresql/*/bin | tr '\n' ' ')"
+elif [ "$(id -u)" -eq 0 ]; then
+    echo "Installing PostgreSQL server..."
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends postgresql
+    have_postgres || { echo "PostgreSQL install finished but initdb was not found" >&2; exit 1; }
+else
+    echo "PostgreSQL server binaries (initdb, pg_ctl) are missing." >&2
+    echo "Install them as root:  apt-get update && apt-get install -y --no-install-recommends postgresql" >&2
+    exit 1
+fi
+
+# --- FHIR test server (sekmet-fhir) ---
+# Real FHIR R4 server used by tests/plugins/fhir_server.py. It lives in its own venv because its
+# dependencies clash with ours. Idempotent: does nothing when .venv-sekmet/bin/sekmet already exists.
+SEKMET_VENV="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv-sekmet"
+if [ ! -x "$SEKMET_VENV/bin/sekmet" ]; then
+  echo "Creating $SEKMET_VENV (sekmet-fhir==0.1.1)"
+  python3 -m venv "$SEKMET_VENV"
+  "$SEKMET_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "sekmet-fhir==0.1.1"
+fi
+# --- end FHIR test server (sekmet-fhir) ---
