@@ -1,0 +1,492 @@
+#!/usr/bin/env python3
+"""Hook latency over a real keep-alive HTTP connection.
+
+Starts the service (gunicorn, gthread worker, 1 worker process by default) on a free loopback port,
+or measures an already-running one (``--url``), then times with ONE persistent ``requests.Session``:
+
+  * GET  /cds-services                         (discovery: the HTTP + Flask floor)
+  * POST /cds-services/migraine-med-safety-sign  with a ~20-resource prefetch   ("small")
+  * POST /cds-services/migraine-med-safety-sign  with a ~200-resource prefetch  ("large")
+
+and, in this process, ``json.loads`` of each body (the unavoidable per-request work the service does
+before any rule runs). The draft is IV hydromorphone (RxNorm 897745) for a patient with migraine,
+so the opioid rule fires and every rule serving order-sign is evaluated.
+
+Targets (from the issue):
+  * (hook p50 - discovery p50) <= 3 x json.loads p50 of the same body   (for each size)
+  * p95 of the large (~200-resource) call < 50 ms
+
+It is a measurement, not a test: exit 0 whether the targets are met or missed; exit 1 only when the
+service misbehaves (non-200, no card, connection error, did not start); 130 on Ctrl-C.
+
+  .venv/bin/python bench/hook_latency.py                 # 500 calls per case, 1 worker
+  .venv/bin/python bench/hook_latency.py --n 200 --json  # machine-readable
+  .venv/bin/python bench/hook_latency.py --url http://127.0.0.1:8000   # a running service (loopback only)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from cds_hooks_service.scenarios import (  # noqa: E402
+    ENCOUNTER_ID, PATIENT_ID, USER_ID, expand_draft, expand_record, prefetch_for)
+
+FIXED_NOW = "2026-03-01T12:00:00Z"
+SIGN_SERVICE = "migraine-med-safety-sign"
+MAX_N = 5000            # hard cap on measured calls per case
+MAX_WARMUP = 500
+DEFAULT_MAX_SECONDS = 120.0
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+# --------------------------------------------------------------------------------------------------
+# Request bodies: a deterministic, realistic patient record (scenario shorthand, expanded to FHIR R4)
+# --------------------------------------------------------------------------------------------------
+# (code, display, status) — ICD-10-CM unless all digits (SNOMED CT). None of them is an exception
+# of the opioid rule (no cancer/palliative care, no opioid use disorder).
+CONDITIONS = [
+    ("I10", "Essential (primary) hypertension", "active"),
+    ("E11.9", "Type 2 diabetes mellitus without complications", "active"),
+    ("E78.5", "Hyperlipidemia, unspecified", "active"),
+    ("J45.909", "Unspecified asthma, uncomplicated", "active"),
+    ("F41.1", "Generalized anxiety disorder", "active"),
+    ("K21.9", "Gastro-esophageal reflux disease without esophagitis", "active"),
+    ("G47.33", "Obstructive sleep apnea (adult) (pediatric)", "active"),
+    ("F32.A", "Depression, unspecified", "active"),
+    ("M54.50", "Low back pain, unspecified", "resolved"),
+    ("N39.0", "Urinary tract infection, site not specified", "resolved"),
+    ("J06.9", "Acute upper respiratory infection, unspecified", "resolved"),
+    ("E66.9", "Obesity, unspecified", "active"),
+    ("Z87.891", "Personal history of nicotine dependence", "active"),
+    ("G43.009", "Migraine without aura, not intractable, without status migrainosus", "active"),
+    ("38341003", "Hypertensive disorder, systemic arterial", "active"),
+    ("37796009", "Migraine", "active"),
+    ("44054006", "Diabetes mellitus type 2", "active"),
+    ("195967001", "Asthma", "active"),
+]
+# MedicationRequest (RxNorm, display, status)
+ORDERED = [
+    ("313160", "sumatriptan 100 MG Oral Tablet", "active"),
+    ("314076", "lisinopril 10 MG Oral Tablet", "active"),
+    ("861007", "metformin hydrochloride 500 MG Oral Tablet", "active"),
+    ("617310", "atorvastatin 20 MG Oral Tablet", "active"),
+    ("197361", "amlodipine 5 MG Oral Tablet", "active"),
+    ("312940", "sertraline 50 MG Oral Tablet", "active"),
+    ("617993", "amoxicillin 875 MG / clavulanate 125 MG Oral Tablet", "completed"),
+    ("85762", "ritonavir", "stopped"),
+    ("1049621", "oxycodone hydrochloride 5 MG Oral Tablet", "completed"),
+    ("310965", "ibuprofen 200 MG Oral Tablet", "completed"),
+]
+# MedicationAdministration (RxNorm ingredient, display, route)
+GIVEN = [
+    ("26225", "ondansetron 4 mg IV", "IV"),
+    ("35827", "ketorolac 15 mg IV", "IV"),
+    ("161", "acetaminophen 1000 mg PO", "PO"),
+    ("3498", "diphenhydramine 25 mg IV", "IV"),
+    ("6915", "metoclopramide 10 mg IV", "IV"),
+    ("9863", "sodium chloride 0.9% 1000 mL IV", "IV"),
+    ("7052", "morphine 4 mg IV", "IV"),
+]
+# MedicationStatement (RxNorm, display)
+TAKING = [
+    ("197696", "72 HR fentanyl 0.075 MG/HR Transdermal System"),
+    ("313160", "sumatriptan 100 MG Oral Tablet"),
+    ("8787", "propranolol"),
+    ("38404", "topiramate"),
+    ("5640", "ibuprofen"),
+    ("11253", "vitamin D"),
+]
+# Other observations (LOINC, display, value sampler, unit)
+LABS = [
+    ("62238-1", "eGFR CKD-EPI", lambda r: round(r.gauss(88, 12)), "mL/min/{1.73_m2}"),
+    ("2160-0", "Creatinine [Mass/volume] in Serum or Plasma", lambda r: round(r.gauss(0.9, 0.15), 2), "mg/dL"),
+    ("2823-3", "Potassium [Moles/volume] in Serum or Plasma", lambda r: round(r.gauss(4.1, 0.3), 1), "mmol/L"),
+    ("718-7", "Hemoglobin [Mass/volume] in Blood", lambda r: round(r.gauss(13.2, 1.0), 1), "g/dL"),
+    ("8867-4", "Heart rate", lambda r: round(r.gauss(78, 10)), "/min"),
+    ("29463-7", "Body weight", lambda r: round(r.gauss(74, 3), 1), "kg"),
+]
+PROCEDURES = [("80146002", "Appendectomy"), ("73761001", "Colonoscopy"), ("241615005", "MRI of brain")]
+
+# share of the record per kind (the rest: conditions)
+MIX = [("ordered", 0.16), ("given", 0.10), ("taking", 0.08), ("bp", 0.22), ("lab", 0.12), ("procedure", 0.02)]
+
+
+def _ago(rng: random.Random, lo_days: float, hi_days: float) -> str:
+    """A relative time between lo and hi days ago, in the shorthand (e.g. -412.5h)."""
+    return f"-{round(rng.uniform(lo_days, hi_days) * 24, 1)}h"
+
+
+def record_items(n_resources: int, seed: int) -> list[dict]:
+    """Shorthand record items so that the prefetch holds ``n_resources`` resources (incl. the Patient)."""
+    rng = random.Random(seed)
+    n = max(n_resources - 1, 3)
+    items: list[dict] = [
+        {"condition": "G43.909", "display": "Migraine, unspecified, not intractable, without status migrainosus",
+         "at": _ago(rng, 200, 900)},
+        {"condition": "I10", "display": "Essential (primary) hypertension", "at": _ago(rng, 300, 1500)},
+        {"bp": [142, 91], "at": "-40m"},  # triage vitals this visit
+    ]
+    counts = {kind: max(1, round(share * n)) for kind, share in MIX}
+    counts["conditions"] = max(0, n - len(items) - sum(counts.values()))
+    for _ in range(counts["conditions"]):
+        code, display, status = rng.choice(CONDITIONS)
+        items.append({"condition": code, "display": display, "status": status, "at": _ago(rng, 10, 3000)})
+    for _ in range(counts["ordered"]):
+        code, display, status = rng.choice(ORDERED)
+        items.append({"ordered": code, "display": display, "text": display, "status": status, "route": "PO",
+                      "at": _ago(rng, 1, 720)})
+    for _ in range(counts["given"]):
+        code, display, route = rng.choice(GIVEN)
+        items.append({"given": code, "text": display, "route": route, "at": _ago(rng, 2, 900)})
+    for _ in range(counts["taking"]):
+        code, display = rng.choice(TAKING)
+        items.append({"taking": code, "display": display, "text": display, "at": _ago(rng, 5, 720)})
+    for _ in range(counts["bp"] - 1):
+        items.append({"bp": [round(rng.gauss(132, 14)), round(rng.gauss(83, 9))], "at": _ago(rng, 1, 1500)})
+    for _ in range(counts["lab"]):
+        code, display, value, unit = rng.choice(LABS)
+        items.append({"observation": code, "display": display, "value": value(rng), "unit": unit,
+                      "at": _ago(rng, 1, 1500)})
+    for _ in range(counts["procedure"]):
+        code, display = rng.choice(PROCEDURES)
+        items.append({"procedure": code, "display": display, "at": _ago(rng, 100, 4000)})
+    items = items[:n]
+    rng.shuffle(items)
+    return items
+
+
+def sign_body(n_resources: int, seed: int, now: datetime) -> dict:
+    items = record_items(n_resources, seed)
+    record = [expand_record(item, i, now) for i, item in enumerate(items)]
+    draft = expand_draft({"drug": "897745", "text": "hydromorphone 2 MG/ML Injectable Solution, 1 mg IV once",
+                          "route": "IV"}, 0, now)
+    return {
+        "hook": "order-sign",
+        "hookInstance": f"bench-{n_resources}-{seed}",
+        "context": {"userId": USER_ID, "patientId": PATIENT_ID, "encounterId": ENCOUNTER_ID,
+                    "draftOrders": {"resourceType": "Bundle", "type": "collection",
+                                    "entry": [{"resource": draft}]}},
+        "prefetch": prefetch_for(record),
+    }
+
+
+def count_resources(body: dict) -> int:
+    n = 0
+    for value in body["prefetch"].values():
+        n += len(value.get("entry") or []) if value.get("resourceType") == "Bundle" else 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+# Service process
+# --------------------------------------------------------------------------------------------------
+class ServiceFailure(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """The service under gunicorn in a subprocess; stopped in ``stop()`` (SIGTERM to the master, then SIGKILL)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.tmp = tempfile.TemporaryDirectory(prefix="cds-bench-")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(self.tmp.name) / "service.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CDS_JWT_ISSUERS", "GUNICORN_CMD_ARGS", "CDS_DEBUG_TRACE", "PORT", "HOST")}
+        env.update(CDS_FIXED_NOW=FIXED_NOW, CDS_INSTANCE_DIR=self.tmp.name,
+                   DATABASE_URL=f"sqlite:///{self.tmp.name}/bench.sqlite3", PYTHONUNBUFFERED="1")
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cds_hooks_service", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", str(self.workers)],
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)  # Ctrl-C reaches only the bench, which then stops the service itself
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceFailure(f"the service exited with code {self.proc.returncode} while starting:\n"
+                                     + self.log_tail())
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise ServiceFailure(f"/healthz did not answer 200 within {timeout:.0f} s:\n" + self.log_tail())
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no service log)"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # gunicorn master: graceful shutdown of its workers
+            try:
+                self.proc.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+        self.tmp.cleanup()
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------
+def pct(sorted_values: list[float], p: float) -> float:
+    """Percentile by linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_values:
+        return float("nan")
+    k = (len(sorted_values) - 1) * p / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+def summary(samples_s: list[float]) -> dict:
+    ms = sorted(x * 1000.0 for x in samples_s)
+    return {"n": len(ms), "p50": pct(ms, 50), "p95": pct(ms, 95), "p99": pct(ms, 99),
+            "mean": statistics.fmean(ms) if ms else float("nan"), "min": ms[0] if ms else float("nan"),
+            "max": ms[-1] if ms else float("nan")}
+
+
+def json_loads_p50(raw: bytes, max_seconds: float = 3.0, max_iter: int = 5000) -> tuple[float, int]:
+    """p50 (ms) of json.loads of the body, timed call by call."""
+    times = []
+    deadline = time.perf_counter() + max_seconds
+    for _ in range(20):
+        json.loads(raw)
+    while len(times) < max_iter and (len(times) < 50 or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        json.loads(raw)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return pct(times, 50) * 1000.0, len(times)
+
+
+class Client:
+    def __init__(self, base: str):
+        self.base = base.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers.update({"Accept": "application/json"})
+        self.connection_headers: set[str] = set()
+
+    def pool(self):
+        adapter = self.session.get_adapter(self.base)
+        return adapter.poolmanager.connection_from_url(self.base)
+
+    def _check(self, r: requests.Response, what: str) -> None:
+        self.connection_headers.add(r.headers.get("Connection", "(none)").lower())
+        if r.status_code != 200:
+            raise ServiceFailure(f"{what} answered HTTP {r.status_code}: {r.text[:500]}")
+
+    def get(self, path: str) -> requests.Response:
+        r = self.session.get(self.base + path, timeout=10)
+        self._check(r, f"GET {path}")
+        return r
+
+    def post(self, path: str, raw: bytes) -> requests.Response:
+        r = self.session.post(self.base + path, data=raw, headers={"Content-Type": "application/json"}, timeout=10)
+        self._check(r, f"POST {path}")
+        return r
+
+
+def check_card(r: requests.Response, case: str) -> int:
+    cards = r.json().get("cards")
+    if not isinstance(cards, list) or not cards:
+        raise ServiceFailure(f"POST {case}: expected the opioid-in-migraine card, got no card: {r.text[:300]}")
+    return len(cards)
+
+
+def run(args) -> dict:
+    now = datetime.fromisoformat(FIXED_NOW.replace("Z", "+00:00"))
+    bodies = {}
+    for case, size in (("small", args.small), ("large", args.large)):
+        body = sign_body(size, args.seed, now)
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        bodies[case] = {"raw": raw, "resources": count_resources(body), "kb": len(raw) / 1024.0}
+
+    started = time.monotonic()
+    deadline = started + args.max_seconds
+    service = None
+    try:
+        if args.url:
+            host = urlsplit(args.url).hostname or ""
+            if host not in LOOPBACK:
+                raise SystemExit(f"--url must be a loopback address ({', '.join(sorted(LOOPBACK))}), not {host!r}")
+            base = args.url.rstrip("/")
+            r = requests.get(base + "/healthz", timeout=5)
+            if r.status_code != 200:
+                raise ServiceFailure(f"GET /healthz answered HTTP {r.status_code}: {r.text[:300]}")
+        else:
+            service = Service(args.workers)
+            service.start()
+            base = service.url
+
+        client = Client(base)
+        hook_path = f"/cds-services/{SIGN_SERVICE}"
+        cases = [("discovery", lambda: client.get("/cds-services")),
+                 ("small", lambda: client.post(hook_path, bodies["small"]["raw"])),
+                 ("large", lambda: client.post(hook_path, bodies["large"]["raw"]))]
+
+        # Sanity: both hook calls show the opioid card.
+        cards = {case: check_card(client.post(hook_path, bodies[case]["raw"]), case) for case in ("small", "large")}
+        # Warm-up (imports, caches, sqlite pages, TCP window), interleaved like the measurement.
+        for _ in range(args.warmup):
+            for _, call in cases:
+                call()
+        pool = client.pool()
+        conns_before, reqs_before = pool.num_connections, pool.num_requests
+
+        samples: dict[str, list[float]] = {name: [] for name, _ in cases}
+        truncated = False
+        gc.collect()
+        for i in range(args.n):  # round-robin so that drift (other load, thermal) hits every case alike
+            if time.monotonic() > deadline:
+                truncated = True
+                break
+            for name, call in cases:
+                t0 = time.perf_counter()
+                call()
+                samples[name].append(time.perf_counter() - t0)
+        pool = client.pool()
+        new_conns = pool.num_connections - conns_before
+        measured_reqs = pool.num_requests - reqs_before
+        keepalive = {"connections_opened_total": pool.num_connections,
+                     "connections_opened_during_measurement": new_conns,
+                     "requests_during_measurement": measured_reqs,
+                     "response_connection_headers": sorted(client.connection_headers),
+                     "reused": new_conns == 0 and "close" not in client.connection_headers}
+    finally:
+        if service is not None:
+            service.stop()
+
+    loads = {case: json_loads_p50(bodies[case]["raw"]) for case in ("small", "large")}
+    stats = {name: summary(s) for name, s in samples.items()}
+    checks = []
+    for case in ("small", "large"):
+        delta = stats[case]["p50"] - stats["discovery"]["p50"]
+        limit = 3 * loads[case][0]
+        checks.append({"check": f"{case}: hook p50 - discovery p50 <= 3 x json.loads p50",
+                       "value_ms": delta, "limit_ms": limit, "ratio_to_json_loads": delta / loads[case][0],
+                       "pass": delta <= limit})
+    checks.append({"check": "large: p95 < 50 ms", "value_ms": stats["large"]["p95"], "limit_ms": 50.0,
+                   "pass": stats["large"]["p95"] < 50.0})
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine()},
+        "service": {"url": args.url or "(started by the bench)", "workers": None if args.url else args.workers,
+                    "fixed_now": None if args.url else FIXED_NOW},
+        "n": args.n, "warmup": args.warmup, "truncated_by_time_cap": truncated,
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "bodies": {case: {"resources": b["resources"], "kb": round(b["kb"], 1), "cards": cards[case],
+                          "json_loads_p50_ms": loads[case][0], "json_loads_iterations": loads[case][1]}
+                   for case, b in bodies.items()},
+        "latency_ms": stats,
+        "keepalive": keepalive,
+        "checks": checks,
+    }
+
+
+def print_report(res: dict) -> None:
+    m = res["machine"]
+    print(f"hook latency bench  {res['date']}  {m['cores']} cores, Python {m['python']}, {m['platform']}")
+    svc = res["service"]
+    print(f"service: {svc['url']}" + (f", {svc['workers']} worker(s) (gthread), CDS_FIXED_NOW={svc['fixed_now']}"
+                                      if svc["workers"] else ""))
+    print(f"{res['n']} calls per case after {res['warmup']} warm-up rounds, interleaved; {res['elapsed_s']} s"
+          + ("  [TRUNCATED by the wall-time cap]" if res["truncated_by_time_cap"] else ""))
+    ka = res["keepalive"]
+    print(f"keep-alive: {ka['connections_opened_total']} connection(s) opened in all, "
+          f"{ka['connections_opened_during_measurement']} during {ka['requests_during_measurement']} measured requests; "
+          f"response Connection header(s): {', '.join(ka['response_connection_headers'])} -> "
+          + ("REUSED" if ka["reused"] else "NOT REUSED (figures include TCP connects)"))
+    print()
+    print(f"{'case':28} {'n':>5} {'p50':>8} {'p95':>8} {'p99':>8} {'mean':>8}   (ms)")
+    labels = {"discovery": "GET /cds-services"}
+    for case, s in res["latency_ms"].items():
+        label = labels.get(case) or (f"POST sign {case} ({res['bodies'][case]['resources']} res, "
+                                     f"{res['bodies'][case]['kb']:.0f} KB)")
+        print(f"{label:28} {s['n']:>5} {s['p50']:>8.2f} {s['p95']:>8.2f} {s['p99']:>8.2f} {s['mean']:>8.2f}")
+    for case, b in res["bodies"].items():
+        print(f"{'json.loads ' + case + ' body':28} {b['json_loads_iterations']:>5} {b['json_loads_p50_ms']:>8.3f}")
+    print()
+    for c in res["checks"]:
+        extra = f"  ({c['ratio_to_json_loads']:.1f}x json.loads)" if "ratio_to_json_loads" in c else ""
+        print(f"{'PASS' if c['pass'] else 'MISS'}  {c['check']:52} {c['value_ms']:8.2f} ms vs {c['limit_ms']:7.2f} ms"
+              + extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="measure a running service at this loopback URL instead of starting one")
+    p.add_argument("--workers", type=int, default=1, help="gunicorn worker processes for the started service (1)")
+    p.add_argument("--n", type=int, default=500, help=f"measured calls per case (default 500, max {MAX_N})")
+    p.add_argument("--warmup", type=int, default=50, help="warm-up rounds (default 50)")
+    p.add_argument("--small", type=int, default=20, help="resources in the small prefetch (20)")
+    p.add_argument("--large", type=int, default=200, help="resources in the large prefetch (200)")
+    p.add_argument("--seed", type=int, default=20260301)
+    p.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
+                   help="wall-time cap for the measurement loop; stops early and says so (default 120)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = p.parse_args(argv)
+    if not 1 <= args.n <= MAX_N:
+        p.error(f"--n must be between 1 and {MAX_N}")
+    args.warmup = max(0, min(args.warmup, MAX_WARMUP))
+    args.max_seconds = max(1.0, min(args.max_seconds, 600.0))
+    args.workers = max(1, min(args.workers, 16))
+    args.small = max(4, min(args.small, 2000))
+    args.large = max(4, min(args.large, 2000))
+    try:
+        res = run(args)
+    except KeyboardInterrupt:
+        print("interrupted; the service was stopped", file=sys.stderr)
+        return 130
+    except ServiceFailure as exc:
+        print(f"service failure: {exc}", file=sys.stderr)
+        return 1
+    except requests.RequestException as exc:
+        print(f"service failure: request error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print_report(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
