@@ -145,7 +145,7 @@ def record_items(n_resources: int, seed: int) -> list[dict]:
         {"bp": [142, 91], "at": "-40m"},  # triage vitals this visit
     ]
     counts = {kind: max(1, round(share * n)) for kind, share in MIX}
-    counts["conditions"] = max(0, n - len(items) - sum(counts.values()))
+    counts["conditions"] = max(0, n - 2 - sum(counts.values()))  # 2 fixed conditions; the triage BP is in "bp"
     for _ in range(counts["conditions"]):
         code, display, status = rng.choice(CONDITIONS)
         items.append({"condition": code, "display": display, "status": status, "at": _ago(rng, 10, 3000)})
@@ -303,9 +303,17 @@ class Client:
         self.session.headers.update({"Accept": "application/json"})
         self.connection_headers: set[str] = set()
 
-    def pool(self):
-        adapter = self.session.get_adapter(self.base)
-        return adapter.poolmanager.connection_from_url(self.base)
+    def pool_stats(self) -> tuple[int, int]:
+        """(connections opened, requests sent) over urllib3's pools for the service's host:port."""
+        parts = urlsplit(self.base)
+        pools = self.session.get_adapter(self.base).poolmanager.pools
+        conns = reqs = 0
+        for key in list(pools.keys()):
+            if key.key_host in (parts.hostname, f"[{parts.hostname}]") and key.key_port == (parts.port or {"https": 443}.get(parts.scheme, 80)):
+                pool = pools[key]
+                conns += pool.num_connections
+                reqs += pool.num_requests
+        return conns, reqs
 
     def _check(self, r: requests.Response, what: str) -> None:
         self.connection_headers.add(r.headers.get("Connection", "(none)").lower())
@@ -367,8 +375,7 @@ def run(args) -> dict:
         for _ in range(args.warmup):
             for _, call in cases:
                 call()
-        pool = client.pool()
-        conns_before, reqs_before = pool.num_connections, pool.num_requests
+        conns_before, reqs_before = client.pool_stats()
 
         samples: dict[str, list[float]] = {name: [] for name, _ in cases}
         truncated = False
@@ -381,14 +388,15 @@ def run(args) -> dict:
                 t0 = time.perf_counter()
                 call()
                 samples[name].append(time.perf_counter() - t0)
-        pool = client.pool()
-        new_conns = pool.num_connections - conns_before
-        measured_reqs = pool.num_requests - reqs_before
-        keepalive = {"connections_opened_total": pool.num_connections,
+        conns_after, reqs_after = client.pool_stats()
+        new_conns = conns_after - conns_before
+        measured_reqs = reqs_after - reqs_before
+        keepalive = {"connections_opened_total": conns_after,
                      "connections_opened_during_measurement": new_conns,
                      "requests_during_measurement": measured_reqs,
                      "response_connection_headers": sorted(client.connection_headers),
-                     "reused": new_conns == 0 and "close" not in client.connection_headers}
+                     "reused": (new_conns == 0 and measured_reqs == sum(map(len, samples.values()))
+                               and "close" not in client.connection_headers)}
     finally:
         if service is not None:
             service.stop()
@@ -435,14 +443,14 @@ def print_report(res: dict) -> None:
           f"response Connection header(s): {', '.join(ka['response_connection_headers'])} -> "
           + ("REUSED" if ka["reused"] else "NOT REUSED (figures include TCP connects)"))
     print()
-    print(f"{'case':28} {'n':>5} {'p50':>8} {'p95':>8} {'p99':>8} {'mean':>8}   (ms)")
+    print(f"{'case':36} {'n':>5} {'p50':>8} {'p95':>8} {'p99':>8} {'mean':>8}   (ms)")
     labels = {"discovery": "GET /cds-services"}
     for case, s in res["latency_ms"].items():
         label = labels.get(case) or (f"POST sign {case} ({res['bodies'][case]['resources']} res, "
                                      f"{res['bodies'][case]['kb']:.0f} KB)")
-        print(f"{label:28} {s['n']:>5} {s['p50']:>8.2f} {s['p95']:>8.2f} {s['p99']:>8.2f} {s['mean']:>8.2f}")
+        print(f"{label:36} {s['n']:>5} {s['p50']:>8.2f} {s['p95']:>8.2f} {s['p99']:>8.2f} {s['mean']:>8.2f}")
     for case, b in res["bodies"].items():
-        print(f"{'json.loads ' + case + ' body':28} {b['json_loads_iterations']:>5} {b['json_loads_p50_ms']:>8.3f}")
+        print(f"{'json.loads ' + case + ' body':36} {b['json_loads_iterations']:>5} {b['json_loads_p50_ms']:>8.3f}")
     print()
     for c in res["checks"]:
         extra = f"  ({c['ratio_to_json_loads']:.1f}x json.loads)" if "ratio_to_json_loads" in c else ""

@@ -211,7 +211,7 @@ class Normaliser:
         return MedicationFact(
             source=source or rtype,
             ref=f"{rtype}/{resource.get('id', '')}",
-            display=(texts[0] if texts else "unnamed medication"),
+            display=(texts[0] if texts else self.terminology.display_of(concepts) or "unnamed medication"),
             concepts=match.concepts,
             matched_by=match.matched_by,
             matched_names=match.matched_names,

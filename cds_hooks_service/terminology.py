@@ -55,6 +55,7 @@ class TerminologyError(ValueError):
 class Product:
     ingredients: frozenset[Concept]
     dose_form: str | None
+    display: str | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class Terminology:
             rollup = json.loads(rollup_path.read_text(encoding="utf-8"))
             for code, item in (rollup.get("products") or {}).items():
                 products[code] = Product(frozenset((RXNORM, i) for i in item.get("ingredients", [])),
-                                         item.get("doseForm"))
+                                         item.get("doseForm"), item.get("display"))
             precise = dict(rollup.get("preciseIngredients") or {})
 
         names: dict[str, str] = {}
@@ -161,6 +162,17 @@ class Terminology:
         if found:
             return DrugMatch(frozenset(concepts), "name", dose_form, tuple(dict.fromkeys(found)))
         return DrugMatch(frozenset(concepts), "none", dose_form)
+
+    def display_of(self, codings: list[Concept]) -> str | None:
+        """A readable name for codes sent without a display: the RxNorm product or ingredient name."""
+        for system, code in codings:
+            if system == RXNORM:
+                product = self._products.get(code)
+                if product and product.display:
+                    return product.display
+                if code in self.ingredient_names:
+                    return self.ingredient_names[code]
+        return None
 
     def ingredient_label(self, concepts: frozenset[Concept], within: frozenset[Concept] | None = None) -> str:
         """Generic names of the ingredients among ``concepts`` (optionally only those in a value set)."""
