@@ -7,6 +7,7 @@ import logging
 from flask import Blueprint, jsonify, request
 
 from .auth import AuthError, expected_audience
+from .explain import report as explain_report
 from .errors import BadRequest, NotFound, Unauthorized, UnsupportedMediaType
 from .hook_call import call_service, validate_request, _first_error
 from .runtime import runtime
@@ -67,9 +68,13 @@ def hook(service_id: str):
     service = get_service(service_id)
     rt = runtime()
     body = validate_request(read_json(), service, rt.validators)
-    result = call_service(service, body, rulebook=rt.rulebook, store=rt.store, settings=rt.settings)
+    trace = rt.settings.debug_trace
+    result = call_service(service, body, rulebook=rt.rulebook, store=rt.store, settings=rt.settings, trace=trace)
     log.info("hook %s answered: %d cards", service.id, len(result.response["cards"]),
              extra={"hookInstance": body.get("hookInstance")})
+    if trace:  # CDS_DEBUG_TRACE: the explain report (codes and resource ids; no names, no patient id)
+        log.info("explain %s", json.dumps(explain_report(result, rt.rulebook, service.hook), default=str),
+                 extra={"hookInstance": body.get("hookInstance")})
     return jsonify(result.response)
 
 

@@ -3,6 +3,8 @@
   serve     run the service under gunicorn (the production server)
   validate  check rule files, value-set references, card templates and site overrides
   test      run every rule's scenarios and print a pass/fail table
+  explain   why each rule fired or not for one hook request (a JSON file)
+  replay    how many cards each rule would fire over a folder of recorded hook requests
   stats     cards issued, accepted and overridden per rule, with top override reasons
 """
 from __future__ import annotations
@@ -86,6 +88,69 @@ def cmd_test(args) -> int:
     return 1 if failed or problems else 0
 
 
+def _now(value: str | None):
+    from .facts import parse_time
+
+    if not value:
+        return None
+    now = parse_time(value)
+    if now is None:
+        raise SystemExit(f"--now is not an ISO date-time: {value!r}")
+    return now
+
+
+def cmd_explain(args) -> int:
+    from .errors import ServiceError
+    from .explain import format_text, report
+    from .hook_call import call_service, validate_request
+    from .rulebook import RulebookError
+    from .runtime import load_validators
+    from .services import SERVICES
+
+    try:
+        rulebook, settings = _load(args)
+    except RulebookError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        body = json.loads(args.request.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {args.request}: {exc}", file=sys.stderr)
+        return 2
+    service = next((s for s in SERVICES.values() if isinstance(body, dict) and s.hook == body.get("hook")), None)
+    if service is None:
+        print("error: the file is not an order-select or order-sign request", file=sys.stderr)
+        return 2
+    settings.fixed_now = _now(args.now) or settings.fixed_now
+    try:
+        validate_request(body, service, load_validators())
+        result = call_service(service, body, rulebook=rulebook, store=None, settings=settings, trace=True)
+    except ServiceError as exc:
+        print(f"the service would answer {exc.status}: {exc.message}")
+        return 1
+    rep = report(result, rulebook, service.hook)
+    print(json.dumps(rep, indent=2, default=str) if args.json else format_text(rep))
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from .replay import format_table, replay, request_files
+    from .rulebook import RulebookError, load_rulebook
+
+    try:
+        rulebook, settings = _load(args)
+        baseline = load_rulebook(args.baseline, args.baseline.parent / "cards") if args.baseline else None
+    except RulebookError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    settings.fixed_now = _now(args.now) or settings.fixed_now
+    paths = request_files(args.requests)
+    current = replay(paths, rulebook, settings)
+    base = replay(paths, baseline, settings) if baseline else None
+    print(format_table(current, base))
+    return 0
+
+
 def cmd_stats(args) -> int:
     from .store import FeedbackStore
 
@@ -124,6 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     _rules_args(p)
     p.add_argument("--rule", action="append", help="only this rule (repeatable)")
     p.set_defaults(func=cmd_test)
+    p = sub.add_parser("explain", help="why each rule fired or not for one request")
+    p.add_argument("request", type=Path, help="a CDS Hooks request JSON file")
+    p.add_argument("--now", help="evaluate as of this ISO time (e.g. the examples' 2026-03-01T12:00:00Z)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--rules", dest="dir", type=Path, help="rules directory")
+    p.add_argument("--cards", type=Path)
+    p.add_argument("--local", type=Path)
+    p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("replay", help="alert volume over recorded requests")
+    p.add_argument("requests", type=Path, help="a folder of recorded hook requests (*.json)")
+    p.add_argument("--baseline", type=Path, help="another rules directory to compare with")
+    p.add_argument("--now", help="evaluate as of this ISO time")
+    p.add_argument("--rules", dest="dir", type=Path, help="rules directory (default: current rules)")
+    p.add_argument("--cards", type=Path)
+    p.add_argument("--local", type=Path)
+    p.set_defaults(func=cmd_replay)
     p = sub.add_parser("stats", help="per-rule card and override statistics")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--days", type=int, help="only cards issued in the last N days")

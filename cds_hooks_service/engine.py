@@ -153,8 +153,12 @@ class Evaluation:
                           "possible": cond.verification_status in ("unconfirmed", "provisional", "differential"),
                           "ref": cond.ref})
         total = len(self.record.conditions)
-        note = (f"{len(items)} of {total} conditions qualify" if items else
-                f"no qualifying condition among {total} ({seen} in the value sets but not {status})")
+        if items:
+            note = f"{len(items)} of {total} conditions qualify"
+        elif seen:
+            note = f"{seen} in the value sets, none with status {status} (or within the window)"
+        else:
+            note = f"none of the {total} conditions is in the value sets"
         return items, note
 
     def _medication_candidates(self, c: Check, sources: tuple[str, ...], drafts: bool):

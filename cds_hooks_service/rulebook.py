@@ -88,6 +88,7 @@ class Trigger:
     drafted: frozenset[Concept]
     route: frozenset[str] | None
     when: tuple[str, ...]
+    valuesets: tuple[str, ...] = ()
 
 
 @dataclass
@@ -340,6 +341,7 @@ def _compile_rule(doc: dict, text: str, path: Path, terminology: Terminology, al
             drafted=valueset_union(t["drafted"], f"triggers.{i}.drafted"),
             route=frozenset(t["route"]) if t.get("route") else None,
             when=known_checks(t["when"], f"triggers.{i}.when"),
+            valuesets=tuple(t["drafted"]),
         ))
     exceptions = known_checks(doc.get("exceptions") or [], "exceptions")
     cautions = known_checks(doc.get("cautions") or [], "cautions")
