@@ -300,3 +300,28 @@ def test_logs_hold_no_token_or_patient_id(secured, caplog):
     text = caplog.text
     assert "patient-secret-4711" not in text
     assert header.split()[1] not in text and "garbage.token.value" not in text
+
+
+def test_bundled_medication_reference_and_non_medication_entries(client):
+    body = request_body()
+    draft = body["context"]["draftOrders"]["entry"][0]["resource"]
+    draft.pop("medicationCodeableConcept")
+    draft["medicationReference"] = {"reference": "Medication/hm2"}
+    body["context"]["draftOrders"]["entry"] += [
+        {"resource": {"resourceType": "Medication", "id": "hm2",
+                      "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "897745"}]}}},
+        {"resource": {"resourceType": "ServiceRequest", "id": "sr1", "status": "draft", "intent": "plan"}},
+        {"resource": {"resourceType": "NutritionOrder", "id": "n1", "status": "draft"}},
+    ]
+    r = post(client, SIGN, body)
+    assert r.status_code == 200 and topics(r.get_json()) == ["opioid-in-migraine"]
+    card = r.get_json()["cards"][0]
+    assert "hydromorphone" in card["detail"]  # named from the RxNorm product, though sent without a display
+
+
+def test_card_text_from_patient_data_cannot_inject_markup(client):
+    record = ({"condition": "G43.909", "display": "<img src=x onerror=alert(1)> **bold** [link](javascript:x)"},)
+    r = post(client, SIGN, request_body(record=record))
+    detail = r.get_json()["cards"][0]["detail"]
+    assert "<img" not in detail and "&lt;img" in detail
+    assert "\\*\\*bold\\*\\*" in detail and "\\[link\\]" in detail

@@ -1,0 +1,54 @@
+"""Feedback acknowledged with 200 is stored: 20 concurrent HTTP clients x 50 items, SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from sqlalchemy import func, select
+from werkzeug.serving import make_server
+
+from cds_hooks_service.store import FeedbackStore
+
+CLIENTS, ITEMS = 20, 50
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
+    return request.getfixturevalue("fresh_postgres_url")
+
+
+def test_concurrent_feedback_is_all_stored(make_app, store_url):
+    app = make_app(database_url=store_url)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}/cds-services/migraine-med-safety-sign/feedback"
+
+    def client(n: int) -> list[int]:
+        statuses = []
+        with requests.Session() as session:
+            for i in range(ITEMS):
+                item = {"card": str(uuid.uuid4()), "outcome": "overridden",
+                        "overrideReason": {"reason": {"system": "urn:test", "code": f"reason-{i % 3}"}},
+                        "outcomeTimestamp": "2026-03-01T12:00:00Z"}
+                statuses.append(session.post(url, json={"feedback": [item]}, timeout=30).status_code)
+        return statuses
+
+    try:
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            statuses = [s for result in pool.map(client, range(CLIENTS)) for s in result]
+    finally:
+        server.shutdown()
+    assert statuses.count(200) == CLIENTS * ITEMS
+    # read back through a separate connection: everything acknowledged is there
+    from cds_hooks_service.store import feedback as feedback_table
+
+    check = FeedbackStore(store_url)
+    with check.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(feedback_table)).scalar_one() == CLIENTS * ITEMS
+    check.close()
