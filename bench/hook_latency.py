@@ -364,6 +364,7 @@ def run(args) -> dict:
             base = service.url
 
         client = Client(base)
+        health = client.get("/healthz").json()
         hook_path = f"/cds-services/{SIGN_SERVICE}"
         cases = [("discovery", lambda: client.get("/cds-services")),
                  ("small", lambda: client.post(hook_path, bodies["small"]["raw"])),
@@ -373,6 +374,8 @@ def run(args) -> dict:
         cards = {case: check_card(client.post(hook_path, bodies[case]["raw"]), case) for case in ("small", "large")}
         # Warm-up (imports, caches, sqlite pages, TCP window), interleaved like the measurement.
         for _ in range(args.warmup):
+            if time.monotonic() > deadline:
+                break
             for _, call in cases:
                 call()
         conns_before, reqs_before = client.pool_stats()
@@ -417,7 +420,7 @@ def run(args) -> dict:
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},
         "service": {"url": args.url or "(started by the bench)", "workers": None if args.url else args.workers,
-                    "fixed_now": None if args.url else FIXED_NOW},
+                    "fixed_now": None if args.url else FIXED_NOW, "rules": health.get("rules")},
         "n": args.n, "warmup": args.warmup, "truncated_by_time_cap": truncated,
         "elapsed_s": round(time.monotonic() - started, 1),
         "bodies": {case: {"resources": b["resources"], "kb": round(b["kb"], 1), "cards": cards[case],
@@ -433,10 +436,11 @@ def print_report(res: dict) -> None:
     m = res["machine"]
     print(f"hook latency bench  {res['date']}  {m['cores']} cores, Python {m['python']}, {m['platform']}")
     svc = res["service"]
-    print(f"service: {svc['url']}" + (f", {svc['workers']} worker(s) (gthread), CDS_FIXED_NOW={svc['fixed_now']}"
-                                      if svc["workers"] else ""))
-    print(f"{res['n']} calls per case after {res['warmup']} warm-up rounds, interleaved; {res['elapsed_s']} s"
-          + ("  [TRUNCATED by the wall-time cap]" if res["truncated_by_time_cap"] else ""))
+    print(f"service: {svc['url']}, {svc['rules']} rules loaded"
+          + (f", {svc['workers']} worker(s) (gthread), CDS_FIXED_NOW={svc['fixed_now']}" if svc["workers"] else ""))
+    measured = res["latency_ms"]["discovery"]["n"]
+    print(f"{measured} calls per case after {res['warmup']} warm-up rounds, interleaved; {res['elapsed_s']} s"
+          + (f"  [TRUNCATED by the wall-time cap: {res['n']} requested]" if res["truncated_by_time_cap"] else ""))
     ka = res["keepalive"]
     print(f"keep-alive: {ka['connections_opened_total']} connection(s) opened in all, "
           f"{ka['connections_opened_during_measurement']} during {ka['requests_during_measurement']} measured requests; "
@@ -478,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     args.workers = max(1, min(args.workers, 16))
     args.small = max(4, min(args.small, 2000))
     args.large = max(4, min(args.large, 2000))
+    def _interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the service on SIGTERM too
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # e.g. started in the background by a shell
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         res = run(args)
     except KeyboardInterrupt:

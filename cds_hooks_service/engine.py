@@ -23,7 +23,8 @@ class PatientRecord:
     """The patient's record as FHIR resources per data key; facts are built lazily, once."""
 
     def __init__(self, resources: dict[str, list[dict]], normaliser: Normaliser, medications: MedicationIndex,
-                 exclude_refs: frozenset[str] = frozenset()):
+                 exclude_refs: frozenset[str] = frozenset(), relevant_conditions: frozenset | None = None):
+        self._relevant_conditions = relevant_conditions  # conditions coded otherwise never match a check
         self._resources = resources
         self._normaliser = normaliser
         self._medications = medications
@@ -47,7 +48,8 @@ class PatientRecord:
 
     @cached_property
     def conditions(self) -> list[ConditionFact]:
-        facts = (self._normaliser.condition(r) for r in self._of("conditions") if r.get("resourceType") == "Condition")
+        facts = (self._normaliser.condition(r, self._relevant_conditions)
+                 for r in self._of("conditions") if r.get("resourceType") == "Condition")
         return [f for f in facts if f]
 
     @cached_property

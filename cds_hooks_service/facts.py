@@ -156,6 +156,10 @@ def _status_code(value: object) -> str | None:
     """Condition.clinicalStatus etc.: a CodeableConcept in R4, a plain string in older versions."""
     if isinstance(value, str):
         return value
+    if isinstance(value, dict):  # the common case, read directly
+        coding = value.get("coding")
+        if isinstance(coding, list) and coding and isinstance(coding[0], dict) and isinstance(coding[0].get("code"), str):
+            return coding[0]["code"]
     concepts, texts = codeable_concepts(value)
     if concepts:
         return concepts[0][1]
@@ -259,11 +263,14 @@ class Normaliser:
         return None
 
     @staticmethod
-    def condition(r: dict) -> ConditionFact | None:
+    def condition(r: dict, relevant: frozenset[Concept] | None = None) -> ConditionFact | None:
+        """None for conditions that are refuted or entered in error, or coded in no value set of interest."""
+        concepts, texts = codeable_concepts(r.get("code"))
+        if relevant is not None and relevant.isdisjoint(concepts):
+            return None
         verification = _status_code(r.get("verificationStatus"))
         if verification in _CONDITION_EXCLUDED:
             return None
-        concepts, texts = codeable_concepts(r.get("code"))
         categories, _ = codeable_concepts(r.get("category"))
         return ConditionFact(
             ref=f"Condition/{r.get('id', '')}",

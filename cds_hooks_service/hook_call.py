@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -104,7 +105,8 @@ def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store: 
             "cannot evaluate the safety rules: prefetch lacks " + ", ".join(missing_server)
             + " and the request names no fhirServer to read them from", field="prefetch")
 
-    record = PatientRecord(data.resources, normaliser, medications, frozenset(d.ref for d in drafts))
+    record = PatientRecord(data.resources, normaliser, medications, frozenset(d.ref for d in drafts),
+                           relevant_conditions=None if trace else rulebook.condition_concepts)
     result = HookResult({"cards": []}, data=data)
     for rule, draft in candidates:
         finding = evaluate_rule(rule, draft, ctx, record, rulebook, trace=trace)
@@ -120,29 +122,29 @@ def _respond(result: HookResult, body: dict, ctx: HookContext, rulebook: Ruleboo
         if f.evidence and not f.fired:
             result.suppressed.append((f, f"exception: {f.suppressed_by.label}"))
     keys = {id(f): suppression_key(settings.suppression_secret, body, f) for f in fired}
-    if store is not None and service.hook == "order-sign" and fired:
-        overridden = store.overridden_keys(set(keys.values()), since=ctx.now - SUPPRESSION_WINDOW)
-        still = []
-        for f in fired:
-            if keys[id(f)] in overridden:
-                result.suppressed.append((f, "overridden for this draft order at order-select"))
-            else:
-                still.append(f)
-        fired = still
+    card_ids = {id(f): str(uuid.uuid4()) for f in fired}
+    issued = [IssuedCard(card_ids[id(f)], f.rule.id, service.id, str(body.get("hookInstance")), f.indicator,
+                         f.rule.mode, keys[id(f)], ctx.now) for f in fired]
+    if store is not None and issued:
+        # order-sign: a card overridden at order-select for the same draft and rule is not raised again
+        since = ctx.now - SUPPRESSION_WINDOW if service.hook == "order-sign" else None
+        overridden = store.issue_cards(issued, skip_overridden_since=since)
+        for f in [f for f in fired if keys[id(f)] in overridden]:
+            result.suppressed.append((f, "overridden for this draft order at order-select"))
+        fired = [f for f in fired if keys[id(f)] not in overridden]
 
-    cards, issued = [], []
+    cards = []
     unavailable = result.data.unavailable if result.data else {}
     for f in fired:
+        if f.rule.mode != "active":
+            continue  # shadow: evaluated and counted, not shown
         card = render_card(f, now=ctx.now, patient_id=ctx.patient_id, encounter_id=ctx.encounter_id,
-                           user_id=ctx.user_id, alternatives=rulebook.alternatives)
+                           user_id=ctx.user_id, alternatives=rulebook.alternatives, card_uuid=card_ids[id(f)])
         gaps = sorted(k for k in f.rule.needs if k in unavailable)
         if gaps:
             card["detail"] = card.get("detail", "") + "\n\n_Not checked, could not be read: " + \
                 markdown_escape(", ".join(DATA_LABELS[k] for k in gaps)) + "._"
-        issued.append(IssuedCard(card["uuid"], f.rule.id, service.id, str(body.get("hookInstance")), f.indicator,
-                                 f.rule.mode, keys[id(f)], ctx.now))
-        if f.rule.mode == "active":
-            cards.append(card)
+        cards.append(card)
 
     # A rule that could not see all it needs and did not fire must not pass for "nothing found".
     fired_rules = {f.rule.id for f in fired} | {f.rule.id for f, _ in result.suppressed}
@@ -163,7 +165,5 @@ def _respond(result: HookResult, body: dict, ctx: HookContext, rulebook: Ruleboo
                                f"The service could not complete **{markdown_escape(rule.title)}** for this order "
                                f"because some patient data could not be read. {markdown_escape(reasons)}. "
                                "Check the record by hand before signing."))
-    if store is not None and issued:
-        store.record_cards(issued)
     cards.sort(key=lambda c: {"critical": 0, "warning": 1, "info": 2}[c["indicator"]])
     result.response = {"cards": cards}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import jsonschema
@@ -138,6 +139,12 @@ class Rulebook:
     terminology: Terminology
     alternatives: dict[str, dict]
     rules_dir: Path
+
+    @cached_property
+    def condition_concepts(self) -> frozenset[Concept]:
+        """Every concept a condition check of any rule can match: other conditions need no facts."""
+        return frozenset().union(*(c.valueset for r in self.rules for c in r.checks.values()
+                                   if c.kind == "condition"))
 
     def for_hook(self, hook: str) -> list[Rule]:
         return [r for r in self.rules if r.enabled and hook in r.hooks]

@@ -39,7 +39,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Iterable
 
 from sqlalchemy import (
-    Boolean, Column, DateTime, Index, Integer, MetaData, String, Table, Text,
+    Boolean, bindparam, Column, DateTime, Index, Integer, MetaData, String, Table, Text,
     UniqueConstraint, create_engine, event, func, select, text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -152,7 +152,8 @@ class FeedbackStore:
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
-            self.engine = create_engine(url, pool_pre_ping=True, connect_args={"timeout": 30})
+            # a local file: no dropped connections to detect, so no pre-ping round trip per checkout
+            self.engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
             self._insert = sqlite.insert
@@ -161,6 +162,14 @@ class FeedbackStore:
             self._insert = postgresql.insert
         else:
             raise ValueError(f"unsupported database URL scheme: {parsed.drivername}")
+        # Hot-path statements, built once (SQLAlchemy then reuses their compiled form).
+        self._insert_cards = self._insert(issued_card).on_conflict_do_nothing(index_elements=["card_uuid"])
+        self._overridden_q = (
+            select(issued_card.c.suppression_key).distinct()
+            .join(feedback, feedback.c.card_uuid == issued_card.c.card_uuid)
+            .where(issued_card.c.suppression_key.in_(bindparam("keys", expanding=True)),
+                   issued_card.c.issued_at >= bindparam("since"),
+                   feedback.c.outcome == "overridden"))
         # Write transactions: BEGIN IMMEDIATE on SQLite (no-op option elsewhere).
         self._writer = self.engine.execution_options(cds_write=True)
         self._purge_lock = threading.Lock()
@@ -175,17 +184,14 @@ class FeedbackStore:
         return cls(url)
 
     # -- writes -----------------------------------------------------------
+    @staticmethod
+    def _card_row(c: IssuedCard) -> dict:
+        return {"card_uuid": c.card_uuid, "rule_id": c.rule_id, "service_id": c.service_id,
+                "hook_instance": c.hook_instance, "indicator": c.indicator, "mode": c.mode,
+                "suppression_key": c.suppression_key, "issued_at": _utc(c.issued_at)}
+
     def record_cards(self, cards: list[IssuedCard]) -> None:
-        if not cards:
-            return
-        rows = [{
-            "card_uuid": c.card_uuid, "rule_id": c.rule_id, "service_id": c.service_id,
-            "hook_instance": c.hook_instance, "indicator": c.indicator, "mode": c.mode,
-            "suppression_key": c.suppression_key, "issued_at": _utc(c.issued_at),
-        } for c in cards]
-        stmt = self._insert(issued_card).on_conflict_do_nothing(index_elements=["card_uuid"])
-        with self._writer.begin() as conn:
-            conn.execute(stmt, rows)
+        self.issue_cards(cards)
 
     def record_feedback(self, service_id: str, items: list[dict]) -> int:
         if not items:
@@ -240,6 +246,24 @@ class FeedbackStore:
                 return False
             self._last_purge = now
             return True
+
+    def issue_cards(self, cards: list[IssuedCard], *, skip_overridden_since: datetime | None = None) -> set[str]:
+        """Record issued cards in one write transaction (the hot path: one checkout per hook call).
+
+        With ``skip_overridden_since``, cards whose suppression key received an "overridden" outcome
+        for a card issued since then are not recorded; their keys are returned (not to be shown)."""
+        if not cards:
+            return set()
+        overridden: set[str] = set()
+        with self._writer.begin() as conn:
+            if skip_overridden_since is not None:
+                keys = sorted({c.suppression_key for c in cards})
+                overridden = set(conn.execute(self._overridden_q, {
+                    "keys": keys, "since": _utc(skip_overridden_since)}).scalars())
+            rows = [self._card_row(c) for c in cards if c.suppression_key not in overridden]
+            if rows:
+                conn.execute(self._insert_cards, rows)
+        return overridden
 
     # -- reads ------------------------------------------------------------
     def overridden_keys(self, keys: Iterable[str], since: datetime) -> set[str]:
