@@ -25,6 +25,7 @@ class Settings:
     rules_dir: Path = REPO_ROOT / "rules"
     cards_dir: Path = REPO_ROOT / "cards"
     rules_local_dir: Path | None = None
+    rules_poll_seconds: float = 2.0  # how often a running service checks the rule files for changes; 0: SIGHUP only
     database_url: str = ""
     jwt_issuers_file: Path | None = None
     public_url: str | None = None
@@ -37,6 +38,7 @@ class Settings:
     fixed_now: datetime | None = None  # demos and tests only
     debug_trace: bool = False
     instance_dir: Path = REPO_ROOT / "instance"
+    admin_token: str | None = None  # GET /admin (rule performance page); unset = page disabled
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -52,6 +54,7 @@ class Settings:
             rules_dir=rules_dir,
             cards_dir=Path(env.get("CDS_CARDS_DIR") or rules_dir.parent / "cards"),
             rules_local_dir=Path(env["CDS_RULES_LOCAL_DIR"]) if env.get("CDS_RULES_LOCAL_DIR") else None,
+            rules_poll_seconds=_float("CDS_RULES_POLL_SECONDS", 2.0),
             database_url=env.get("DATABASE_URL") or f"sqlite:///{instance_dir / 'cds-hooks.sqlite3'}",
             jwt_issuers_file=Path(env["CDS_JWT_ISSUERS"]) if env.get("CDS_JWT_ISSUERS") else None,
             public_url=(env.get("CDS_PUBLIC_URL") or None),
@@ -64,6 +67,7 @@ class Settings:
             fixed_now=fixed_now,
             debug_trace=env.get("CDS_DEBUG_TRACE", "").lower() in ("1", "true", "yes"),
             instance_dir=instance_dir,
+            admin_token=(env.get("CDS_ADMIN_TOKEN") or None),
         )
         for key, value in overrides.items():
             setattr(settings, key, value)
