@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
 
-from .facts import (DRAFT_TYPES, ConditionFact, MedicationFact, MedicationIndex, Normaliser, ObservationFact,
+from .facts import (DRAFT_TYPES, route_matches, ConditionFact, MedicationFact, MedicationIndex, Normaliser, ObservationFact,
                     ProcedureFact)
 from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger
 
@@ -182,7 +182,7 @@ class Evaluation:
             if not hit:
                 continue
             considered += 1
-            if routes is not None and (m.route or "unknown") not in routes:
+            if routes is not None and not route_matches(m.route, routes):
                 continue
             is_draft = m.source == "draft"
             in_window = c.within is not None and self._in_window(c, m.time)
@@ -259,7 +259,7 @@ class Evaluation:
         if spec.get("valueSets"):
             ok = not self.draft.concepts.isdisjoint(c.valueset)
         if ok and spec.get("route"):
-            ok = (self.draft.route or "unknown") in spec["route"]
+            ok = route_matches(self.draft.route, spec["route"])
         items = [{"kind": "drafted", "display": self.draft.display, "route": self.draft.route}] if ok else []
         return items, ("the drafted order matches" if ok else "the drafted order does not match")
 
@@ -290,7 +290,7 @@ def _compare(o: ObservationFact, op: str, value: float | None) -> bool:
 
 def triggered(rule: Rule, draft: MedicationFact) -> list[Trigger]:
     return [t for t in rule.triggers
-            if not draft.concepts.isdisjoint(t.drafted) and (t.route is None or (draft.route or "unknown") in t.route)]
+            if not draft.concepts.isdisjoint(t.drafted) and (t.route is None or route_matches(draft.route, t.route))]
 
 
 def evaluate_rule(rule: Rule, draft: MedicationFact, ctx: HookContext, record: PatientRecord, rulebook: Rulebook,

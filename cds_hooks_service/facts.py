@@ -26,21 +26,32 @@ _CONDITION_EXCLUDED = frozenset({"refuted", "entered-in-error"})
 _OBS_STATUSES = frozenset({"final", "amended", "corrected", "preliminary", "registered"})
 
 # Route classes from SNOMED CT route codes (FHIR R4 "SNOMED CT Route Codes" value set), text and dose forms.
+# An injection is intravenous, intramuscular, subcutaneous, or "injection" when the route is not stated;
+# a rule's route filter naming "parenteral" matches all four (see route_matches).
+PARENTERAL = frozenset({"injection", "intravenous", "intramuscular", "subcutaneous"})
 _ROUTE_CODES = {
-    "47625008": "parenteral",  # Intravenous route
-    "78421000": "parenteral",  # Intramuscular route
-    "34206005": "parenteral",  # Subcutaneous route
+    "47625008": "intravenous",  # Intravenous route
+    "78421000": "intramuscular",  # Intramuscular route
+    "34206005": "subcutaneous",  # Subcutaneous route
     "26643006": "oral",  # Oral route
     "46713006": "nasal",  # Nasal route
 }
 _ROUTE_WORDS = [
-    (re.compile(r"\b(iv|ivp|ivpb|intravenous\w*|im|intramuscular\w*|sc|sq|subq|subcut\w*|inj\w*|infusion|"
-                r"syringe|cartridge|auto-?injector|vial|parenteral)\b"), "parenteral"),
+    (re.compile(r"\b(iv|ivp|ivpb|intravenous\w*|infusion|drip)\b"), "intravenous"),
+    (re.compile(r"\b(im|intramuscular\w*)\b"), "intramuscular"),
+    (re.compile(r"\b(sc|sq|subq|subcut\w*)\b"), "subcutaneous"),
+    (re.compile(r"\b(inj\w*|syringe|cartridge|auto-?injector|vial|parenteral)\b"), "injection"),
     (re.compile(r"\b(po|oral\w*|by mouth|tablet|capsule|lozenge|sublingual|buccal)\b"), "oral"),
     (re.compile(r"\b(nasal|intranasal|nostril|nose)\b"), "nasal"),
     (re.compile(r"\b(transdermal|patch)\b"), "transdermal"),
     (re.compile(r"\b(ophthalmic|eye|topical|rectal|suppository)\b"), "topical"),
 ]
+
+
+def route_matches(route: str | None, allowed: frozenset[str] | set[str] | list[str]) -> bool:
+    """A rule's route filter: "parenteral" covers every injection route; "unknown" a route not stated."""
+    r = route or "unknown"
+    return r in allowed or ("parenteral" in allowed and r in PARENTERAL)
 
 
 def parse_time(value: object) -> datetime | None:
@@ -114,7 +125,7 @@ class MedicationFact:
     status: str | None
     active: bool
     time: datetime | None
-    route: str | None  # parenteral | oral | nasal | transdermal | topical | None
+    route: str | None  # intravenous | intramuscular | subcutaneous | injection | oral | nasal | transdermal | topical
     encounter: str | None
     reasons: tuple[Concept, ...] = ()
     reason_texts: tuple[str, ...] = ()

@@ -148,6 +148,25 @@ VALUESETS: dict[str, dict] = {
             {"set": "rx_vasopressor_scd_examples"},
         ],
     },
+    "rx-epinephrine": {
+        "title": "Epinephrine",
+        "description": "Epinephrine ingredient and its verified injectable products (subset of rx-vasopressors-systemic; "
+                       "lets rules grade a single IM/SC dose apart from an infusion).",
+        "include": [
+            {"set": "rx_vasoconstrictors_vasopressors", "codes": ["3992"]},
+            {"set": "rx_vasopressor_scd_examples", "codes": ["245317", "310116", "310132"]},
+        ],
+    },
+    "rx-vasopressors-other-than-epinephrine": {
+        "title": "Systemic vasopressors other than epinephrine",
+        "description": "rx-vasopressors-systemic without epinephrine: norepinephrine, phenylephrine, vasopressin, "
+                       "dopamine, angiotensin II, mephentermine and their verified injectable products.",
+        "include": [
+            {"set": "rx_vasoconstrictors_vasopressors", "codes": ["7512", "8163", "11149", "3628", "1999003", "6756"]},
+            {"set": "rx_vasopressor_scd_examples",
+             "codes": ["313578", "2103185", "2399910", "1743939", "1743870", "2058469", "1743869"]},
+        ],
+    },
     "rx-vasoconstrictors-oral": {
         "title": "Other (non-infusion) vasoconstrictors",
         "description": "Midodrine, droxidopa, pseudoephedrine, ephedrine, isometheptene, phenylpropanolamine "
