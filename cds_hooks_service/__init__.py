@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
+    from .admin import bp as admin_bp
     from .api import bp
     from .runtime import Runtime
 
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
     CORS(app, resources={r"/cds-services*": {"origins": settings.cors_origins.split(",")}},
          allow_headers=["Authorization", "Content-Type"], methods=["GET", "POST", "OPTIONS"], max_age=600)
     app.register_blueprint(bp)
+    app.register_blueprint(admin_bp)
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError):

@@ -37,3 +37,20 @@ if [ ! -x "$SEKMET_VENV/bin/sekmet" ]; then
   "$SEKMET_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "sekmet-fhir==0.1.1"
 fi
 # --- end FHIR test server (sekmet-fhir) ---
+
+# --- Chromium (admin page browser test) ---
+# tests/test_admin.py drives Debian's chromium with Python Playwright (never `playwright install`).
+# Optional: without it the browser test skips (it fails only when CI=true).
+if [ -x /usr/bin/chromium ]; then
+    echo "Chromium already present: $(/usr/bin/chromium --version 2>/dev/null || echo /usr/bin/chromium)"
+elif [ "$(id -u)" -eq 0 ]; then
+    echo "Installing Chromium..."
+    export DEBIAN_FRONTEND=noninteractive
+    if ! { apt-get update && apt-get install -y --no-install-recommends chromium; }; then
+        echo "Chromium could not be installed; the admin page browser test will skip." >&2
+    fi
+else
+    echo "Chromium (/usr/bin/chromium) is missing; the admin page browser test will skip." >&2
+    echo "Install it as root:  apt-get update && apt-get install -y --no-install-recommends chromium" >&2
+fi
+# --- end Chromium (admin page browser test) ---
