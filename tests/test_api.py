@@ -325,3 +325,13 @@ def test_card_text_from_patient_data_cannot_inject_markup(client):
     detail = r.get_json()["cards"][0]["detail"]
     assert "<img" not in detail and "&lt;img" in detail
     assert "\\*\\*bold\\*\\*" in detail and "\\[link\\]" in detail
+
+
+def test_debug_trace_logs_the_explain_report_without_patient_id(make_app, caplog):
+    caplog.set_level(logging.INFO)
+    client = make_app(debug_trace=True).test_client()
+    r = post(client, SIGN, request_body(patient="patient-secret-4711"))
+    assert topics(r.get_json()) == ["opioid-in-migraine"]
+    explain = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("explain ")]
+    assert explain and '"outcome": "FIRED [warning]"' in explain[0] and "headache-diagnosis" in explain[0]
+    assert "patient-secret-4711" not in caplog.text
