@@ -26,13 +26,20 @@ def _rules_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from .rulebook import load_rulebook
+    """(rulebook, settings), or None after printing every problem of rules that do not validate."""
+    from .rulebook import RulebookError, load_rulebook
 
     settings = Settings.from_env()
     rules_dir = args.dir or settings.rules_dir
     cards_dir = args.cards or (rules_dir.parent / "cards" if args.dir else settings.cards_dir)
     local = args.local or settings.rules_local_dir
-    return load_rulebook(rules_dir, cards_dir, local), settings
+    try:
+        return load_rulebook(rules_dir, cards_dir, local), settings
+    except RulebookError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s); the rules were NOT accepted.", file=sys.stderr)
+        return None
 
 
 def cmd_serve(args) -> int:
@@ -49,15 +56,10 @@ def cmd_serve(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .rulebook import RulebookError
-
-    try:
-        rulebook, _ = _load(args)
-    except RulebookError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        print(f"{len(exc.problems)} problem(s); the rules were NOT accepted.", file=sys.stderr)
+    loaded = _load(args)
+    if loaded is None:
         return 1
+    rulebook, _ = loaded
     for rule in rulebook.rules:
         state = "disabled" if not rule.enabled else rule.mode
         print(f"ok  {rule.id:38} v{rule.version:8} {state:8} {', '.join(sorted(rule.hooks))}")
@@ -66,15 +68,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_test(args) -> int:
-    from .rulebook import RulebookError
     from .scenarios import run_scenarios
 
-    try:
-        rulebook, settings = _load(args)
-    except RulebookError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
+    loaded = _load(args)
+    if loaded is None:
         return 1
+    rulebook, settings = loaded
     results, problems = run_scenarios(rulebook, settings, args.rule or None)
     width = max((len(r.scenario.name) for r in results), default=10)
     for r in results:
@@ -103,15 +102,13 @@ def cmd_explain(args) -> int:
     from .errors import ServiceError
     from .explain import format_text, report
     from .hook_call import call_service, validate_request
-    from .rulebook import RulebookError
     from .runtime import load_validators
     from .services import SERVICES
 
-    try:
-        rulebook, settings = _load(args)
-    except RulebookError as exc:
-        print(exc, file=sys.stderr)
+    loaded = _load(args)
+    if loaded is None:
         return 1
+    rulebook, settings = loaded
     try:
         body = json.loads(args.request.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -137,11 +134,14 @@ def cmd_replay(args) -> int:
     from .replay import format_table, replay, request_files
     from .rulebook import RulebookError, load_rulebook
 
+    loaded = _load(args)
+    if loaded is None:
+        return 1
+    rulebook, settings = loaded
     try:
-        rulebook, settings = _load(args)
         baseline = load_rulebook(args.baseline, args.baseline.parent / "cards") if args.baseline else None
     except RulebookError as exc:
-        print(exc, file=sys.stderr)
+        print(f"error: the baseline rules do not load:\n{exc}", file=sys.stderr)
         return 1
     settings.fixed_now = _now(args.now) or settings.fixed_now
     paths = request_files(args.requests)
