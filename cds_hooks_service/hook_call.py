@@ -92,11 +92,12 @@ def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store: 
                       drafts=drafts, targets=targets)
 
     rules = rulebook.for_hook(service.hook)
-    candidates = [(rule, draft) for draft in targets for rule in rules if trace or triggered(rule, draft)]
+    live = [(rule, draft) for draft in targets for rule in rules if triggered(rule, draft)]
+    candidates = [(rule, draft) for draft in targets for rule in rules] if trace else live
     if not candidates:
         return HookResult({"cards": []})
 
-    needs = set().union(*(rule.needs for rule, draft in candidates if triggered(rule, draft))) if candidates else set()
+    needs = set().union(*(rule.needs for rule, _ in live))
     data = gather(needs, body, budget=settings.time_budget, connect_timeout=settings.fhir_connect_timeout,
                   read_timeout=settings.fhir_read_timeout, session=session)
     missing_server = sorted(k for k, why in data.unavailable.items() if why.startswith(NO_FHIR_SERVER))
@@ -148,18 +149,13 @@ def _respond(result: HookResult, body: dict, ctx: HookContext, rulebook: Ruleboo
 
     # A rule that could not see all it needs and did not fire must not pass for "nothing found".
     fired_rules = {f.rule.id for f in fired} | {f.rule.id for f, _ in result.suppressed}
-    incomplete = {}
-    for f in result.findings:
-        gaps = sorted(k for k in f.rule.needs if k in unavailable)
-        if gaps and f.rule.id not in fired_rules and f.rule.mode == "active":
-            incomplete.setdefault(f.rule.id, (f.rule, gaps))
-    triggered_rules = {}
+    not_completed = {}
     for rule in rulebook.for_hook(ctx.hook):
         gaps = sorted(k for k in rule.needs if k in unavailable)
         if gaps and rule.id not in fired_rules and rule.mode == "active" and \
                 any(triggered(rule, d) for d in ctx.targets):
-            triggered_rules.setdefault(rule.id, (rule, gaps))
-    for rule, gaps in {**incomplete, **triggered_rules}.values():
+            not_completed[rule.id] = (rule, gaps)
+    for rule, gaps in not_completed.values():
         reasons = "; ".join(f"{DATA_LABELS[k]}: {unavailable[k]}" for k in gaps)
         cards.append(info_card(f"Check not completed: {rule.title}",
                                f"The service could not complete **{markdown_escape(rule.title)}** for this order "
