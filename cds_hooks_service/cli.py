@@ -19,8 +19,12 @@ from pathlib import Path
 from .config import REPO_ROOT, Settings
 
 
-def _rules_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", nargs="?", type=Path, help="rules directory (default: CDS_RULES_DIR or ./rules)")
+def _rules_args(p: argparse.ArgumentParser, *, positional: bool = True) -> None:
+    help_dir = "rules directory (default: CDS_RULES_DIR or ./rules)"
+    if positional:
+        p.add_argument("dir", nargs="?", type=Path, help=help_dir)
+    else:
+        p.add_argument("--rules", dest="dir", type=Path, help=help_dir)
     p.add_argument("--cards", type=Path, help="card templates directory (default: <dir>/../cards)")
     p.add_argument("--local", type=Path, help="site overrides directory (default: CDS_RULES_LOCAL_DIR)")
 
@@ -193,17 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("request", type=Path, help="a CDS Hooks request JSON file")
     p.add_argument("--now", help="evaluate as of this ISO time (e.g. the examples' 2026-03-01T12:00:00Z)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--rules", dest="dir", type=Path, help="rules directory")
-    p.add_argument("--cards", type=Path)
-    p.add_argument("--local", type=Path)
+    _rules_args(p, positional=False)
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("replay", help="alert volume over recorded requests")
     p.add_argument("requests", type=Path, help="a folder of recorded hook requests (*.json)")
     p.add_argument("--baseline", type=Path, help="another rules directory to compare with")
     p.add_argument("--now", help="evaluate as of this ISO time")
-    p.add_argument("--rules", dest="dir", type=Path, help="rules directory (default: current rules)")
-    p.add_argument("--cards", type=Path)
-    p.add_argument("--local", type=Path)
+    _rules_args(p, positional=False)
     p.set_defaults(func=cmd_replay)
     p = sub.add_parser("stats", help="per-rule card and override statistics")
     p.add_argument("--json", action="store_true", help="machine-readable output")
