@@ -9,7 +9,7 @@ from flask import Blueprint, jsonify, request
 from .auth import AuthError, expected_audience
 from .explain import report as explain_report
 from .errors import BadRequest, NotFound, Unauthorized, UnsupportedMediaType
-from .hook_call import call_service, validate_request, _first_error
+from .hook_call import call_service, first_error, validate_request
 from .runtime import runtime
 from .services import SERVICES
 
@@ -86,7 +86,7 @@ def feedback(service_id: str):
     body = read_json()
     if not isinstance(body, dict):
         raise BadRequest("the feedback body must be a JSON object with a feedback array")
-    _first_error(rt.validators["feedback"], body)
+    first_error(rt.validators["feedback"], body)
     stored = rt.store.record_feedback(service.id, body["feedback"])
     return jsonify({"stored": stored})
 

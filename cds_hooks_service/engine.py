@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
 
-from .facts import (DRAFT_TYPES, route_matches, ConditionFact, MedicationFact, MedicationIndex, Normaliser, ObservationFact,
+from .facts import (DRAFT_TYPES, IGNORED_MEDICATION_STATUSES, MEDICATION_TYPES, route_matches, ConditionFact, MedicationFact, MedicationIndex, Normaliser, ObservationFact,
                     ProcedureFact)
 from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger
 
 _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
-_IGNORED_MED_STATUSES = frozenset({"entered-in-error", "cancelled", "draft", "not-taken", "not-done", "revoked"})
 
 
 class PatientRecord:
@@ -38,11 +37,10 @@ class PatientRecord:
         out = []
         for key in ("medicationRequests", "medicationAdministrations", "medicationStatements"):
             for r in self._of(key):
-                if r.get("resourceType") not in ("MedicationRequest", "MedicationAdministration",
-                                                  "MedicationStatement", "MedicationOrder"):
+                if r.get("resourceType") not in MEDICATION_TYPES + DRAFT_TYPES:
                     continue
                 fact = self._normaliser.medication(r, self._medications)
-                if fact.ref not in self._exclude and fact.status not in _IGNORED_MED_STATUSES:
+                if fact.ref not in self._exclude and fact.status not in IGNORED_MEDICATION_STATUSES:
                     out.append(fact)
         return out
 
@@ -163,7 +161,7 @@ class Evaluation:
             note = f"none of the {total} conditions is in the value sets"
         return items, note
 
-    def _medication_candidates(self, c: Check, sources: tuple[str, ...], drafts: bool):
+    def _medication_candidates(self, sources: tuple[str, ...], drafts: bool):
         if drafts:
             for d in self.ctx.drafts:
                 if d.ref != self.draft.ref:
@@ -174,10 +172,10 @@ class Evaluation:
 
     def _medication(self, c: Check):
         spec = c.spec
-        sources = tuple(spec.get("sources") or ("MedicationRequest", "MedicationAdministration", "MedicationStatement"))
+        sources = tuple(spec.get("sources") or MEDICATION_TYPES)
         routes = frozenset(spec["route"]) if spec.get("route") else None
         items, considered = [], 0
-        for m in self._medication_candidates(c, sources, spec.get("drafts", True)):
+        for m in self._medication_candidates(sources, spec.get("drafts", True)):
             hit = m.concepts & c.valueset
             if not hit:
                 continue
@@ -206,7 +204,7 @@ class Evaluation:
         spec = c.spec
         sources = tuple(spec.get("sources") or ("MedicationAdministration",))
         found: dict[str, dict] = {}
-        for m in self._medication_candidates(c, sources, False):
+        for m in self._medication_candidates(sources, False):
             if not self._in_window(c, m.time):
                 continue
             for cls, vs in c.classes.items():

@@ -12,11 +12,11 @@ from datetime import datetime, timezone
 
 from .terminology import Concept, Terminology, concept
 
-MEDICATION_TYPES = ("MedicationRequest", "MedicationAdministration", "MedicationStatement")
+MEDICATION_TYPES = ("MedicationRequest", "MedicationAdministration", "MedicationStatement")  # record sources
 # DSTU2 servers (the Sandbox's default) send MedicationOrder drafts; they read the same way.
 DRAFT_TYPES = ("MedicationRequest", "MedicationOrder")
 
-_IGNORED_STATUSES = frozenset({"entered-in-error", "cancelled", "draft", "not-taken", "not-done", "revoked"})
+IGNORED_MEDICATION_STATUSES = frozenset({"entered-in-error", "cancelled", "draft", "not-taken", "not-done", "revoked"})
 _ACTIVE_STATUSES = {
     "MedicationRequest": frozenset({"active", "on-hold"}),
     "MedicationStatement": frozenset({"active", "intended", "on-hold"}),
@@ -216,7 +216,7 @@ class Normaliser:
                         c3, t3 = codeable_concepts(ing.get("itemCodeableConcept"))
                         concepts += c3
                         texts += t3
-                form_concepts, form_texts = codeable_concepts(med.get("form"))
+                _, form_texts = codeable_concepts(med.get("form"))
                 texts += form_texts
             if isinstance(med_ref.get("display"), str):
                 texts.append(med_ref["display"])

@@ -16,14 +16,13 @@ from .cards import info_card, markdown_escape, render_card
 from .engine import Finding, HookContext, PatientRecord, draft_facts, evaluate_rule, triggered
 from .errors import BadRequest, PreconditionFailed
 from .facts import Normaliser
-from .patient_data import DATA_LABELS, PatientData, gather
+from .patient_data import DATA_LABELS, NO_FHIR_SERVER, PatientData, gather
 from .rulebook import Rulebook
 from .services import CdsService
 from .store import FeedbackStore, IssuedCard
 
 log = logging.getLogger(__name__)
 SUPPRESSION_WINDOW = timedelta(hours=24)  # an override at order-select holds for the same draft this long
-NO_FHIR_SERVER = "not prefetched, and the request names no fhirServer"
 
 
 @dataclass
@@ -37,16 +36,16 @@ class HookResult:
 def validate_request(body: object, service: CdsService, validators) -> dict:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    _first_error(validators["request"], body)
+    first_error(validators["request"], body)
     if body["hook"] != service.hook:
         raise BadRequest(f"service {service.id!r} answers the {service.hook!r} hook, not {body['hook']!r}", field="hook")
     if not isinstance(body.get("context"), dict):
         raise BadRequest("context must be an object", field="context")
-    _first_error(validators[service.hook], body["context"], prefix="context")
+    first_error(validators[service.hook], body["context"], prefix="context")
     return body
 
 
-def _first_error(validator, instance, prefix: str = "") -> None:
+def first_error(validator, instance, prefix: str = "") -> None:
     error = next(iter(sorted(validator.iter_errors(instance), key=lambda e: len(e.absolute_path))), None)
     if error is None:
         return
@@ -100,7 +99,7 @@ def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store: 
     needs = set().union(*(rule.needs for rule, _ in live))
     data = gather(needs, body, budget=settings.time_budget, connect_timeout=settings.fhir_connect_timeout,
                   read_timeout=settings.fhir_read_timeout, session=session)
-    missing_server = sorted(k for k, why in data.unavailable.items() if why.startswith(NO_FHIR_SERVER))
+    missing_server = sorted(k for k, why in data.unavailable.items() if why == NO_FHIR_SERVER)
     if missing_server:
         raise PreconditionFailed(
             "cannot evaluate the safety rules: prefetch lacks " + ", ".join(missing_server)

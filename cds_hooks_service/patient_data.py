@@ -24,7 +24,7 @@ DATA_LABELS = {
     "procedures": "procedures",
     "patient": "patient demographics",
 }
-_EXPECTED_TYPE = {"patient": "Patient"}
+NO_FHIR_SERVER = "not prefetched, and the request names no fhirServer to read it from"
 
 
 @dataclass
@@ -84,7 +84,7 @@ def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float,
     server = body.get("fhirServer")
     if not isinstance(server, str) or not server:
         for key in to_fetch:
-            data.unavailable[key] = "not prefetched, and the request names no fhirServer to read it from"
+            data.unavailable[key] = NO_FHIR_SERVER
         return data
     auth = body.get("fhirAuthorization") if isinstance(body.get("fhirAuthorization"), dict) else {}
     client = FhirClient(server, auth.get("access_token"), session=session,

@@ -21,13 +21,13 @@ import yaml
 from jinja2 import TemplateSyntaxError
 
 from .cards import DETAIL_ENV, SUMMARY_ENV
+from .facts import MEDICATION_TYPES
 
 from .terminology import Concept, Terminology, TerminologyError
 
 INDICATOR_RANK = {"info": 0, "warning": 1, "critical": 2}
 CHECK_KINDS = ("condition", "medication", "medicationClasses", "observation", "procedure", "orderReason",
                "drafted", "all", "any", "not")
-MEDICATION_SOURCES = ("MedicationRequest", "MedicationAdministration", "MedicationStatement")
 # The patient-data keys (prefetch keys) each kind of check reads.
 DATA_KEYS = {
     "condition": ("conditions",),
@@ -324,7 +324,7 @@ def _compile_rule(doc: dict, text: str, path: Path, terminology: Terminology, al
         if kind in ("condition", "observation", "procedure"):
             check.needs = frozenset(DATA_KEYS[kind])
         elif kind in ("medication", "medicationClasses"):
-            sources = body.get("sources") or MEDICATION_SOURCES
+            sources = body.get("sources") or MEDICATION_TYPES
             check.needs = frozenset(k for s in sources for k in DATA_KEYS[s])
         checks[name] = check
 

@@ -133,9 +133,6 @@ class Terminology:
         return cls(valuesets, titles, products, precise, names, ingredient_names)
 
     # -- look-ups ------------------------------------------------------------------------------
-    def valueset(self, vs_id: str) -> frozenset[Concept]:
-        return self.valuesets[vs_id]
-
     def recognise(self, codings: list[Concept], texts: list[str]) -> DrugMatch:
         """Recognise a medication from its codings (any RxNorm level) and, failing that, its names."""
         concepts = set(codings)

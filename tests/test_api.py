@@ -1,7 +1,6 @@
 """The HTTP contract: discovery, hook calls, feedback, errors, CORS, JWT, suppression, shadow mode."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 
@@ -130,7 +129,8 @@ def test_sandbox_shaped_requests(client):
                                               "medicationStatements", "observations", "procedures")}
         r = post(client, path, body)
         assert r.status_code == 200, r.get_data(as_text=True)
-        assert topics(check_response(r.get_json()) and r.get_json()) == ["opioid-in-migraine"]
+        check_response(r.get_json())
+        assert topics(r.get_json()) == ["opioid-in-migraine"]
     # before a drug is chosen: a bare draft (no medication, no intent): nothing to say
     r = post(client, SELECT, sandbox.bare_order_select_request("smart-1"))
     assert r.status_code == 200 and r.get_json() == {"cards": []}
@@ -335,3 +335,20 @@ def test_debug_trace_logs_the_explain_report_without_patient_id(make_app, caplog
     explain = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("explain ")]
     assert explain and '"outcome": "FIRED [warning]"' in explain[0] and "headache-diagnosis" in explain[0]
     assert "patient-secret-4711" not in caplog.text
+
+
+def test_a_card_template_failing_at_render_time_still_warns(make_app, tmp_path, caplog):
+    import shutil
+
+    shutil.copytree(REPO / "rules", tmp_path / "rules")
+    shutil.copytree(REPO / "cards", tmp_path / "cards")
+    card = tmp_path / "cards/opioid-in-migraine.yaml"
+    card.write_text(card.read_text().replace("detail: |\n", "detail: |\n  {{ 1 // 0 }}\n", 1))  # valid syntax, fails
+    app = make_app(shared_rules=False, rules_dir=tmp_path / "rules", cards_dir=tmp_path / "cards")
+    r = post(app.test_client(), SIGN, request_body())
+    assert r.status_code == 200
+    [card_json] = check_response(r.get_json())
+    assert card_json["source"]["topic"]["code"] == "opioid-in-migraine" and card_json["indicator"] == "warning"
+    assert card_json["summary"].startswith("Opioid ordered for migraine or headache")
+    assert "Migraine or headache diagnosis" in card_json["detail"]
+    assert "card template opioid-in-migraine failed" in caplog.text
