@@ -107,7 +107,7 @@ def cmd_explain(args) -> int:
     from .explain import format_text, report
     from .hook_call import call_service, validate_request
     from .runtime import load_validators
-    from .services import SERVICES
+    from .services import SERVICE_FOR_HOOK
 
     loaded = _load(args)
     if loaded is None:
@@ -118,7 +118,7 @@ def cmd_explain(args) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: cannot read {args.request}: {exc}", file=sys.stderr)
         return 2
-    service = next((s for s in SERVICES.values() if isinstance(body, dict) and s.hook == body.get("hook")), None)
+    service = SERVICE_FOR_HOOK.get(body.get("hook")) if isinstance(body, dict) else None
     if service is None:
         print("error: the file is not an order-select or order-sign request", file=sys.stderr)
         return 2

@@ -15,9 +15,7 @@ from pathlib import Path
 from .errors import ServiceError
 from .hook_call import call_service, validate_request
 from .runtime import load_validators
-from .services import SERVICES
-
-_BY_HOOK = {s.hook: s for s in SERVICES.values()}
+from .services import SERVICE_FOR_HOOK
 
 
 @dataclass
@@ -38,10 +36,10 @@ def replay(paths: list[Path], rulebook, settings) -> ReplayCounts:
             body = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if not isinstance(body, dict) or body.get("hook") not in _BY_HOOK:
+        if not isinstance(body, dict) or body.get("hook") not in SERVICE_FOR_HOOK:
             continue
         counts.requests += 1
-        service = _BY_HOOK[body["hook"]]
+        service = SERVICE_FOR_HOOK[body["hook"]]
         body.pop("fhirServer", None)  # replay never reads a live FHIR server
         body.pop("fhirAuthorization", None)
         try:

@@ -285,9 +285,7 @@ def run_scenarios(rulebook, settings, rule_ids: list[str] | None = None) -> tupl
     """Run every rule's scenarios on each hook the rule serves. Returns results and problems
     (a rule without scenarios, or without at least one firing and one non-firing scenario)."""
     from .hook_call import call_service
-    from .services import SERVICES
-
-    by_hook = {s.hook: s for s in SERVICES.values()}
+    from .services import SERVICE_FOR_HOOK
     results: list[ScenarioResult] = []
     problems: list[str] = []
     for rule in rulebook.rules:
@@ -309,7 +307,7 @@ def run_scenarios(rulebook, settings, rule_ids: list[str] | None = None) -> tupl
             hooks = [sc.hook] if sc.hook else sorted(rule.hooks)
             for hook in hooks:
                 settings.fixed_now = sc.now
-                result = call_service(by_hook[hook], sc.request(hook), rulebook=rulebook, store=None,
+                result = call_service(SERVICE_FOR_HOOK[hook], sc.request(hook), rulebook=rulebook, store=None,
                                       settings=settings)
                 outcome, indicator = "no-fire", None
                 for f in result.findings:

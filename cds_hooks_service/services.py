@@ -55,6 +55,8 @@ SERVICES = {
     )
 }
 
+SERVICE_FOR_HOOK = {s.hook: s for s in SERVICES.values()}
+
 
 def render_query(template: str, context: dict) -> str | None:
     """Fill a prefetch template's tokens from the hook context; None if a token has no value."""
