@@ -98,6 +98,7 @@ class FhirClient:
         if any(seg in (".", "..") for seg in query.split("?")[0].split("/")):
             raise FhirError(key, "invalid query")
         url: str | None = f"{self.base_url}/{query.lstrip('/')}"
+        searched = query.split("?")[0].strip("/").rsplit("/", 1)[-1]  # "Condition?..." -> the type searched for
         seen: set[str] = set()
         resources: list[dict] = []
         while url:
@@ -114,6 +115,8 @@ class FhirClient:
                 res, search = entry.get("resource"), entry.get("search")
                 mode = search.get("mode", "match") if isinstance(search, dict) else "match"
                 if mode == "match" and isinstance(res, dict) and res.get("resourceType") != "OperationOutcome":
+                    if res.get("resourceType") != searched:  # e.g. Patients for a Condition search: not "no data"
+                        raise FhirBadResponse(key, f"expected {_safe(searched)} entries, got {_safe(res.get('resourceType'))}")
                     resources.append(res)
             if len(resources) > self.max_entries:
                 raise FhirBadResponse(key, f"more than {self.max_entries} entries")

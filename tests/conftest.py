@@ -8,6 +8,7 @@ import pytest
 pytest_plugins = [
     "tests.plugins.postgres",
     "tests.plugins.fhir_server",
+    "tests.plugins.fault_server",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
