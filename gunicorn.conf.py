@@ -18,6 +18,12 @@ Rule changes (safe reload) — SIGHUP DOES NOT RESTART THE WORKERS HERE:
 - Consequence: SIGHUP no longer reloads gunicorn.conf.py or the Python code. To deploy new code or
   settings, restart the service (or USR2 + QUIT the old master for a zero-downtime binary upgrade).
 - Log lines from the service (cds_hooks_service.*, INFO and up) go to gunicorn's error log, with pids.
+  CDS_LOG_FORMAT=json (default): every line of the error log (the service's and gunicorn's own, from the
+  first hook on) is one JSON object with hookInstance/requestId (cds_hooks_service/logs.py); text: gunicorn's format.
+- Metrics (/metrics): each worker keeps its values in files under PROMETHEUS_MULTIPROC_DIR (a private
+  temporary directory made by the master unless the operator sets one, whose values are wiped at start), so
+  /metrics adds up all workers whichever one answers. The master removes its directory on exit, and at start
+  those of killed masters (no process holds their lock any more).
 """
 import logging
 import gc
@@ -44,13 +50,86 @@ def _rule_settings():
 
 
 def _send_app_logs_to_gunicorn(server) -> None:
+    from cds_hooks_service import logs
+
     app_log = logging.getLogger("cds_hooks_service")
     if app_log.handlers or logging.getLogger().handlers:
         return  # logging is configured elsewhere: leave it alone
+    logs.configure_handlers(server.log.error_log.handlers)  # CDS_LOG_FORMAT; correlation ids on every line
     for handler in server.log.error_log.handlers:
         app_log.addHandler(handler)
     app_log.setLevel(logging.INFO)
     app_log.propagate = False
+
+
+_own_metrics_dir = None
+_own_metrics_lock = None  # fd, flock'ed while this master or any of its workers lives
+
+
+def _private_metrics_dir() -> str:
+    """A fresh 0700 temporary directory, removed in on_exit. Directories left by a master that was killed
+    (SIGKILL: no on_exit) are removed here: their .lock is no longer held by any process."""
+    import fcntl
+    import glob
+    import shutil
+    import tempfile
+
+    for stale in glob.glob(os.path.join(tempfile.gettempdir(), "cds-metrics-*", ".lock")):
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: its service is running
+        finally:
+            os.close(fd)
+        shutil.rmtree(os.path.dirname(stale), ignore_errors=True)
+    global _own_metrics_lock
+    path = tempfile.mkdtemp(prefix="cds-metrics-")
+    _own_metrics_lock = os.open(os.path.join(path, ".lock.new"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(_own_metrics_lock, fcntl.LOCK_EX)
+    os.rename(os.path.join(path, ".lock.new"), os.path.join(path, ".lock"))  # appears only once locked
+    return path
+
+
+def on_starting(server):
+    """Master, first hook, before the workers exist: log format; the directory of the workers' metrics."""
+    global _own_metrics_dir
+    import sys
+
+    _send_app_logs_to_gunicorn(server)  # from here on (again a no-op in when_ready)
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:  # the operator's: drop a previous run's values
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                os.remove(os.path.join(path, name))
+    else:
+        path = _own_metrics_dir = _private_metrics_dir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    if "prometheus_client" in sys.modules:  # e.g. --preload: the metrics were made before the directory was set
+        from prometheus_client import values
+        if values.ValueClass is values.MutexValue:
+            server.log.warning("prometheus_client was loaded before PROMETHEUS_MULTIPROC_DIR was set: "
+                               "/metrics shows the answering worker's values only")
+
+
+def child_exit(server, worker):
+    """Master, a worker exited: its counters stay in the sum; multiprocess bookkeeping for its pid ends."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid, path)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        import shutil
+
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)
 
 
 def when_ready(server):
@@ -96,6 +175,17 @@ def post_fork(server, worker):
     post_worker_init.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+
+def pre_request(worker, req):
+    """Worker: a body over the app's size limit is answered 413 without being read; close that connection.
+
+    (gunicorn drains at most 64 KiB of an unread body and otherwise drops the connection it announced as
+    keep-alive; forcing the close makes the 413 say "Connection: close", so the client knows.)"""
+    limit = worker.wsgi.config.get("MAX_CONTENT_LENGTH")
+    length = next((value for name, value in req.headers if name == "CONTENT-LENGTH"), None)
+    if limit and length and length.isdigit() and int(length) > limit:
+        req.force_close()
 
 
 def post_worker_init(worker):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask
+from flask import Flask, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
     from .admin import bp as admin_bp
     from .api import bp
+    from .openapi import bp as openapi_bp
     from .runtime import Runtime
 
     settings = settings or Settings.from_env()
@@ -33,6 +34,24 @@ def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
          allow_headers=["Authorization", "Content-Type"], methods=["GET", "POST", "OPTIONS"], max_age=600)
     app.register_blueprint(bp)
     app.register_blueprint(admin_bp)
+    from . import logs, metrics  # imported here, not at the top: keeps prometheus_client out of gunicorn's master
+
+    logs.init_app(app)  # first: its before_request starts the request's correlation ids
+    metrics.init_app(app)  # GET /metrics
+    app.register_blueprint(openapi_bp)  # GET /openapi.json
+
+    @app.after_request
+    def _drain_unread_body(response):
+        # An answer given before the body was read (401, 404, 405, 415, ...) must not break the client's
+        # kept-alive connection: gunicorn drains at most 64 KiB of an unread body after the response and
+        # otherwise closes the connection it announced as keep-alive. Read the rest here (the stream is
+        # bounded by MAX_CONTENT_LENGTH; a body over the limit is answered 413 and its connection closed
+        # by gunicorn.conf.py's pre_request).
+        if request.content_length and request.content_length <= settings.max_body_bytes:
+            stream = request.stream
+            while stream.read(1 << 16):
+                pass
+        return response
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError):

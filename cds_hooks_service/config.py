@@ -39,6 +39,7 @@ class Settings:
     debug_trace: bool = False
     instance_dir: Path = REPO_ROOT / "instance"
     admin_token: str | None = None  # GET /admin (rule performance page); unset = page disabled
+    metrics_token: str | None = None  # GET /metrics needs it as a Bearer token; unset = open
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -68,6 +69,7 @@ class Settings:
             debug_trace=env.get("CDS_DEBUG_TRACE", "").lower() in ("1", "true", "yes"),
             instance_dir=instance_dir,
             admin_token=(env.get("CDS_ADMIN_TOKEN") or None),
+            metrics_token=(env.get("CDS_METRICS_TOKEN") or None),
         )
         for key, value in overrides.items():
             setattr(settings, key, value)

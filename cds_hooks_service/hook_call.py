@@ -31,6 +31,7 @@ class HookResult:
     findings: list[Finding] = field(default_factory=list)
     data: PatientData | None = None
     suppressed: list[tuple[Finding, str]] = field(default_factory=list)  # (finding, why not shown)
+    not_completed: list[str] = field(default_factory=list)  # ids of rules answered with "Check not completed"
 
 
 def validate_request(body: object, service: CdsService, validators) -> dict:
@@ -154,6 +155,7 @@ def _respond(result: HookResult, body: dict, ctx: HookContext, rulebook: Ruleboo
         if gaps and rule.id not in fired_rules and rule.mode == "active" and \
                 any(triggered(rule, d) for d in ctx.targets):
             not_completed[rule.id] = (rule, gaps)
+    result.not_completed = list(not_completed)
     for rule, gaps in not_completed.values():
         reasons = "; ".join(f"{DATA_LABELS[k]}: {unavailable[k]}" for k in gaps)
         cards.append(info_card(f"Check not completed: {rule.title}",

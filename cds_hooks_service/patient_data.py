@@ -32,6 +32,7 @@ class PatientData:
     resources: dict[str, list[dict]] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)  # key -> reason (no patient data in it)
     fetched: list[str] = field(default_factory=list)  # keys that came from the FHIR server
+    errors: dict[str, Exception] = field(default_factory=dict)  # key -> why the FHIR server could not give it
 
 
 def _from_prefetch(value: dict) -> tuple[list[dict] | None, bool]:
@@ -101,6 +102,7 @@ def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float,
             data.resources[key] = []
             data.fetched.append(key)
         else:
+            data.errors[key] = result
             reason = result.reason if isinstance(result, FhirError) else "unknown error"
             if key in partial:
                 data.resources[key] = partial[key]

@@ -1,0 +1,96 @@
+"""Kept-alive connections survive answers given before the body was read (real gunicorn, production config).
+
+EHRs reuse connections. gunicorn drains at most 64 KiB of a body the application did not read, and
+otherwise drops a connection it had just announced as keep-alive: the client's NEXT call on it then fails
+(RemoteDisconnected). So the service reads the rest of an unread body itself; a body over the size limit
+(413, never read) is answered with "Connection: close" instead.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+BIG = 130_000  # larger than gunicorn's 64 KiB drain
+LIMIT = 400_000
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("keepalive")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CDS_", "GUNICORN_")) and k not in ("DATABASE_URL", "WEB_CONCURRENCY", "PORT", "HOST")}
+    env.update(DATABASE_URL=f"sqlite:///{tmp / 'store.sqlite3'}", CDS_INSTANCE_DIR=str(tmp / "instance"),
+               CDS_MAX_BODY_BYTES=str(LIMIT), CDS_RULES_POLL_SECONDS="0", WEB_CONCURRENCY="1", HOST="127.0.0.1",
+               PORT=str(port))
+    log = open(tmp / "gunicorn.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", str(REPO / "gunicorn.conf.py"),
+                             "cds_hooks_service:create_app()"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp / "gunicorn.log").read_text()
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+def _call(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None = None,
+          content_type: str = "application/json"):
+    conn.request(method, path, body=body, headers={"Content-Type": content_type})
+    response = conn.getresponse()
+    return response.status, response.getheader("Connection"), response.read()
+
+
+BODY = json.dumps({"padding": "x" * BIG}).encode()
+
+
+@pytest.mark.parametrize("method, path, content_type, status", [
+    ("POST", "/cds-services/no-such-service", "application/json", 404),
+    ("POST", "/cds-services/migraine-med-safety-sign", "text/plain", 415),
+    ("PUT", "/cds-services/migraine-med-safety-sign", "application/json", 405),
+    ("POST", "/cds-services/no-such-service/feedback", "application/json", 404),
+])
+def test_an_early_error_keeps_the_connection_usable(service, method, path, content_type, status):
+    conn = http.client.HTTPConnection("127.0.0.1", service, timeout=5)
+    try:
+        for _ in range(2):  # twice on the same connection, then a normal call on it
+            got, connection, body = _call(conn, method, path, BODY, content_type)
+            assert got == status, body
+            assert connection == "keep-alive"
+            assert json.loads(body)["resourceType"] == "OperationOutcome"
+        assert _call(conn, "GET", "/cds-services")[0] == 200
+    finally:
+        conn.close()
+
+
+def test_a_body_over_the_limit_is_answered_413_with_connection_close(service):
+    conn = http.client.HTTPConnection("127.0.0.1", service, timeout=5)
+    try:
+        got, connection, body = _call(conn, "POST", "/cds-services/migraine-med-safety-sign", b"[" + b" " * LIMIT + b"]")
+        assert got == 413
+        assert connection == "close"
+        assert "larger than the limit" in json.loads(body)["issue"][0]["details"]["text"]
+    finally:
+        conn.close()
+    fresh = http.client.HTTPConnection("127.0.0.1", service, timeout=5)  # the service itself is fine
+    assert _call(fresh, "GET", "/cds-services")[0] == 200
+    fresh.close()
