@@ -19,6 +19,10 @@ Tables (created if missing):
     unknown), outcome, override_system, override_code, override_display,
     has_comment, accepted_suggestions (JSON text list of ids),
     outcome_timestamp, received_at; UNIQUE(card_uuid, outcome, outcome_timestamp).
+``cds_override``
+    card_uuid PK, suppression_key, issued_at (of the card); index (suppression_key, issued_at). One row per
+    card overridden, written with its "overridden" feedback: the hot path's "was this draft's card overridden
+    at order-select?" is then an index lookup, however often the same draft order has been seen.
 ``cds_used_jti``
     jti PK, expires_at.
 
@@ -29,6 +33,7 @@ UTC text, PostgreSQL as ``timestamptz``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -40,7 +45,7 @@ from typing import Iterable
 
 from sqlalchemy import (
     Boolean, bindparam, Column, DateTime, Index, Integer, MetaData, String, Table, Text,
-    UniqueConstraint, create_engine, event, func, select, text,
+    UniqueConstraint, create_engine, event, func, inspect, select, text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
@@ -110,6 +115,14 @@ feedback = Table(
                      name="uq_cds_feedback_card_outcome_ts"),
 )
 
+override = Table(
+    "cds_override", metadata,
+    Column("card_uuid", String(64), primary_key=True),
+    Column("suppression_key", String(128), nullable=False),
+    Column("issued_at", UTCDateTime(), nullable=False),
+    Index("ix_cds_override_key_issued", "suppression_key", "issued_at"),
+)
+
 used_jti = Table(
     "cds_used_jti", metadata,
     Column("jti", String(255), primary_key=True),
@@ -165,19 +178,32 @@ class FeedbackStore:
         # Hot-path statements, built once (SQLAlchemy then reuses their compiled form).
         self._insert_cards = self._insert(issued_card).on_conflict_do_nothing(index_elements=["card_uuid"])
         self._overridden_q = (
-            select(issued_card.c.suppression_key).distinct()
-            .join(feedback, feedback.c.card_uuid == issued_card.c.card_uuid)
-            .where(issued_card.c.suppression_key.in_(bindparam("keys", expanding=True)),
-                   issued_card.c.issued_at >= bindparam("since"),
-                   feedback.c.outcome == "overridden"))
-        # Write transactions: BEGIN IMMEDIATE on SQLite (no-op option elsewhere).
+            select(override.c.suppression_key).distinct()
+            .where(override.c.suppression_key.in_(bindparam("keys", expanding=True)),
+                   override.c.issued_at >= bindparam("since")))
+        # Write transactions: BEGIN IMMEDIATE on SQLite (no-op option elsewhere). On SQLite the threads of
+        # one process also queue on a lock of their own: SQLite's busy handler retries a locked database
+        # after sleeps of 1, 2, 5, 10, ... ms, a Python lock hands over at once.
         self._writer = self.engine.execution_options(cds_write=True)
+        self._write_lock = threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
         self._purge_lock = threading.Lock()
         self._last_purge = 0.0
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             if self.dialect == "postgresql":  # serialise concurrent create_all
                 conn.execute(text("SELECT pg_advisory_xact_lock(7345012261)"))
+            new_override_table = not inspect(conn).has_table(override.name)
             metadata.create_all(conn)
+            if new_override_table:  # a store made before cds_override existed: index its overrides
+                conn.execute(override.insert().from_select(
+                    ["card_uuid", "suppression_key", "issued_at"],
+                    select(issued_card.c.card_uuid, issued_card.c.suppression_key, issued_card.c.issued_at)
+                    .where(issued_card.c.card_uuid.in_(
+                        select(feedback.c.card_uuid).where(feedback.c.outcome == "overridden")))))
+
+    @contextlib.contextmanager
+    def _write(self):
+        with self._write_lock, self._writer.begin() as conn:
+            yield conn
 
     @classmethod
     def from_url(cls, url: str) -> "FeedbackStore":
@@ -218,22 +244,26 @@ class FeedbackStore:
         uuids = sorted({r["card_uuid"] for r in rows})
         stmt = self._insert(feedback).on_conflict_do_nothing(
             index_elements=["card_uuid", "outcome", "outcome_timestamp"])
-        with self._writer.begin() as conn:
-            rule_of = {}
+        with self._write() as conn:
+            cards = {}  # card_uuid -> (rule_id, suppression_key, issued_at)
             for i in range(0, len(uuids), _IN_CHUNK):
-                q = select(issued_card.c.card_uuid, issued_card.c.rule_id).where(
-                    issued_card.c.card_uuid.in_(uuids[i:i + _IN_CHUNK]))
-                rule_of.update(conn.execute(q).all())
+                q = select(issued_card.c.card_uuid, issued_card.c.rule_id, issued_card.c.suppression_key,
+                           issued_card.c.issued_at).where(issued_card.c.card_uuid.in_(uuids[i:i + _IN_CHUNK]))
+                cards.update((uuid, rest) for uuid, *rest in conn.execute(q))
             for r in rows:
-                r["rule_id"] = rule_of.get(r["card_uuid"])
+                r["rule_id"] = cards[r["card_uuid"]][0] if r["card_uuid"] in cards else None
             conn.execute(stmt, rows)
+            overridden = [{"card_uuid": u, "suppression_key": cards[u][1], "issued_at": cards[u][2]}
+                          for u in sorted({r["card_uuid"] for r in rows if r["outcome"] == "overridden"}) if u in cards]
+            if overridden:
+                conn.execute(self._insert(override).on_conflict_do_nothing(index_elements=["card_uuid"]), overridden)
         return len(rows)
 
     def use_jti(self, jti: str, expires_at: datetime) -> bool:
         stmt = self._insert(used_jti).values(jti=jti, expires_at=_utc(expires_at))
         stmt = stmt.on_conflict_do_nothing(index_elements=["jti"]).execution_options(
             preserve_rowcount=True)  # rowcount of an INSERT is not kept otherwise
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             if self._purge_due():
                 cutoff = datetime.now(UTC) - _JTI_PURGE_GRACE
                 conn.execute(used_jti.delete().where(used_jti.c.expires_at < cutoff))
@@ -255,7 +285,7 @@ class FeedbackStore:
         if not cards:
             return set()
         overridden: set[str] = set()
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             if skip_overridden_since is not None:
                 keys = sorted({c.suppression_key for c in cards})
                 overridden = set(conn.execute(self._overridden_q, {
@@ -272,12 +302,7 @@ class FeedbackStore:
         found: set[str] = set()
         with self.engine.connect() as conn:
             for i in range(0, len(keys), _IN_CHUNK):
-                q = (select(issued_card.c.suppression_key).distinct()
-                     .join(feedback, feedback.c.card_uuid == issued_card.c.card_uuid)
-                     .where(issued_card.c.suppression_key.in_(keys[i:i + _IN_CHUNK]),
-                            issued_card.c.issued_at >= since,
-                            feedback.c.outcome == "overridden"))
-                found.update(conn.execute(q).scalars())
+                found.update(conn.execute(self._overridden_q, {"keys": keys[i:i + _IN_CHUNK], "since": since}).scalars())
         return found
 
     def stats(self, since: datetime | None = None) -> list[dict]:

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import MetaData, func, select
 
-from cds_hooks_service.store import FeedbackStore, IssuedCard, feedback
+from cds_hooks_service.store import FeedbackStore, IssuedCard, feedback, override
 
 UTC = timezone.utc
 T0 = datetime(2025, 3, 10, 9, 0, tzinfo=UTC)
@@ -153,6 +153,40 @@ def test_overridden_keys(store):
     assert store.overridden_keys(many, since) == {k_over}
     with pytest.raises(ValueError):
         store.overridden_keys([k_over], datetime(2025, 1, 1))  # naive datetime refused
+
+
+def test_an_override_is_an_index_lookup_however_often_the_draft_was_seen(store):
+    """The same draft order seen thousands of times (an EHR re-checking it; a load test) must not make the
+    hot path's override check scan every card issued for it."""
+    key = "k-busy"
+    store.record_cards([card(key=key, at=T0 + timedelta(seconds=i)) for i in range(300)])
+    assert store.issue_cards([card(key=key)], skip_overridden_since=T0) == set()
+    overridden = card(key=key, at=T0 + timedelta(hours=1))
+    store.record_cards([overridden])
+    store.record_feedback("med-safety", [fb(overridden.card_uuid, "overridden", code="x")] * 2)  # a retry
+    assert store.issue_cards([card(key=key)], skip_overridden_since=T0) == {key}
+    assert store.issue_cards([card(key=key)], skip_overridden_since=T0 + timedelta(hours=2)) == set()
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(override)).scalar_one() == 1
+        if store.dialect == "sqlite":
+            sql = store._overridden_q.compile(store.engine).string.replace("(__[POSTCOMPILE_keys])", "(?, ?)")
+            plan = " ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, ("a", "b", "2025")))
+            assert "ix_cds_override_key_issued" in plan, plan
+
+
+def test_a_store_made_before_the_override_table_gets_its_overrides_indexed(store_url):
+    old = FeedbackStore(store_url)
+    c = card(key="k-old-store")
+    old.record_cards([c])
+    old.record_feedback("med-safety", [fb(c.card_uuid, "overridden", code="x")])
+    with old.engine.begin() as conn:
+        override.drop(conn)  # what a store of the previous version looks like
+    old.close()
+    store = FeedbackStore(store_url)
+    try:
+        assert store.overridden_keys(["k-old-store"], T0 - timedelta(days=1)) == {"k-old-store"}
+    finally:
+        store.close()
 
 
 def test_use_jti_replay(store):
