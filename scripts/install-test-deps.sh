@@ -54,3 +54,20 @@ else
     echo "Install it as root:  apt-get update && apt-get install -y --no-install-recommends chromium" >&2
 fi
 # --- end Chromium (admin page browser test) ---
+
+# --- wrk (load test) ---
+# tests/test_load.py and bench/load.py drive the service with Debian's wrk.
+# Optional: without it the load test skips (it fails only when CI=true).
+if command -v wrk >/dev/null 2>&1; then
+    echo "wrk already present: $(command -v wrk)"
+elif [ "$(id -u)" -eq 0 ]; then
+    echo "Installing wrk..."
+    export DEBIAN_FRONTEND=noninteractive
+    if ! { apt-get update && apt-get install -y --no-install-recommends wrk; }; then
+        echo "wrk could not be installed; the load test will skip." >&2
+    fi
+else
+    echo "wrk is missing; the load test will skip." >&2
+    echo "Install it as root:  apt-get update && apt-get install -y --no-install-recommends wrk" >&2
+fi
+# --- end wrk (load test) ---
