@@ -9,7 +9,7 @@ import logging
 
 from flask import Flask, request
 from flask_cors import CORS
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from .config import Settings
 from .errors import ServiceError, error_response
@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
+    # imported here, not at the top: keeps prometheus_client (metrics) out of gunicorn's master
+    from . import logs, metrics
     from .admin import bp as admin_bp
     from .api import bp
     from .openapi import bp as openapi_bp
@@ -32,12 +34,10 @@ def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
     # Browser clients (the CDS Hooks Sandbox) preflight every call; the preflight carries no JWT.
     CORS(app, resources={r"/cds-services*": {"origins": settings.cors_origins.split(",")}},
          allow_headers=["Authorization", "Content-Type"], methods=["GET", "POST", "OPTIONS"], max_age=600)
-    app.register_blueprint(bp)
-    app.register_blueprint(admin_bp)
-    from . import logs, metrics  # imported here, not at the top: keeps prometheus_client out of gunicorn's master
-
     logs.init_app(app)  # first: its before_request starts the request's correlation ids
     metrics.init_app(app)  # GET /metrics
+    app.register_blueprint(bp)
+    app.register_blueprint(admin_bp)
     app.register_blueprint(openapi_bp)  # GET /openapi.json
 
     @app.after_request
@@ -49,7 +49,10 @@ def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
         # by gunicorn.conf.py's pre_request).
         if request.content_length and request.content_length <= settings.max_body_bytes:
             stream = request.stream
-            while stream.read(1 << 16):
+            try:
+                while stream.read(1 << 16):
+                    pass
+            except ClientDisconnected:  # the client is gone: nothing to keep alive
                 pass
         return response
 

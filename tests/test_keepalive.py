@@ -8,6 +8,7 @@ otherwise drops a connection it had just announced as keep-alive: the client's N
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import socket
@@ -94,3 +95,23 @@ def test_a_body_over_the_limit_is_answered_413_with_connection_close(service):
     fresh = http.client.HTTPConnection("127.0.0.1", service, timeout=5)  # the service itself is fine
     assert _call(fresh, "GET", "/cds-services")[0] == 200
     fresh.close()
+
+
+def test_a_client_that_stops_sending_mid_body_gets_the_early_answer_not_a_500(service):
+    with socket.create_connection(("127.0.0.1", service), timeout=5) as sock:
+        sock.sendall(b"POST /cds-services/no-such-service HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b"x" * 1000)
+        sock.shutdown(socket.SHUT_WR)  # promised 100000 bytes, sent 1000
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
+
+
+def test_in_process_a_body_shorter_than_its_content_length_still_gets_the_early_answer(client):
+    """WSGI servers that do not mark their input terminated (werkzeug's own) raise ClientDisconnected when
+    the body ends early; the drain must not turn the 404 into a 500."""
+    r = client.post("/cds-services/no-such-service", content_type="application/json",
+                    environ_overrides={"wsgi.input": io.BytesIO(b"x" * 1000), "CONTENT_LENGTH": "100000"})
+    assert r.status_code == 404
+    assert r.get_json()["issue"][0]["code"] == "not-found"
