@@ -5,6 +5,8 @@
 * ``Service``: the service under gunicorn (``python -m cds_hooks_service serve``, i.e. gunicorn.conf.py)
   on a free loopback port with a throw-away SQLite store and instance directory and ``CDS_FIXED_NOW``;
   stopped with SIGTERM to the master (then SIGKILL).
+* ``run_guarded(run, *args)``: a benchmark's main run, with SIGTERM turned into KeyboardInterrupt (so the
+  service is stopped) and interruptions / service failures turned into an exit code.
 """
 from __future__ import annotations
 
@@ -247,3 +249,27 @@ class Service:
         self.tmp.cleanup()
 
 
+def run_guarded(run, *args):
+    """``run(*args)`` with SIGTERM (and SIGINT, when a shell started the bench with it ignored) raising
+    KeyboardInterrupt, so that ``run`` stops its service on the way out.
+
+    Returns ``(result, None)``, or ``(None, exit code)`` after saying why on stderr: 130 when interrupted,
+    1 on a ServiceFailure or a request error.
+    """
+    def _interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the service on SIGTERM too
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # e.g. started in the background by a shell
+        signal.signal(signal.SIGINT, _interrupt)
+    try:
+        return run(*args), None
+    except KeyboardInterrupt:
+        print("interrupted; the service was stopped", file=sys.stderr)
+        return None, 130
+    except ServiceFailure as exc:
+        print(f"service failure: {exc}", file=sys.stderr)
+        return None, 1
+    except requests.RequestException as exc:
+        print(f"service failure: request error: {exc}", file=sys.stderr)
+        return None, 1

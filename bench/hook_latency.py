@@ -30,7 +30,6 @@ import gc
 import json
 import os
 import platform
-import signal
 import statistics
 import sys
 import time
@@ -42,7 +41,7 @@ import requests
 # The request bodies and the service process are shared with load.py (bench/common.py).
 from common import (  # noqa: F401  (re-exported: the names this module has always had)
     FIXED_NOW, LOOPBACK, REPO_ROOT, SIGN_SERVICE, Service, ServiceFailure, count_resources, free_port,
-    record_items, sign_body)
+    record_items, run_guarded, sign_body)
 
 MAX_N = 5000            # hard cap on measured calls per case
 MAX_WARMUP = 500
@@ -268,23 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     args.workers = max(1, min(args.workers, 16))
     args.small = max(4, min(args.small, 2000))
     args.large = max(4, min(args.large, 2000))
-    def _interrupt(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, _interrupt)  # stop the service on SIGTERM too
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # e.g. started in the background by a shell
-        signal.signal(signal.SIGINT, _interrupt)
-    try:
-        res = run(args)
-    except KeyboardInterrupt:
-        print("interrupted; the service was stopped", file=sys.stderr)
-        return 130
-    except ServiceFailure as exc:
-        print(f"service failure: {exc}", file=sys.stderr)
-        return 1
-    except requests.RequestException as exc:
-        print(f"service failure: request error: {exc}", file=sys.stderr)
-        return 1
+    res, code = run_guarded(run, args)
+    if code is not None:
+        return code
     if args.json:
         print(json.dumps(res, indent=2))
     else:

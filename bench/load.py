@@ -33,7 +33,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,8 @@ from urllib.parse import urlsplit
 
 import requests
 
-from common import FIXED_NOW, LOOPBACK, REPO_ROOT, SIGN_SERVICE, Service, ServiceFailure, count_resources, sign_body
+from common import (FIXED_NOW, LOOPBACK, REPO_ROOT, SIGN_SERVICE, Service, ServiceFailure, count_resources, run_guarded,
+                    sign_body)
 
 CASES = ("discovery", "small", "large")
 DEFAULT_CONNECTIONS = (1, 2, 4, 8, 16, 32)
@@ -616,23 +616,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    def _interrupt(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, _interrupt)  # stop the service on SIGTERM too
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # e.g. started in the background by a shell
-        signal.signal(signal.SIGINT, _interrupt)
-    try:
-        res = run(args, wrk)
-    except KeyboardInterrupt:
-        print("interrupted; the service was stopped", file=sys.stderr)
-        return 130
-    except ServiceFailure as exc:
-        print(f"service failure: {exc}", file=sys.stderr)
-        return 1
-    except requests.RequestException as exc:
-        print(f"service failure: request error: {exc}", file=sys.stderr)
-        return 1
+    res, code = run_guarded(run, args, wrk)
+    if code is not None:
+        return code
     print_report(res)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")

@@ -10,15 +10,11 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.plugins.gunicorn_service import GunicornService
 
 BIG = 130_000  # larger than gunicorn's 64 KiB drain
 LIMIT = 400_000
@@ -27,31 +23,8 @@ LIMIT = 400_000
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("keepalive")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CDS_", "GUNICORN_")) and k not in ("DATABASE_URL", "WEB_CONCURRENCY", "PORT", "HOST")}
-    env.update(DATABASE_URL=f"sqlite:///{tmp / 'store.sqlite3'}", CDS_INSTANCE_DIR=str(tmp / "instance"),
-               CDS_MAX_BODY_BYTES=str(LIMIT), CDS_RULES_POLL_SECONDS="0", WEB_CONCURRENCY="1", HOST="127.0.0.1",
-               PORT=str(port))
-    log = open(tmp / "gunicorn.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", str(REPO / "gunicorn.conf.py"),
-                             "cds_hooks_service:create_app()"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp / "gunicorn.log").read_text()
-                time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
+    with GunicornService(tmp, dict(CDS_MAX_BODY_BYTES=str(LIMIT)), workers=1) as svc:
+        yield svc.port
 
 
 def _call(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None = None,

@@ -8,8 +8,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -21,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import sandbox_client as sandbox
 from tests.conftest import REPO, SCENARIO_NOW
+from tests.plugins.gunicorn_service import GunicornService, free_port, wait_for
 from tests.test_api import SIGN, post, request_body
-from tests.test_reload import _children, _free_port, wait_for
 
 HOOK_COUNT = "cds_hook_duration_seconds_count"
 
@@ -52,12 +50,6 @@ class Delta:
         return value(scrape(self.client), name, **labels) - value(self.before, name, **labels)
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens once the socket is closed
-
-
 def test_a_hook_call_that_fires_a_card(client):
     delta = Delta(client)
     r = post(client, SIGN, request_body())
@@ -73,7 +65,7 @@ def test_fhir_fallback_failures_by_kind(client, fhir_server):
     delta = Delta(client)
     body = request_body(patient="patient-secret-4711")
     body.pop("prefetch")
-    body["fhirServer"] = f"http://127.0.0.1:{_closed_port()}/fhir"
+    body["fhirServer"] = f"http://127.0.0.1:{free_port()}/fhir"  # nothing listens there
     r = post(client, SIGN, body)
     assert r.status_code == 200
     [card] = r.get_json()["cards"]
@@ -151,20 +143,13 @@ def test_several_apps_in_one_process_share_the_metrics(make_app):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_gunicorn_metrics_add_up_all_workers(tmp_path):
     started = time.monotonic()
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
     token = "metrics-token-for-the-test"
-    log_path, access_path = tmp_path / "gunicorn.log", tmp_path / "access.log"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CDS_", "GUNICORN_")) and k.upper() != "PROMETHEUS_MULTIPROC_DIR"
-           and k not in ("DATABASE_URL", "WEB_CONCURRENCY", "PORT", "HOST")}
-    env.update(CDS_FIXED_NOW=SCENARIO_NOW, DATABASE_URL=f"sqlite:///{tmp_path / 'store.sqlite3'}",
-               CDS_INSTANCE_DIR=str(tmp_path / "instance"), CDS_RULES_POLL_SECONDS="0", CDS_METRICS_TOKEN=token,
-               CDS_LOG_FORMAT="json", WEB_CONCURRENCY="2", GUNICORN_THREADS="2", TMPDIR=str(tmp_path),
-               PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "gunicorn", "--config", str(REPO / "gunicorn.conf.py"), "--bind", f"127.0.0.1:{port}",
-           "--access-logfile", str(access_path), "--access-logformat", "%(p)s %(U)s %(s)s", "--no-control-socket",
-           "cds_hooks_service:create_app()"]
+    service = GunicornService(tmp_path, dict(CDS_FIXED_NOW=SCENARIO_NOW, CDS_METRICS_TOKEN=token, CDS_LOG_FORMAT="json",
+                                             TMPDIR=str(tmp_path)),
+                              workers=2, threads=2, access_log_format="%(p)s %(U)s %(s)s",
+                              args=("--no-control-socket",), drop_env=("PROMETHEUS_MULTIPROC_DIR",),
+                              wait_for_workers=True)
+    base = service.base_url
     body = json.dumps(request_body())
     auth = {"Authorization": f"Bearer {token}", "Connection": "close"}
     # a metrics directory left by a killed master (its lock is free) is swept; one in use (held) is not
@@ -173,26 +158,19 @@ def test_gunicorn_metrics_add_up_all_workers(tmp_path):
         (tmp_path / name / ".lock").touch()
     in_use = os.open(tmp_path / "cds-metrics-in-use" / ".lock", os.O_RDONLY)
     fcntl.flock(in_use, fcntl.LOCK_EX)
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    log = lambda: log_path.read_text()  # noqa: E731
+    log = service.log
 
     def hook_lines() -> list[dict]:
         lines = [line for line in log().splitlines() if line.startswith("{")]
         return [d for d in map(json.loads, lines) if d["logger"] == "cds_hooks_service.api"]
 
     def answered_by(path: str) -> set[int]:
-        return {int(line.split()[0].strip("<>")) for line in access_path.read_text().splitlines()
+        return {int(line.split()[0].strip("<>")) for line in service.access_log().splitlines()
                 if line.split()[1:2] == [path]}
 
     try:
-        def up():
-            try:
-                return requests.get(f"{base}/healthz", timeout=1).status_code == 200 and len(_children(proc.pid)) == 2
-            except requests.RequestException:
-                return False
-        assert wait_for(up, timeout=15, step=0.05), f"gunicorn did not start:\n{log()}"
-        workers = _children(proc.pid)
+        service.start()
+        workers = service.worker_pids()
         assert not (tmp_path / "cds-metrics-killed").exists()
         [metrics_dir] = set(tmp_path.glob("cds-metrics-*")) - {tmp_path / "cds-metrics-in-use"}  # the master's (TMPDIR)
         assert metrics_dir.stat().st_mode & 0o077 == 0  # private
@@ -234,16 +212,10 @@ def test_gunicorn_metrics_add_up_all_workers(tmp_path):
         # a worker that exits (as after max_requests) still counts
         gone = sorted(workers)[0]
         os.kill(gone, signal.SIGTERM)
-        assert wait_for(lambda: gone not in _children(proc.pid), timeout=10), log()
+        assert wait_for(lambda: gone not in service.worker_pids(), timeout=10), log()
         assert hook_count() == sent
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        service.stop()
         os.close(in_use)
     assert not metrics_dir.exists(), "the master's metrics directory was not removed"
     print(f"gunicorn metrics test: {sent} hook calls, {scrapes} scrapes, {time.monotonic() - started:.1f}s")

@@ -11,8 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +21,7 @@ import requests
 
 from cds_hooks_service import create_app, runtime as runtime_module
 from tests.conftest import REPO, SCENARIO_NOW
+from tests.plugins.gunicorn_service import GunicornService, wait_for
 
 SIGN = "/cds-services/migraine-med-safety-sign"
 BODY = json.loads((REPO / "fhir_examples/opioid-in-migraine/iv-hydromorphone-active-migraine-diagnosis.order-sign.json")
@@ -58,16 +57,6 @@ def break_yaml(root: Path) -> None:
 
 def unknown_valueset(root: Path) -> None:
     edit(root / "rules" / f"{RULE}.yaml", "drafted: [rx-opioids]", "drafted: [rx-no-such-value-set]")
-
-
-def wait_for(predicate, timeout: float = 5.0, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 def summaries(client) -> list[str]:
@@ -231,25 +220,6 @@ def test_a_process_started_on_invalid_files_serves_the_last_good_rules(rules, ma
 
 
 # -- real processes: gunicorn, 3 workers, SIGHUP to the master ----------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children(pid: int) -> set[int]:
-    out = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.add(int(entry))
-    return out
-
-
 class Client(threading.Thread):
     """Posts the firing request in a loop, a new connection each time (so every worker gets some), and
     records (n, status, first card summary or error) for every answer."""
@@ -280,32 +250,18 @@ class Client(threading.Thread):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_gunicorn_sighup_reloads_every_worker_without_restarts(rules):
     started = time.monotonic()
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path, access_path = rules / "gunicorn.log", rules / "access.log"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CDS_", "GUNICORN_")) and k not in ("DATABASE_URL", "WEB_CONCURRENCY", "PORT", "HOST")}
-    env.update(CDS_RULES_DIR=str(rules / "rules"), CDS_CARDS_DIR=str(rules / "cards"), CDS_FIXED_NOW=SCENARIO_NOW,
-               DATABASE_URL=f"sqlite:///{rules / 'store.sqlite3'}", CDS_INSTANCE_DIR=str(rules / "instance"),
-               CDS_RULES_POLL_SECONDS="0", WEB_CONCURRENCY="3", GUNICORN_THREADS="4", HOST="127.0.0.1",
-               PORT=str(port), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "gunicorn", "--config", str(REPO / "gunicorn.conf.py"), "--bind", f"127.0.0.1:{port}",
-           "--access-logfile", str(access_path), "--access-logformat", "%(p)s %(q)s %(s)s", "--no-control-socket",
-           "cds_hooks_service:create_app()"]
-    log_file = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    client = Client(base)
-    log = lambda: log_path.read_text()  # noqa: E731
+    service = GunicornService(rules, dict(CDS_RULES_DIR=str(rules / "rules"), CDS_CARDS_DIR=str(rules / "cards"),
+                                          CDS_FIXED_NOW=SCENARIO_NOW),
+                              workers=3, threads=4, access_log_format="%(p)s %(q)s %(s)s",
+                              args=("--no-control-socket",), wait_for_workers=True)
+    client = Client(service.base_url)
+    log = service.log
 
     try:
-        def up():
-            try:
-                return requests.get(f"{base}/healthz", timeout=1).status_code == 200 and len(_children(proc.pid)) == 3
-            except requests.RequestException:
-                return False
-        assert wait_for(up, timeout=15, step=0.1), f"gunicorn did not start:\n{log()}"
+        service.start()
+        proc = service.proc
         assert wait_for(lambda: log().count("Booting worker") >= 3, timeout=5)
-        workers = _children(proc.pid)
+        workers = service.worker_pids()
         client.start()
         assert wait_for(lambda: len(client.results) >= 20, timeout=5)
 
@@ -315,7 +271,7 @@ def test_gunicorn_sighup_reloads_every_worker_without_restarts(rules):
         proc.send_signal(signal.SIGHUP)
         assert wait_for(lambda: log().count("rule reload refused") >= 3, timeout=5), log()
         time.sleep(0.3)
-        assert _children(proc.pid) == workers, "workers were restarted"
+        assert service.worker_pids() == workers, "workers were restarted"
         after_a = client.since(mark_a)
         assert after_a and all(status == 200 and s.startswith("Opioid for migraine/headache")
                                for _, status, s in after_a), after_a[:5]
@@ -330,7 +286,7 @@ def test_gunicorn_sighup_reloads_every_worker_without_restarts(rules):
             recent = client.since(mark_b)[-30:]
             return len(recent) == 30 and all(s == NEW_SUMMARY for _, _, s in recent)
         assert wait_for(all_new, timeout=8), client.since(mark_b)[-30:]
-        assert _children(proc.pid) == workers, "workers were restarted"
+        assert service.worker_pids() == workers, "workers were restarted"
         assert log().count("rules reloaded") >= 3
 
         # (c) invalid files again, then a worker is replaced (as after max_requests): the new worker starts
@@ -340,13 +296,13 @@ def test_gunicorn_sighup_reloads_every_worker_without_restarts(rules):
         assert wait_for(lambda: log().count("rule reload refused") >= 6, timeout=5), log()
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGTERM)  # graceful, like a max_requests restart
-        assert wait_for(lambda: len(_children(proc.pid) - workers) == 1 and len(_children(proc.pid)) == 3,
+        assert wait_for(lambda: len(service.worker_pids() - workers) == 1 and len(service.worker_pids()) == 3,
                         timeout=10, step=0.05), log()
-        [replacement] = _children(proc.pid) - workers
+        [replacement] = service.worker_pids() - workers
         assert wait_for(lambda: "refused at start" in log(), timeout=10), log()
         mark_c = len(client.results)
         assert wait_for(lambda: len(client.results) >= mark_c + 30, timeout=5)
-        assert wait_for(lambda: f"<{replacement}> n=" in access_path.read_text(), timeout=5), \
+        assert wait_for(lambda: f"<{replacement}> n=" in service.access_log(), timeout=5), \
             "the replacement worker answered nothing"
         assert proc.poll() is None, log()
 
@@ -359,11 +315,10 @@ def test_gunicorn_sighup_reloads_every_worker_without_restarts(rules):
         assert all(s == NEW_SUMMARY for _, _, s in client.since(mark_c))
 
         # every worker answered, and each one's answers switched to the new summary after (b) and stayed
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(15)
+        service.terminate(15)
         by_n = {n: s for n, _, s in results}
         served: dict[int, list[str]] = {}
-        for line in access_path.read_text().splitlines():
+        for line in service.access_log().splitlines():
             pid, query, status = (line.split() + ["", ""])[:3]  # "<pid> n=<n> <status>" (%(p)s is "<pid>"); /healthz has no query
             if not query.startswith("n="):
                 continue
@@ -381,11 +336,4 @@ def test_gunicorn_sighup_reloads_every_worker_without_restarts(rules):
         assert time.monotonic() - started < 30
     finally:
         client.stop.set()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        log_file.close()
+        service.stop()

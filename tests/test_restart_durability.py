@@ -25,9 +25,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -39,6 +37,7 @@ import pytest
 import requests
 
 from tests.conftest import REPO, SCENARIO_NOW
+from tests.plugins.gunicorn_service import GunicornService, wait_for
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
 
@@ -50,62 +49,16 @@ ACKS_PER_PHASE = 40  # feedback items acknowledged between two events, at least
 EPOCH = datetime(2026, 3, 1, tzinfo=timezone.utc)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
-
-
-class Service:
+class Service(GunicornService):
     """gunicorn in its own process group (so a crash can take master and workers at once)."""
 
     def __init__(self, tmp: Path, database_url: str):
-        self.tmp = tmp
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / "gunicorn.log"
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("CDS_", "GUNICORN_")) and k not in ("DATABASE_URL", "WEB_CONCURRENCY",
-                                                                             "PORT", "HOST")}
-        self.env.update(DATABASE_URL=database_url, CDS_INSTANCE_DIR=str(tmp / "instance"), CDS_FIXED_NOW=SCENARIO_NOW,
-                        CDS_SUPPRESSION_SECRET="restart-test-secret", CDS_RULES_POLL_SECONDS="0",
-                        WEB_CONCURRENCY="2", GUNICORN_THREADS="4", HOST="127.0.0.1", PORT=str(self.port),
-                        PYTHONUNBUFFERED="1")
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "gunicorn", "--config", str(REPO / "gunicorn.conf.py"),
-               "--bind", f"127.0.0.1:{self.port}", "cds_hooks_service:create_app()"]
-        with open(self.log_path, "a") as log:
-            log.write(f"\n===== start {self.starts + 1} =====\n")
-            log.flush()
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        self.starts += 1
-
-        def up():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                return requests.get(f"{self.base}/healthz", timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
-        assert wait_for(up, timeout=15), f"gunicorn did not start:\n{self.log()}"
+        super().__init__(tmp, dict(DATABASE_URL=database_url, CDS_FIXED_NOW=SCENARIO_NOW,
+                                   CDS_SUPPRESSION_SECRET="restart-test-secret"),
+                         workers=2, threads=4, new_session=True)
 
     def graceful_stop(self, timeout: float = 15) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout)
+        self.terminate(timeout)
         self._assert_group_gone()
 
     def crash(self) -> None:
@@ -114,24 +67,7 @@ class Service:
         self._assert_group_gone()
 
     def _assert_group_gone(self) -> None:
-        def gone():
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                return True
-            return False
-        assert wait_for(gone, timeout=5), "gunicorn workers outlived their master"
-
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(5)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
+        assert wait_for(self.group_gone, timeout=5), "gunicorn workers outlived their master"
 
 
 class FeedbackClient(threading.Thread):
@@ -236,7 +172,7 @@ def test_restart_and_crash_lose_nothing_answered_200(backend, tmp_path):
     kind, url = backend
     service = Service(tmp_path, url)
     stop = threading.Event()
-    clients = [FeedbackClient(service.base, i, stop) for i in range(CLIENTS)]
+    clients = [FeedbackClient(service.base_url, i, stop) for i in range(CLIENTS)]
 
     def acked() -> int:
         return sum(len(c.items) for c in clients)
@@ -246,7 +182,7 @@ def test_restart_and_crash_lose_nothing_answered_200(backend, tmp_path):
         marks["up"] = time.monotonic() - started
         for c in clients:
             c.start()
-        assert wait_for(lambda: acked() >= ACKS_PER_PHASE, timeout=10), service.log()
+        assert wait_for(lambda: acked() >= ACKS_PER_PHASE, timeout=10), service.log_tail()
 
         # (1) graceful restart
         before = acked()
@@ -254,7 +190,7 @@ def test_restart_and_crash_lose_nothing_answered_200(backend, tmp_path):
         marks["stopped"] = time.monotonic() - started
         service.start()
         marks["restarted"] = time.monotonic() - started
-        assert wait_for(lambda: acked() >= before + ACKS_PER_PHASE, timeout=10), service.log()
+        assert wait_for(lambda: acked() >= before + ACKS_PER_PHASE, timeout=10), service.log_tail()
 
         # (2) crash: SIGKILL to master and workers while the clients are writing
         before = acked()
@@ -262,17 +198,17 @@ def test_restart_and_crash_lose_nothing_answered_200(backend, tmp_path):
         marks["crashed"] = time.monotonic() - started
         service.start()
         marks["restarted after crash"] = time.monotonic() - started
-        assert wait_for(lambda: acked() >= before + ACKS_PER_PHASE, timeout=10), service.log()
+        assert wait_for(lambda: acked() >= before + ACKS_PER_PHASE, timeout=10), service.log_tail()
         marks["clients done"] = time.monotonic() - started
     finally:
         stop.set()
         for c in clients:
             c.join(10)
         try:
-            if service.proc is not None and service.proc.poll() is None:
+            if service.running:
                 service.graceful_stop()
         finally:
-            service.cleanup()
+            service.kill()
 
     failures = [(c.name, c.failure) for c in clients if c.failure]
     assert not failures, failures
