@@ -38,36 +38,25 @@ if [ ! -x "$SEKMET_VENV/bin/sekmet" ]; then
 fi
 # --- end FHIR test server (sekmet-fhir) ---
 
-# --- Chromium (admin page browser test) ---
-# tests/test_admin.py drives Debian's chromium with Python Playwright (never `playwright install`).
-# Optional: without it the browser test skips (it fails only when CI=true).
-if [ -x /usr/bin/chromium ]; then
-    echo "Chromium already present: $(/usr/bin/chromium --version 2>/dev/null || echo /usr/bin/chromium)"
-elif [ "$(id -u)" -eq 0 ]; then
-    echo "Installing Chromium..."
-    export DEBIAN_FRONTEND=noninteractive
-    if ! { apt-get update && apt-get install -y --no-install-recommends chromium; }; then
-        echo "Chromium could not be installed; the admin page browser test will skip." >&2
+# --- Optional Debian packages: without them their tests skip (they fail only when CI=true) ---
+# install_optional PROGRAM PACKAGE WHAT-SKIPS
+install_optional() {
+    local program=$1 package=$2 skips=$3
+    if command -v "$program" >/dev/null 2>&1; then
+        echo "$package already present: $(command -v "$program")"
+    elif [ "$(id -u)" -eq 0 ]; then
+        echo "Installing $package..."
+        export DEBIAN_FRONTEND=noninteractive
+        if ! { apt-get update && apt-get install -y --no-install-recommends "$package"; }; then
+            echo "$package could not be installed; $skips will skip." >&2
+        fi
+    else
+        echo "$program is missing; $skips will skip." >&2
+        echo "Install it as root:  apt-get update && apt-get install -y --no-install-recommends $package" >&2
     fi
-else
-    echo "Chromium (/usr/bin/chromium) is missing; the admin page browser test will skip." >&2
-    echo "Install it as root:  apt-get update && apt-get install -y --no-install-recommends chromium" >&2
-fi
-# --- end Chromium (admin page browser test) ---
+}
 
-# --- wrk (load test) ---
+# tests/test_admin.py drives Debian's chromium with Python Playwright (never `playwright install`).
+install_optional /usr/bin/chromium chromium "the admin page browser test"
 # tests/test_load.py and bench/load.py drive the service with Debian's wrk.
-# Optional: without it the load test skips (it fails only when CI=true).
-if command -v wrk >/dev/null 2>&1; then
-    echo "wrk already present: $(command -v wrk)"
-elif [ "$(id -u)" -eq 0 ]; then
-    echo "Installing wrk..."
-    export DEBIAN_FRONTEND=noninteractive
-    if ! { apt-get update && apt-get install -y --no-install-recommends wrk; }; then
-        echo "wrk could not be installed; the load test will skip." >&2
-    fi
-else
-    echo "wrk is missing; the load test will skip." >&2
-    echo "Install it as root:  apt-get update && apt-get install -y --no-install-recommends wrk" >&2
-fi
-# --- end wrk (load test) ---
+install_optional wrk wrk "the load test"
