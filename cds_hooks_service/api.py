@@ -9,6 +9,7 @@ from flask import Blueprint, jsonify, request
 
 from . import logs, metrics
 from .auth import AuthError, expected_audience
+from .clients import OPEN_CLIENT, Client
 from .explain import report as explain_report
 from .facts import parse_time
 from .errors import BadRequest, NotFound, Unauthorized, UnsupportedMediaType
@@ -33,16 +34,18 @@ def read_json() -> object:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
 
 
-def authenticate() -> None:
+def authenticate() -> Client:
+    """The calling client: its JWT issuer (verified), or the open-mode client."""
     rt = runtime()
     if rt.verifier is None:
-        return
+        return OPEN_CLIENT
     audience = expected_audience(rt.settings.public_url, request.url_root, request.path)
     try:
-        rt.verifier.verify(request.headers.get("Authorization"), audience)
+        claims = rt.verifier.verify(request.headers.get("Authorization"), audience)
     except AuthError as exc:
         log.info("JWT rejected: %s", exc.reason)  # the reason is for operators; the client gets none
         raise Unauthorized("Unauthorized") from None
+    return Client(claims["iss"])
 
 
 def get_service(service_id: str):
@@ -61,13 +64,14 @@ def discovery():
 
 @bp.post("/cds-services/<service_id>")
 def hook(service_id: str):
-    authenticate()
+    client = authenticate()
     service = get_service(service_id)
     rt = runtime()
     body = validate_request(read_json(), service, rt.validators)
     logs.set_hook_instance(body["hookInstance"])  # on every log line from here on
     trace = rt.settings.debug_trace
-    result = call_service(service, body, rulebook=rt.rulebook, store=rt.store, settings=rt.settings, trace=trace)
+    result = call_service(service, body, rulebook=rt.rulebook, store=rt.store, settings=rt.settings, trace=trace,
+                          client=client)
     metrics.hook_result(result)  # counts cards; the line per hook call is logged after the response
     if trace:  # CDS_DEBUG_TRACE: the explain report (codes and resource ids; no names, no patient id)
         log.info("explain %s", json.dumps(explain_report(result, rt.rulebook, service.hook), default=str))
@@ -76,7 +80,7 @@ def hook(service_id: str):
 
 @bp.post("/cds-services/<service_id>/feedback")
 def feedback(service_id: str):
-    authenticate()
+    client = authenticate()  # noqa: F841 (feedback is to be kept per client)
     service = get_service(service_id)
     rt = runtime()
     body = read_json()

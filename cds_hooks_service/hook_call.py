@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from .cards import info_card, markdown_escape, render_card
+from .clients import OPEN_CLIENT, Client
 from .engine import Finding, HookContext, PatientRecord, draft_facts, evaluate_rule, triggered
 from .errors import BadRequest, PreconditionFailed
 from .facts import Normaliser
@@ -77,7 +78,8 @@ def suppression_key(secret: bytes, body: dict, finding: Finding) -> str:
 
 
 def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store: FeedbackStore | None, settings,
-                 now: datetime | None = None, trace: bool = False, session=None) -> HookResult:
+                 now: datetime | None = None, trace: bool = False, session=None,
+                 client: Client = OPEN_CLIENT) -> HookResult:
     now = now or settings.fixed_now or datetime.now(timezone.utc)
     context = body["context"]
     normaliser = Normaliser(rulebook.terminology)
