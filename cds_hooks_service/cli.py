@@ -6,6 +6,9 @@
   explain   why each rule fired or not for one hook request (a JSON file)
   replay    how many cards each rule would fire over a folder of recorded hook requests
   stats     cards issued, accepted and overridden per rule, with top override reasons
+  init      copy the shipped rules and cards to a folder for a site to edit
+  db        `db upgrade`: bring the database to this version's schema; `db current`
+  examples  `examples send FILE`: post an example to the service; `examples load`: examples into a FHIR server
 """
 from __future__ import annotations
 
@@ -209,5 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--days", type=int, help="only cards issued in the last N days")
     p.set_defaults(func=cmd_stats)
+    from . import examples, migrations, site_init  # commands defined in their own modules
+    for module in (site_init, migrations, examples):
+        module.register(sub)
     args = parser.parse_args(argv)
     return args.func(args)

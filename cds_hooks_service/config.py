@@ -10,6 +10,20 @@ from pathlib import Path
 from .facts import parse_time
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+APP_NAME = "cds-hooks-service"
+
+
+def shipped_dir(name: str) -> Path:
+    """The shipped ``rules`` or ``cards``: package data in an installed wheel, the top-level folder in a checkout."""
+    packaged = Path(__file__).resolve().parent / name
+    return packaged if packaged.is_dir() else REPO_ROOT / name
+
+
+def default_instance_dir() -> Path:
+    """Local state (SQLite file, generated key): CDS_INSTANCE_DIR, else the user's data directory."""
+    from platformdirs import user_data_path
+
+    return Path(os.environ.get("CDS_INSTANCE_DIR") or user_data_path(APP_NAME, appauthor=False))
 
 
 def _float(name: str, default: float) -> float:
@@ -22,8 +36,8 @@ def _float(name: str, default: float) -> float:
 
 @dataclass
 class Settings:
-    rules_dir: Path = REPO_ROOT / "rules"
-    cards_dir: Path = REPO_ROOT / "cards"
+    rules_dir: Path = field(default_factory=lambda: shipped_dir("rules"))
+    cards_dir: Path = field(default_factory=lambda: shipped_dir("cards"))
     rules_local_dir: Path | None = None
     rules_poll_seconds: float = 2.0  # how often a running service checks the rule files for changes; 0: SIGHUP only
     database_url: str = ""
@@ -37,15 +51,15 @@ class Settings:
     suppression_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     fixed_now: datetime | None = None  # demos and tests only
     debug_trace: bool = False
-    instance_dir: Path = REPO_ROOT / "instance"
+    instance_dir: Path = field(default_factory=default_instance_dir)
     admin_token: str | None = None  # GET /admin (rule performance page); unset = page disabled
     metrics_token: str | None = None  # GET /metrics needs it as a Bearer token; unset = open
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
         env = os.environ
-        instance_dir = Path(env.get("CDS_INSTANCE_DIR") or REPO_ROOT / "instance")
-        rules_dir = Path(env.get("CDS_RULES_DIR") or REPO_ROOT / "rules")
+        instance_dir = default_instance_dir()
+        rules_dir = Path(env["CDS_RULES_DIR"]) if env.get("CDS_RULES_DIR") else shipped_dir("rules")
         fixed_now = None
         if env.get("CDS_FIXED_NOW"):
             fixed_now = parse_time(env["CDS_FIXED_NOW"])
@@ -53,7 +67,8 @@ class Settings:
                 raise ValueError(f"CDS_FIXED_NOW is not an ISO date-time: {env['CDS_FIXED_NOW']!r}")
         settings = cls(
             rules_dir=rules_dir,
-            cards_dir=Path(env.get("CDS_CARDS_DIR") or rules_dir.parent / "cards"),
+            cards_dir=Path(env.get("CDS_CARDS_DIR") or (rules_dir.parent / "cards" if env.get("CDS_RULES_DIR")
+                                                          else shipped_dir("cards"))),
             rules_local_dir=Path(env["CDS_RULES_LOCAL_DIR"]) if env.get("CDS_RULES_LOCAL_DIR") else None,
             rules_poll_seconds=_float("CDS_RULES_POLL_SECONDS", 2.0),
             database_url=env.get("DATABASE_URL") or f"sqlite:///{instance_dir / 'cds-hooks.sqlite3'}",

@@ -46,7 +46,7 @@ from typing import Iterable
 
 from sqlalchemy import (
     Boolean, bindparam, Column, DateTime, Index, Integer, MetaData, String, Table, Text,
-    UniqueConstraint, create_engine, event, func, inspect, select, text,
+    UniqueConstraint, create_engine, event, func, select, text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
@@ -195,14 +195,10 @@ class FeedbackStore:
         with self._write() as conn:
             if self.dialect == "postgresql":  # serialise concurrent create_all
                 conn.execute(text("SELECT pg_advisory_xact_lock(7345012261)"))
-            new_override_table = not inspect(conn).has_table(override.name)
-            metadata.create_all(conn)
-            if new_override_table:  # a store made before cds_override existed: index its overrides
-                conn.execute(override.insert().from_select(
-                    ["card_uuid", "suppression_key", "issued_at"],
-                    select(issued_card.c.card_uuid, issued_card.c.suppression_key, issued_card.c.issued_at)
-                    .where(issued_card.c.card_uuid.in_(
-                        select(feedback.c.card_uuid).where(feedback.c.outcome == "overridden")))))
+            # an empty database is created at the newest schema revision; an older one is refused with the
+            # command to run (`cds-hooks-service db upgrade`: migrations/, which also backfills cds_override)
+            from .migrations import prepare_schema
+            prepare_schema(conn, metadata)
 
     @contextlib.contextmanager
     def _write(self):

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import MetaData, func, select
 
+from cds_hooks_service.migrations import SchemaVersionError, upgrade
 from cds_hooks_service.store import FeedbackStore, IssuedCard, feedback, override
 
 UTC = timezone.utc
@@ -181,7 +182,11 @@ def test_a_store_made_before_the_override_table_gets_its_overrides_indexed(store
     old.record_feedback("med-safety", [fb(c.card_uuid, "overridden", code="x")])
     with old.engine.begin() as conn:
         override.drop(conn)  # what a store of the previous version looks like
+        conn.exec_driver_sql("DROP TABLE alembic_version")  # (made before schema versions were recorded)
     old.close()
+    with pytest.raises(SchemaVersionError, match="cds-hooks-service db upgrade"):
+        FeedbackStore(store_url)
+    upgrade(store_url)  # the baseline migration fills cds_override from the recorded overrides
     store = FeedbackStore(store_url)
     try:
         assert store.overridden_keys(["k-old-store"], T0 - timedelta(days=1)) == {"k-old-store"}

@@ -1,0 +1,126 @@
+"""Schema migrations (Alembic, cds_hooks_service/migrations/): a store made by the code before migrations
+(tests/fixtures/store-before-migrations/, with rows written by that code) is refused at start with the command
+to run, and `cds-hooks-service db upgrade` brings it to the newest revision without losing a row; the newest
+revision is exactly store.py's metadata; a database from a newer version is refused."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, func, select, text
+
+from cds_hooks_service.cli import main as cli
+from cds_hooks_service.migrations import SchemaVersionError, current_revision, head_revision, upgrade
+from cds_hooks_service.store import FeedbackStore, _normalise_url, metadata
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "store-before-migrations"
+UTC = timezone.utc
+TABLES = ("cds_issued_card", "cds_feedback", "cds_override", "cds_used_jti")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    return request.getfixturevalue("fresh_postgres_url")
+
+
+def _execute_script(url: str, sql: str) -> None:
+    engine = create_engine(_normalise_url(url))
+    try:
+        with engine.begin() as conn:
+            for statement in sql.split(";\n"):
+                lines = [line for line in statement.splitlines() if not line.startswith("--")]
+                if "".join(lines).strip():
+                    conn.exec_driver_sql("\n".join(lines))
+    finally:
+        engine.dispose()
+
+
+def _counts(url: str) -> dict[str, int]:
+    engine = create_engine(_normalise_url(url))
+    try:
+        with engine.connect() as conn:
+            return {t: conn.execute(select(func.count()).select_from(text(t))).scalar_one() for t in TABLES}
+    finally:
+        engine.dispose()
+
+
+def _schema_diff(url: str) -> list:
+    engine = create_engine(_normalise_url(url))
+    try:
+        with engine.connect() as conn:
+            return compare_metadata(MigrationContext.configure(conn), metadata)
+    finally:
+        engine.dispose()
+
+
+def test_a_store_from_before_migrations_is_refused_then_upgraded_without_losing_rows(db_url, monkeypatch, capsys):
+    dialect = "sqlite" if db_url.startswith("sqlite") else "postgresql"
+    _execute_script(db_url, (FIXTURES / f"{dialect}.sql").read_text())
+    before = _counts(db_url)
+    assert before == {"cds_issued_card": 3, "cds_feedback": 2, "cds_override": 1, "cds_used_jti": 1}
+
+    with pytest.raises(SchemaVersionError, match="run `cds-hooks-service db upgrade`"):
+        FeedbackStore(db_url)
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    assert cli(["db", "current"]) == 1
+    assert "run `cds-hooks-service db upgrade`" in capsys.readouterr().out
+    assert cli(["db", "upgrade"]) == 0
+    assert f"none recorded -> {head_revision()}" in capsys.readouterr().out
+    assert cli(["db", "upgrade"]) == 0  # a second run changes nothing
+    assert "already at the newest revision" in capsys.readouterr().out
+
+    after = _counts(db_url)
+    assert all(after[t] >= before[t] for t in TABLES), (before, after)  # no row lost
+    assert _schema_diff(db_url) == []
+    store = FeedbackStore(db_url)
+    try:
+        # the old rows still work: the override suppresses, the jti stays used, stats count the old cards
+        assert store.overridden_keys(["key-0", "key-1"], datetime(2026, 11, 29, tzinfo=UTC)) == {"key-0"}
+        assert store.use_jti("jti-from-before", datetime(2099, 1, 1, tzinfo=UTC)) is False
+        stats = {r["rule_id"]: r for r in store.stats()}
+        assert stats["dhe-triptan-ergot-24h"]["issued"] == 2 and stats["dhe-triptan-ergot-24h"]["overridden"] == 1
+        assert stats["opioid-in-migraine"]["accepted"] == 1
+        assert stats["dhe-triptan-ergot-24h"]["top_override_reasons"][0]["code"] == "benefit-outweighs-risk"
+        # and new rows go in beside them (PostgreSQL: the id sequence continues)
+        assert store.record_feedback("migraine-med-safety-sign", [{
+            "card": "00000000-0000-4000-8000-000000000002", "outcome": "accepted",
+            "outcomeTimestamp": "2026-11-30T10:09:00Z"}]) == 1
+    finally:
+        store.close()
+    assert _counts(db_url)["cds_feedback"] == 3
+
+
+def test_a_new_database_is_created_at_the_newest_revision_and_matches_the_metadata(db_url):
+    FeedbackStore(db_url).close()
+    assert current_revision(db_url) == head_revision()
+    assert _schema_diff(db_url) == []
+
+
+def test_the_migrations_build_exactly_the_schema_of_store_py(db_url):
+    """An empty database upgraded revision by revision ends with store.py's tables, columns and indexes: a change
+    to store.py's metadata without a migration fails here."""
+    assert upgrade(db_url) == (None, head_revision())
+    assert _schema_diff(db_url) == []
+    FeedbackStore(db_url).close()  # and the service accepts it
+
+
+def test_a_database_from_a_newer_version_is_refused(db_url):
+    FeedbackStore(db_url).close()
+    engine = create_engine(_normalise_url(db_url))
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed0099'"))
+    engine.dispose()
+    with pytest.raises(SchemaVersionError, match="does not know.*newer version"):
+        FeedbackStore(db_url)
+
+
+def test_db_upgrade_reports_an_unreachable_database_in_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    assert cli(["db", "upgrade"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: OperationalError") and "\n" not in err
