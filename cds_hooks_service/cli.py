@@ -19,7 +19,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from .config import REPO_ROOT, Settings
+from .config import Settings, shipped_dir
 
 
 def _rules_args(p: argparse.ArgumentParser, *, positional: bool = True) -> None:
@@ -54,7 +54,7 @@ def cmd_serve(args) -> int:
 
     os.environ.setdefault("PORT", str(args.port))
     os.environ.setdefault("HOST", args.host)
-    sys.argv = ["gunicorn", "--config", str(REPO_ROOT / "gunicorn.conf.py"),
+    sys.argv = ["gunicorn", "--config", str(shipped_dir("gunicorn.conf.py")),
                 "--bind", f"{args.host}:{args.port}", "cds_hooks_service:create_app()"]
     if args.workers:
         sys.argv[3:3] = ["--workers", str(args.workers)]

@@ -13,10 +13,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "cds-hooks-service"
 
 
+_PACKAGED = {"rules": "rules", "cards": "cards", "gunicorn.conf.py": "server_config/gunicorn.conf.py"}
+
+
 def shipped_dir(name: str) -> Path:
-    """The shipped ``rules`` or ``cards``: package data in an installed wheel, the top-level folder in a checkout."""
-    packaged = Path(__file__).resolve().parent / name
-    return packaged if packaged.is_dir() else REPO_ROOT / name
+    """The shipped ``rules``, ``cards`` or ``gunicorn.conf.py``: package data in an installed wheel (the build maps
+    them into the package, see pyproject.toml), the top-level file or folder in a source checkout."""
+    packaged = Path(__file__).resolve().parent / _PACKAGED[name]
+    return packaged if packaged.exists() else REPO_ROOT / name
 
 
 def default_instance_dir() -> Path:
