@@ -8,8 +8,10 @@ For every scenario of every rule:
   fhir_examples/<rule>/<scenario>.order-sign.json
 and one fhir_examples/<rule>/expected.json: what the rule must do in each (fire / no-fire / suppressed).
 
-The examples use the scenarios' clock (e.g. 2026-03-01T12:00:00Z): run the service with
-CDS_FIXED_NOW set to it when you post them, or the time windows will have passed.
+Every example is its own patient: id ``<rule>-<nn>``, a name, its own encounter, and resource ids prefixed with
+the patient id, so all of them can be loaded into one FHIR server. hookInstance is a UUID (fixed per file).
+The files are written at the scenario's clock (``now`` in expected.json, e.g. 2026-03-01T12:00:00Z);
+`cds-hooks-service examples send` / `examples load` shift every time to the real now (cds_hooks_service/examples.py).
 Usage: python tools/build_examples.py [--check]   (--check: exit 1 if the files are out of date)
 """
 from __future__ import annotations
@@ -17,21 +19,84 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cds_hooks_service.rulebook import load_rulebook  # noqa: E402
-from cds_hooks_service.scenarios import PATIENT_ID, _slug, load_scenarios, scenario_file  # noqa: E402
+from cds_hooks_service.scenarios import ENCOUNTER_ID, PATIENT_ID, _slug, load_scenarios, scenario_file  # noqa: E402
+
+GIVEN_NAMES = ["Ada", "Bea", "Cleo", "Dana", "Edie", "Faye", "Gina", "Hana", "Iris", "June", "Kira", "Lena",
+               "Mara", "Nina", "Olga", "Pia", "Rosa", "Sara", "Tess", "Uma", "Vera", "Wren", "Yara", "Zoe"]
+FAMILY_NAMES = {"opioid-in-migraine": "Opioidtest", "dhe-triptan-ergot-24h": "Triptantest",
+                "dhe-cyp3a4-inhibitor": "Inhibitortest", "dhe-vasopressor": "Pressortest",
+                "dhe-contraindicated-condition": "Conditiontest", "ketamine-non-refractory-migraine": "Ketaminetest"}
 
 
-def transaction_bundle(resources: list[dict]) -> dict:
+def _uuid(*parts: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "cds-hooks-service/fhir_examples/" + "/".join(parts)))
+
+
+class Identity:
+    """The ids and name of one example: patient ``<rule>-<nn>``, its encounter, its resources' ids prefixed."""
+
+    def __init__(self, rule_id: str, number: int, ids: set[str]):
+        self.patient_id = f"{rule_id}-{number:02d}"
+        given = GIVEN_NAMES[(number - 1) % len(GIVEN_NAMES)]
+        if number > len(GIVEN_NAMES):
+            given += f" {number}"
+        family = FAMILY_NAMES.get(rule_id) or rule_id.split("-")[0].capitalize() + "test"
+        self.name = [{"use": "official", "family": family, "given": [given]}]
+        self.ids = {PATIENT_ID: self.patient_id, ENCOUNTER_ID: f"{self.patient_id}-enc"}
+        self.ids.update({i: f"{self.patient_id}-{i}" for i in ids})
+
+    def reference(self, ref: str) -> str:
+        kind, _, rid = ref.partition("/")
+        return f"{kind}/{self.ids[rid]}" if rid in self.ids else ref
+
+    def apply(self, doc):
+        """The document with the example's ids: resource ids, references, selections, context ids."""
+        if isinstance(doc, list):
+            return [self.apply(v) for v in doc]
+        if not isinstance(doc, dict):
+            return doc
+        out = {}
+        for key, value in doc.items():
+            if key == "id" and "resourceType" in doc and isinstance(value, str) and value in self.ids:
+                out[key] = self.ids[value]
+            elif key == "reference" and isinstance(value, str):
+                out[key] = self.reference(value)
+            elif key == "selections" and isinstance(value, list):
+                out[key] = [self.reference(v) for v in value]
+            elif key in ("patientId", "encounterId") and isinstance(value, str):
+                out[key] = self.ids.get(value, value)
+            elif key == "fullUrl" and isinstance(value, str) and value.startswith("urn:uuid:"):
+                out[key] = "urn:uuid:" + _uuid(self.patient_id, value[len("urn:uuid:"):])
+            else:
+                out[key] = self.apply(value)
+        if out.get("resourceType") == "Patient" and out.get("id") == self.patient_id:
+            out["name"] = self.name
+        return out
+
+
+def transaction_bundle(identity: Identity, resources: list[dict], now: str) -> dict:
     patient = {"resourceType": "Patient", "id": PATIENT_ID, "gender": "female", "birthDate": "1985-04-12"}
-    return {"resourceType": "Bundle", "type": "transaction", "entry": [
+    encounter = {"resourceType": "Encounter", "id": ENCOUNTER_ID, "status": "in-progress",
+                 "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER",
+                           "display": "emergency"},
+                 "subject": {"reference": f"Patient/{PATIENT_ID}"}, "period": {"start": now}}
+    return identity.apply({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": f"urn:uuid:{r['resourceType']}-{r['id']}", "resource": r,
          "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
-        for r in [patient] + resources]}
+        for r in [patient, encounter] + resources]})
+
+
+def _request_url_ids(bundle: dict) -> dict:
+    for entry in bundle["entry"]:  # the PUT url names the resource's (new) id
+        entry["request"]["url"] = f"{entry['resource']['resourceType']}/{entry['resource']['id']}"
+    return bundle
 
 
 def build() -> dict[Path, str]:
@@ -42,18 +107,24 @@ def build() -> dict[Path, str]:
         if not path.exists():
             continue
         expected = {"rule": rule.id, "now": None, "examples": []}
-        for sc in load_scenarios(path, rule.id):
+        for number, sc in enumerate(load_scenarios(path, rule.id), start=1):
             slug = _slug(sc.name)
-            expected["now"] = expected["now"] or sc.now.isoformat().replace("+00:00", "Z")
-            entry = {"name": sc.name, "files": {}, "expect": sc.expect,
-                     "now": sc.now.isoformat().replace("+00:00", "Z")}
+            now = sc.now.isoformat().replace("+00:00", "Z")
+            expected["now"] = expected["now"] or now
+            identity = Identity(rule.id, number, {r["id"] for r in sc.record + sc.drafts})
+            entry = {"name": sc.name, "patient": identity.patient_id,
+                     "patientName": f"{identity.name[0]['given'][0]} {identity.name[0]['family']}",
+                     "files": {}, "expect": sc.expect, "now": now}
             if sc.indicator:
                 entry["indicator"] = sc.indicator
             base = REPO / "fhir_examples" / rule.id
-            files[base / f"{slug}.bundle.json"] = _dump(transaction_bundle(sc.record))
+            files[base / f"{slug}.bundle.json"] = _dump(_request_url_ids(transaction_bundle(identity, sc.record, now)))
             entry["files"]["bundle"] = f"{slug}.bundle.json"
             for hook in ([sc.hook] if sc.hook else sorted(rule.hooks)):
-                files[base / f"{slug}.{hook}.json"] = _dump(sc.request(hook))
+                request = identity.apply(sc.request(hook))
+                request["hookInstance"] = _uuid(rule.id, slug, hook)
+                request["prefetch"]["patient"]["name"] = identity.name
+                files[base / f"{slug}.{hook}.json"] = _dump(request)
                 entry["files"][hook] = f"{slug}.{hook}.json"
             expected["examples"].append(entry)
         files[REPO / "fhir_examples" / rule.id / "expected.json"] = _dump(expected)
