@@ -94,7 +94,8 @@ def test_explain_shows_the_drug_chain_and_each_check(capsys):
     out = capsys.readouterr().out
     assert "named in the order text (hydromorphone" in out  # text-only draft: recognised by name
     assert "in value sets rx-opioids" in out
-    assert "opioid-in-migraine on MedicationRequest/draft-1: FIRED [warning]" in out
+    draft_id = json.loads(EXAMPLE.read_text())["context"]["draftOrders"]["entry"][0]["resource"]["id"]
+    assert f"opioid-in-migraine on MedicationRequest/{draft_id}: FIRED [warning]" in out
     assert "+ headache-diagnosis" in out and "- other-order-reason" in out
     assert "not triggered" in out  # e.g. the ketamine rule
 
