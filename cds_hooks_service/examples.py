@@ -6,6 +6,7 @@ Each example was written at its scenario's clock (``now`` in ``fhir_examples/<ru
 
   cds-hooks-service examples send FILE [--url URL] [--fhir-server BASE]   post one request, print the cards
   cds-hooks-service examples load --fhir-server BASE [--rule ID]         PUT every example patient's record
+  cds-hooks-service examples list [--rule ID]                             rule, patient id and name, expectation
 """
 from __future__ import annotations
 
@@ -164,6 +165,19 @@ def cmd_load(args) -> int:
     return 0
 
 
+def cmd_list(args) -> int:
+    rows = [e for e in examples(args.dir) if not args.rule or e.rule_id in args.rule]
+    if not rows:
+        print(f"error: no examples under {args.dir or default_dir()}", file=sys.stderr)
+        return 2
+    for e in rows:
+        bundle = json.loads(e.files["bundle"].read_text(encoding="utf-8")) if "bundle" in e.files else {"entry": []}
+        patient = next((x["resource"] for x in bundle["entry"] if x["resource"]["resourceType"] == "Patient"), {})
+        name = " ".join([*(patient.get("name") or [{}])[0].get("given", []), (patient.get("name") or [{}])[0].get("family", "")])
+        print(f"{e.rule_id:34} {patient.get('id', '?'):36} {name:22} {e.expect:10} {e.name}")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("examples", help="send an example request, or load the example patients into a FHIR server")
     examples_sub = p.add_subparsers(dest="examples_command", required=True)
@@ -180,3 +194,7 @@ def register(sub) -> None:
     s.add_argument("--rule", action="append", help="only this rule's examples (repeatable)")
     s.add_argument("--token", help="bearer token for the FHIR server")
     s.set_defaults(func=cmd_load)
+    s = examples_sub.add_parser("list", help="every example: rule, patient id and name, expected outcome")
+    s.add_argument("--dir", type=Path, help="the examples folder (default: ./fhir_examples or the checkout's)")
+    s.add_argument("--rule", action="append", help="only this rule's examples (repeatable)")
+    s.set_defaults(func=cmd_list)

@@ -108,6 +108,13 @@ def test_an_unshifted_example_would_not_fire_today(make_app):
     assert ex.rule_id not in topics(response)
 
 
+def test_examples_list_names_every_patient(capsys):
+    assert cli(["examples", "list", "--dir", str(EXAMPLES)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(ALL)
+    assert any(line.split()[:2] == ["opioid-in-migraine", "opioid-in-migraine-01"] for line in lines)
+
+
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*/*.bundle.json")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_example_bundles_are_valid_fhir_r4(path):
     Bundle.model_validate(json.loads(path.read_text()))
