@@ -138,6 +138,45 @@ def test_examples_load_puts_every_patient_in_a_fhir_server_and_the_service_reads
         assert (ex.rule_id in topics(response)) == (ex.expect == "fire"), (ex.name, topics(response))
 
 
+# The README's "Which examples the Sandbox can reach" table: the patient, and a product of the Sandbox's drug list
+SANDBOX_ORDERS = {
+    "opioid-in-migraine-01": ("1049502", "12 HR Oxycodone Hydrochloride 10 MG Extended Release Oral Tablet"),
+    "dhe-triptan-ergot-24h-08": ("1163613", "Sumatriptan Pill"),
+    "dhe-cyp3a4-inhibitor-10": ("201896", "Ketoconazole 200 MG Oral Tablet [Nizoral]"),
+    "dhe-vasopressor-09": ("996721", "Pseudoephedrine Hydrochloride 60 MG"),
+}
+
+
+def _readme_sandbox_rows() -> dict[str, str]:
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("**Which examples the Sandbox can reach.**", 1)[1].split("\n\n", 2)[1]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].split("`")[1]] = cells[2].split("`")[1]
+    return rows
+
+
+@pytest.mark.slow
+def test_the_readmes_sandbox_examples_fire_from_a_sandbox_shaped_order(open_fhir_server, make_app, capsys):
+    """After `examples load`, ordering the listed product from the Sandbox's list for the listed patient (a
+    Sandbox-shaped order-select: no prefetch, the record read from the FHIR server) gives the listed card."""
+    from tests.sandbox_client import order_select_request
+
+    rows = _readme_sandbox_rows()
+    assert set(rows) == set(SANDBOX_ORDERS)
+    rules = sorted({ex.rule_id for ex in ALL if ex.files["bundle"] and any(p.startswith(ex.rule_id) for p in rows)})
+    assert cli(["examples", "load", "--fhir-server", open_fhir_server.base_url, "--dir", str(EXAMPLES),
+                *[arg for rule in rules for arg in ("--rule", rule)]]) == 0
+    capsys.readouterr()
+    client = make_app(fixed_now=None).test_client()
+    for patient, rule in rows.items():
+        code, display = SANDBOX_ORDERS[patient]
+        body = order_select_request(patient, code, display, fhir_server=open_fhir_server.base_url)
+        response = client.post(URL["order-select"], json=body).get_json()
+        assert rule in topics(response), (patient, response)
+
+
 @pytest.mark.slow
 def test_examples_send_posts_to_the_running_service_and_prints_the_cards(tmp_path, capsys):
     ex = next(e for e in ALL if e.rule_id == "opioid-in-migraine" and e.expect == "fire")
