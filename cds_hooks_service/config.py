@@ -13,11 +13,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "cds-hooks-service"
 
 
-_PACKAGED = {"rules": "rules", "cards": "cards", "gunicorn.conf.py": "server_config/gunicorn.conf.py"}
+_PACKAGED = {"rules": "rules", "cards": "cards", "fhir_examples": "fhir_examples",
+             "gunicorn.conf.py": "server_config/gunicorn.conf.py"}
 
 
 def shipped_dir(name: str) -> Path:
-    """The shipped ``rules``, ``cards`` or ``gunicorn.conf.py``: package data in an installed wheel (the build maps
+    """The shipped ``rules``, ``cards``, ``fhir_examples`` or ``gunicorn.conf.py``: package data in an installed wheel (the build maps
     them into the package, see pyproject.toml), the top-level file or folder in a source checkout."""
     packaged = Path(__file__).resolve().parent / _PACKAGED[name]
     return packaged if packaged.exists() else REPO_ROOT / name

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 
-from .config import REPO_ROOT
+from .config import shipped_dir
 from .facts import parse_time
 
 UTC = timezone.utc
@@ -60,8 +60,9 @@ class Example:
 
 
 def default_dir() -> Path:
+    """./fhir_examples when there is one (a checkout), else the examples shipped in the package."""
     here = Path("fhir_examples")
-    return here if here.is_dir() else REPO_ROOT / "fhir_examples"
+    return here if here.is_dir() else shipped_dir("fhir_examples")
 
 
 def examples(root: Path | None = None) -> list[Example]:
@@ -190,11 +191,11 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_send)
     s = examples_sub.add_parser("load", help="PUT every example patient's record into a FHIR R4 server")
     s.add_argument("--fhir-server", required=True, help="FHIR R4 base URL (it must accept transaction Bundles)")
-    s.add_argument("--dir", type=Path, help="the examples folder (default: ./fhir_examples or the checkout's)")
+    s.add_argument("--dir", type=Path, help="the examples folder (default: ./fhir_examples, else the shipped ones)")
     s.add_argument("--rule", action="append", help="only this rule's examples (repeatable)")
     s.add_argument("--token", help="bearer token for the FHIR server")
     s.set_defaults(func=cmd_load)
     s = examples_sub.add_parser("list", help="every example: rule, patient id and name, expected outcome")
-    s.add_argument("--dir", type=Path, help="the examples folder (default: ./fhir_examples or the checkout's)")
+    s.add_argument("--dir", type=Path, help="the examples folder (default: ./fhir_examples, else the shipped ones)")
     s.add_argument("--rule", action="append", help="only this rule's examples (repeatable)")
     s.set_defaults(func=cmd_list)

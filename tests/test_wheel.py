@@ -52,7 +52,9 @@ def test_the_wheel_holds_every_module_and_every_shipped_rule_and_card(installed)
                    if p.is_file() and "__pycache__" not in p.parts}
         assert shipped - names == set(), folder
     assert "cds_hooks_service/server_config/gunicorn.conf.py" in names
-    assert not any(n.startswith(("rules/", "cards/", "tests/")) for n in names)  # nothing outside the package
+    examples = {f"cds_hooks_service/{p.relative_to(REPO).as_posix()}" for p in (REPO / "fhir_examples").glob("*/*.json")}
+    assert examples and examples - names == set()
+    assert not any(n.startswith(("rules/", "cards/", "tests/", "fhir_examples/")) for n in names)  # nothing outside the package
 
 
 def test_the_installed_package_is_used_not_the_checkout(installed):
@@ -69,6 +71,12 @@ def test_validate_and_test_use_the_shipped_rules(installed):
     r = run(installed, "test")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     assert r.stdout.rstrip().endswith(" 0 failed")
+
+
+def test_the_shipped_examples_are_listed(installed):
+    r = run(installed, "examples", "list", "--rule", "opioid-in-migraine")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].split()[:2] == ["opioid-in-migraine", "opioid-in-migraine-01"]
 
 
 def test_init_copies_the_rules_out_for_a_site_to_edit(installed):
