@@ -112,7 +112,8 @@ def test_compose_runs_several_instances_behind_a_load_balancer_on_one_postgresql
     assert services["db"]["image"].startswith("postgres:")
     assert services["migrate"]["command"] == ["cds-hooks-service", "db", "upgrade"]
     assert services["cds"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    assert services["migrate"]["build"] == "." and services["cds"]["image"] == services["migrate"]["image"]
+    assert services["migrate"]["build"] == services["cds"]["build"] == "."  # this Dockerfile
+    assert services["cds"]["image"] == services["migrate"]["image"]
     lb_conf = next(v.split(":")[0] for v in services["lb"]["volumes"] if "nginx" in v)
     nginx = (REPO / lb_conf).read_text()
     assert re.search(r"server\s+cds:8000", nginx) and "proxy_pass http://cds_instances" in nginx
