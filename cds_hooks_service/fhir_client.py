@@ -59,14 +59,12 @@ PLAIN_REASONS = {"unavailable": "the FHIR server could not be reached",
 
 
 def plain_reason(error: Exception) -> str:
-    if isinstance(error, FhirUnavailable) and error.reason.startswith("HTTP "):
-        return PLAIN_REASONS["http_error"]  # 5xx/429: it answered
-    for cls, kind in ((FhirUnavailable, "unavailable"), (FhirUnauthorized, "unauthorized"),
-                      (FhirBadResponse, "bad_response")):
+    reason = error.reason if isinstance(error, FhirError) else ""
+    if reason.startswith(("HTTP ", "server returned OperationOutcome")) or isinstance(error, FhirUnauthorized):
+        return PLAIN_REASONS["http_error"]  # it answered, with an error status or an OperationOutcome
+    for cls, kind in ((FhirUnavailable, "unavailable"), (FhirBadResponse, "bad_response")):
         if isinstance(error, cls):
             return PLAIN_REASONS[kind]
-    if isinstance(error, FhirError) and error.reason.startswith("HTTP "):
-        return PLAIN_REASONS["http_error"]
     return "the FHIR server could not be read"
 
 
