@@ -140,7 +140,13 @@ def trusted_base(fhir_server: object, allowed: Iterable[str]) -> str | None:
         wanted = normalise_base_url(fhir_server)
     except ValueError:
         return None
-    return wanted if wanted in set(allowed) else None
+    for entry in allowed:
+        try:
+            if normalise_base_url(entry) == wanted:
+                return wanted
+        except ValueError:
+            continue
+    return None
 
 
 # ---------------------------------------------------------------- addresses
