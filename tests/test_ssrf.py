@@ -316,3 +316,79 @@ def test_helpers_normalise_and_refuse():
     for bad in ("http://[::1", "", None, "https://x.example/\x00", "javascript:alert(1)"):
         with pytest.raises(ValueError):
             normalise_base_url(bad)
+
+
+# ---------------------------------------------------------------- https: the pinned address keeps SNI and the name check
+
+def _self_signed(tmp_path, name: str):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture
+def tls_fault_server(make_fault_server, tmp_path):
+    """The fault server behind TLS with a certificate for fhir.test (only); records the SNI it was sent."""
+    import ssl
+
+    server = make_fault_server()
+    cert, key = _self_signed(tmp_path, "fhir.test")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.sni = []
+    context.sni_callback = lambda sock, name, ctx: server.sni.append(name)
+    httpd = server._httpd
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    server.ca = cert
+    return server
+
+
+def test_https_to_the_pinned_address_keeps_sni_host_and_certificate_check(tls_fault_server):
+    import requests
+
+    server = tls_fault_server
+    hosts = []
+    server.default = lambda h: (hosts.append(h.headers.get("Host")), h.reply_json(fs.searchset([])))
+    session = requests.Session()
+    session.verify = str(server.ca)  # the test's CA; in service the system's/certifi bundle
+    resolve = _resolver("127.0.0.1")
+    client = FhirClient(f"https://fhir.test:{server.port}/fhir", TOKEN, session=session, resolver=resolve,
+                        private_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+    result = client.search("c", "Condition?patient=x", deadline=time.monotonic() + 3)
+    assert result.pages == 1
+    assert server.sni == ["fhir.test"] and hosts == [f"fhir.test:{server.port}"]
+    assert server.requests[0].authorization == f"Bearer {TOKEN}"
+    assert resolve.calls == [("fhir.test", server.port)]
+
+
+def test_https_certificate_for_another_name_is_refused(tls_fault_server):
+    import requests
+
+    server = tls_fault_server
+    server.default = fs.bundle_of({})
+    session = requests.Session()
+    session.verify = str(server.ca)
+    client = FhirClient(f"https://other.test:{server.port}/fhir", TOKEN, session=session,
+                        resolver=_resolver("127.0.0.1"), private_networks=(ipaddress.ip_network("127.0.0.0/8"),))
+    out = client.fetch_all({"c": "Condition?patient=x"}, budget=2)
+    assert "SSLError" in out["c"].reason  # the technical reason (for the log)
+    from cds_hooks_service.fhir_client import plain_reason
+    assert plain_reason(out["c"]) == "the FHIR server could not be reached"
+    assert server.requests == []  # the token never went out
