@@ -11,46 +11,48 @@ The defined answer, for every fault below:
   time budget `CDS_TIME_BUDGET` plus a small margin, whatever the FHIR server does).
 * For each triggered rule that could not see data it needs and did not fire: an **info card**
   "Check not completed: <rule title>", whose detail names each piece of data that could not be read
-  (`patient_data.DATA_LABELS`) with the reason: "<label>: the FHIR server could not be read (<reason>)".
+  (`patient_data.DATA_LABELS`) with the reason in plain words: "<label>: <plain reason>" (below).
   Never `{"cards": []}` when a check could not run.
 * A card that fires on the draft alone (e.g. an opioid whose order reason is migraine, DHE drafted with
   sumatriptan) still goes out, with "_Not checked, could not be read: <labels>._" appended to its detail.
 * A fault on one key names only that key's data; keys no triggered rule needs are not even fetched.
-* The reason names a class of fault only: no access token, no URL, no patient id. The access token from
-  `fhirAuthorization` is sent to the FHIR server as `Authorization: Bearer <token>`, never to another
-  origin, and appears neither in the response nor in the logs.
+* The card names a class of fault in plain words only (`fhir_client.PLAIN_REASONS`): no status code, no exception
+  name (they made the card a port scanner), no access token, no URL, no patient id. The technical reason goes to
+  the service's log (and the kind to `/metrics`). The access token from `fhirAuthorization` is sent to the FHIR
+  server as `Authorization: Bearer <token>`, never to another origin, and appears neither in the response nor in
+  the logs.
 
-| fault on the FHIR server                                   | reason in the card (`fhir_client.py`)      |
-|------------------------------------------------------------|--------------------------------------------|
-| slower than the time budget (no headers)                   | `time budget exhausted` or `timed out`     |
-| body trickles in slower than the time budget               | `time budget exhausted` or `timed out`     |
-| HTTP 500 / 502 / 503 / 429                                 | `HTTP 500` / `HTTP 502` / `HTTP 503` / `HTTP 429` |
-| HTTP 401 / 403 (token refused)                             | `HTTP 401` / `HTTP 403`                    |
-| redirect (302 to a login page; not followed)               | `HTTP 302`                                 |
-| 404 on a search                                            | `HTTP 404`                                 |
-| 200 with an HTML page (e.g. an SSO login)                  | `body is not a FHIR JSON resource`         |
-| 200, JSON cut short (complete HTTP message)                | `body is not a FHIR JSON resource`         |
-| 200, connection cut before Content-Length bytes            | `truncated or undecodable body`            |
-| 200 with an OperationOutcome instead of a Bundle           | `server returned OperationOutcome: <code>` |
-| a single resource instead of a searchset Bundle            | `expected Bundle, got Condition` (etc.)    |
-| a Bundle of Patients for a Condition search (wrong type)   | `expected Condition entries, got Patient`  |
-| more than 2000 matching entries                            | `more than 2000 entries`                   |
-| body larger than 32 MiB                                    | `response body too large`                  |
-| paging loop (next link = the same page)                    | `paging loop: next link already visited`   |
-| endless paging (always a new next page)                    | `more than 10 pages`                       |
-| next link to another origin (not followed, no token sent)  | `next link points to a different server`   |
-| connection refused (nothing listening)                     | `request failed (ConnectionError)`         |
-| connection closed without an answer                        | `request failed (ConnectionError)`         |
-| only the first page was prefetched, the rest fails         | `only the first page was prefetched and the rest could not be read (<reason>)` |
+| fault on the FHIR server                                   | in the card                  | in the log (`fhir_client.py`)              |
+|------------------------------------------------------------|------------------------------|--------------------------------------------|
+| slower than the time budget (no headers)                   | could not be reached         | `time budget exhausted` or `timed out`     |
+| body trickles in slower than the time budget               | could not be reached         | `time budget exhausted` or `timed out`     |
+| HTTP 500 / 502 / 503 / 429                                 | answered with an error       | `HTTP 500` / `HTTP 502` / `HTTP 503` / `HTTP 429` |
+| HTTP 401 / 403 (token refused)                             | answered with an error       | `HTTP 401` / `HTTP 403`                    |
+| redirect (302 to a login page; not followed)               | answered with an error       | `HTTP 302`                                 |
+| 404 on a search                                            | answered with an error       | `HTTP 404`                                 |
+| 200 with an OperationOutcome instead of a Bundle           | answered with an error       | `server returned OperationOutcome: <code>` |
+| 200 with an HTML page (e.g. an SSO login)                  | an answer that could not be used | `body is not a FHIR JSON resource`     |
+| 200, JSON cut short (complete HTTP message)                | an answer that could not be used | `body is not a FHIR JSON resource`     |
+| 200, connection cut before Content-Length bytes            | an answer that could not be used | `truncated or undecodable body`        |
+| a single resource instead of a searchset Bundle            | an answer that could not be used | `expected Bundle, got Condition` (etc.) |
+| a Bundle of Patients for a Condition search (wrong type)   | an answer that could not be used | `expected Condition entries, got Patient` |
+| more than 2000 matching entries                            | an answer that could not be used | `more than 2000 entries`               |
+| body larger than 32 MiB                                    | an answer that could not be used | `response body too large`              |
+| paging loop (next link = the same page)                    | an answer that could not be used | `paging loop: next link already visited` |
+| endless paging (always a new next page)                    | an answer that could not be used | `more than 10 pages`                   |
+| next link to another origin (not followed, no token sent)  | an answer that could not be used | `next link points to a different server` |
+| connection refused (nothing listening)                     | could not be reached         | `request failed (ConnectionError)`         |
+| connection closed without an answer                        | could not be reached         | `request failed (ConnectionError)`         |
+| only the first page was prefetched, the rest fails         | `only the first page was prefetched and the rest could not be read: <plain reason>` | |
 
-The request without `fhirServer` (data neither prefetched nor readable) is the one case answered 412; it is
-tested in test_api.py, not here.
+Every fault server here is on the app's FHIR server allowlist (`fhir_servers`, i.e. CDS_FHIR_SERVERS); a server
+not on it is never contacted (tests/test_ssrf.py). The requests answered 412 (data neither prefetched nor
+readable: no `fhirServer`, or one not trusted for the client) are tested in test_api.py and test_ssrf.py.
 """
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
