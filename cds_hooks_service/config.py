@@ -28,6 +28,15 @@ def _positive_int(name: str, default: int) -> int:
     return int(value)
 
 
+def _readable_file(name: str) -> str | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    if not os.path.isfile(value) or not os.access(value, os.R_OK):
+        raise ValueError(f"{name} must name a readable file, got {value!r}")
+    return value
+
+
 @dataclass
 class Settings:
     rules_dir: Path = REPO_ROOT / "rules"
@@ -50,6 +59,7 @@ class Settings:
     metrics_token: str | None = None  # GET /metrics needs it as a Bearer token; unset = open
     fhir_servers: tuple[str, ...] = ()  # open mode: the FHIR base URLs a request may name (CDS_FHIR_SERVERS)
     fhir_private_networks: tuple = ()  # CIDRs a FHIR server's address may be in (CDS_FHIR_PRIVATE_NETWORKS)
+    fhir_ca_bundle: str | None = None  # CA certificates (PEM file) for the FHIR servers; unset: certifi's bundle
     fhir_max_concurrency: int = 16  # FHIR reads running at once per process (CDS_FHIR_MAX_CONCURRENCY)
     jwt_max_lifetime: float = 300.0  # a JWT's exp may be at most this many seconds after its iat
 
@@ -84,6 +94,7 @@ class Settings:
             metrics_token=(env.get("CDS_METRICS_TOKEN") or None),
             fhir_servers=parse_server_list(env.get("CDS_FHIR_SERVERS")),
             fhir_private_networks=parse_networks(env.get("CDS_FHIR_PRIVATE_NETWORKS")),
+            fhir_ca_bundle=_readable_file("CDS_FHIR_CA_BUNDLE"),
             fhir_max_concurrency=_positive_int("CDS_FHIR_MAX_CONCURRENCY", 16),
             jwt_max_lifetime=_float("CDS_JWT_MAX_LIFETIME", 300.0),
         )

@@ -96,7 +96,8 @@ class FhirClient:
 
     def __init__(self, base_url: str, access_token: str | None = None, *, session: requests.Session | None = None,
                  connect_timeout: float = 0.5, read_timeout: float = 1.0, max_pages: int = 10,
-                 max_entries: int = 2000, private_networks: tuple = (), resolver: Resolver | None = None):
+                 max_entries: int = 2000, private_networks: tuple = (), resolver: Resolver | None = None,
+                 ca_bundle: str | None = None):
         self.target: Target = parse_target(base_url)  # ValueError: not an http(s) URL
         self.base_url = self.target.base_url
         self._headers = {"Accept": "application/fhir+json"}
@@ -104,6 +105,8 @@ class FhirClient:
             self._headers["Authorization"] = f"Bearer {access_token}"
         self.session = session or _new_session()
         self.session.trust_env = False  # also for a session passed in: no netrc, no proxies from the environment
+        if ca_bundle:
+            self.session.verify = ca_bundle  # CDS_FHIR_CA_BUNDLE: e.g. the hospital's internal CA
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.max_pages, self.max_entries = max_pages, max_entries
         self._networks, self._resolver = tuple(private_networks), resolver

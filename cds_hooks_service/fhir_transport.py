@@ -160,10 +160,10 @@ _pools_lock = threading.Lock()
 MAX_POOLS = 32
 
 
-def _pool_for(target: Target, ip: str) -> HTTPConnectionPool:
-    """One keep-alive pool per (scheme, host, port, address): connections are only reused for the address
-    they were opened to."""
-    key = (target.scheme, target.host, target.port, ip, os.getpid())
+def _pool_for(target: Target, ip: str, verify: object = True) -> HTTPConnectionPool:
+    """One keep-alive pool per (scheme, host, port, address, certificate check): a connection is only reused
+    for the address it was opened to and under the CA bundle that verified it."""
+    key = (target.scheme, target.host, target.port, ip, str(verify), os.getpid())
     with _pools_lock:
         pool = _pools.get(key)
         if pool is not None:
@@ -182,6 +182,10 @@ class RequestRefused(Exception):
     """The request URL does not name the pinned server."""
 
 
+if not hasattr(HTTPAdapter, "get_connection_with_tls_context"):  # the hook this adapter pins the address with
+    raise ImportError("requests >= 2.32.2 is required (HTTPAdapter.get_connection_with_tls_context)")
+
+
 class PinnedAdapter(HTTPAdapter):
     """A requests adapter that sends everything to one checked address of one FHIR server."""
 
@@ -190,10 +194,7 @@ class PinnedAdapter(HTTPAdapter):
         self.target, self.ip = target, ip
 
     def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
-        return _pool_for(self.target, self.ip)
-
-    def get_connection(self, url, proxies=None):  # older requests
-        return _pool_for(self.target, self.ip)
+        return _pool_for(self.target, self.ip, verify)
 
     def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
         try:

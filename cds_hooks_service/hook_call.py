@@ -102,7 +102,8 @@ def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store: 
     needs = set().union(*(rule.needs for rule, _ in live))
     data = gather(needs, body, budget=settings.time_budget, connect_timeout=settings.fhir_connect_timeout,
                   read_timeout=settings.fhir_read_timeout, session=session, allowed_servers=client.fhir_servers,
-                  private_networks=getattr(settings, "fhir_private_networks", ()))
+                  private_networks=getattr(settings, "fhir_private_networks", ()),
+                  ca_bundle=getattr(settings, "fhir_ca_bundle", None))
     untrusted = sorted(k for k, why in data.unavailable.items() if why == UNTRUSTED_FHIR_SERVER)
     if untrusted:  # as without fhirServer (CDS Hooks 2.0: 412 when the data can be had neither way)
         raise PreconditionFailed("cannot evaluate the safety rules: prefetch lacks " + ", ".join(untrusted)

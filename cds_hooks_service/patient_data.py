@@ -61,7 +61,7 @@ def _from_prefetch(value: dict) -> tuple[list[dict] | None, bool]:
 
 def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float, read_timeout: float,
            session=None, allowed_servers: tuple[str, ...] = (), private_networks: tuple = (),
-           resolver=None) -> PatientData:
+           resolver=None, ca_bundle: str | None = None) -> PatientData:
     """``allowed_servers``: the calling client's trusted FHIR base URLs (clients.Client.fhir_servers); a
     ``fhirServer`` not among them is never contacted (its keys are UNTRUSTED_FHIR_SERVER)."""
     data = PatientData()
@@ -103,7 +103,8 @@ def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float,
         return data
     auth = body.get("fhirAuthorization") if isinstance(body.get("fhirAuthorization"), dict) else {}
     client = FhirClient(base, auth.get("access_token"), session=session, connect_timeout=connect_timeout,
-                        read_timeout=read_timeout, private_networks=private_networks, resolver=resolver)
+                        read_timeout=read_timeout, private_networks=private_networks, resolver=resolver,
+                        ca_bundle=ca_bundle)
     results = client.fetch_all(to_fetch, budget=budget)
     for key, result in results.items():
         if isinstance(result, SearchResult):

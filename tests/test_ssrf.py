@@ -139,6 +139,15 @@ def test_bad_cds_fhir_servers_fail_at_start_with_one_line(monkeypatch, value, me
     assert "\n" not in str(info.value)
 
 
+def test_ca_bundle_setting(monkeypatch, tmp_path):
+    monkeypatch.setenv("CDS_FHIR_CA_BUNDLE", str(tmp_path / "missing.pem"))
+    with pytest.raises(ValueError, match="CDS_FHIR_CA_BUNDLE"):
+        Settings.from_env()
+    (tmp_path / "ca.pem").write_text("x")
+    monkeypatch.setenv("CDS_FHIR_CA_BUNDLE", str(tmp_path / "ca.pem"))
+    assert Settings.from_env().fhir_ca_bundle == str(tmp_path / "ca.pem")
+
+
 def test_private_networks_setting(monkeypatch):
     monkeypatch.setenv("CDS_FHIR_PRIVATE_NETWORKS", "10.20.0.0/16, fd00::/8")
     assert [str(n) for n in Settings.from_env().fhir_private_networks] == ["10.20.0.0/16", "fd00::/8"]
@@ -345,11 +354,15 @@ def _self_signed(tmp_path, name: str):
 
 @pytest.fixture
 def tls_fault_server(make_fault_server, tmp_path):
-    """The fault server behind TLS with a certificate for fhir.test (only); records the SNI it was sent."""
+    return _tls_server(make_fault_server, tmp_path, "fhir.test")
+
+
+def _tls_server(make_fault_server, tmp_path, name):
+    """The fault server behind TLS with a certificate for ``name`` (only); records the SNI it was sent."""
     import ssl
 
     server = make_fault_server()
-    cert, key = _self_signed(tmp_path, "fhir.test")
+    cert, key = _self_signed(tmp_path, name)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server.sni = []
@@ -361,15 +374,12 @@ def tls_fault_server(make_fault_server, tmp_path):
 
 
 def test_https_to_the_pinned_address_keeps_sni_host_and_certificate_check(tls_fault_server):
-    import requests
-
     server = tls_fault_server
     hosts = []
     server.default = lambda h: (hosts.append(h.headers.get("Host")), h.reply_json(fs.searchset([])))
-    session = requests.Session()
-    session.verify = str(server.ca)  # the test's CA; in service the system's/certifi bundle
     resolve = _resolver("127.0.0.1")
-    client = FhirClient(f"https://fhir.test:{server.port}/fhir", TOKEN, session=session, resolver=resolve,
+    client = FhirClient(f"https://fhir.test:{server.port}/fhir", TOKEN, resolver=resolve,
+                        ca_bundle=str(server.ca),  # CDS_FHIR_CA_BUNDLE: the test's CA
                         private_networks=(ipaddress.ip_network("127.0.0.0/8"),))
     result = client.search("c", "Condition?patient=x", deadline=time.monotonic() + 3)
     assert result.pages == 1
@@ -392,3 +402,26 @@ def test_https_certificate_for_another_name_is_refused(tls_fault_server):
     from cds_hooks_service.fhir_client import plain_reason
     assert plain_reason(out["c"]) == "the FHIR server could not be reached"
     assert server.requests == []  # the token never went out
+
+
+def test_service_reads_a_trusted_https_server_with_the_configured_ca(make_app, make_fault_server, tmp_path):
+    """End to end, no injected DNS: a hook call reads https://localhost:PORT/fhir (listed), verifying its
+    certificate against CDS_FHIR_CA_BUNDLE; SNI and Host are the name."""
+    server = _tls_server(make_fault_server, tmp_path, "localhost")
+    server.default = fs.bundle_of({"Condition": [{"resourceType": "Condition", "id": "m",
+                                                  "subject": {"reference": f"Patient/{PATIENT}"},
+                                                  "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm",
+                                                                       "code": "G43.909"}]},
+                                                  "clinicalStatus": {"coding": [{"code": "active"}]}}]})
+    base = f"https://localhost:{server.port}/fhir"
+    client = make_app(fhir_servers=(base,), fhir_ca_bundle=str(server.ca)).test_client()
+    r = _post(client, hook_body(base))
+    assert r.status_code == 200, r.get_data(as_text=True)
+    assert [c["source"]["topic"]["code"] for c in r.get_json()["cards"]] == ["opioid-in-migraine"]
+    assert set(server.sni) == {"localhost"}
+    assert {x.authorization for x in server.requests} == {f"Bearer {TOKEN}"}
+    # without the CA the certificate is not trusted: the check is reported, not silently passed
+    r = _post(make_app(fhir_servers=(base,)).test_client(), hook_body(base))
+    card = r.get_json()["cards"][0]
+    assert r.status_code == 200 and card["summary"].startswith("Check not completed")
+    assert "the FHIR server could not be reached" in card["detail"] and "SSL" not in card["detail"]
