@@ -124,7 +124,7 @@ class FhirClient:
                 try:
                     ip = fhir_transport.resolve(self.target, self._networks, self._resolver, deadline)
                 except FhirServerRefused as exc:
-                    self._pin_error = FhirRefused(key, exc.reason)
+                    self._pin_error = (FhirRefused if exc.resolved else FhirUnavailable)(key, exc.reason)
                 except TimeoutError as exc:
                     self._pin_error = FhirUnavailable(key, str(exc))
                 else:

@@ -33,11 +33,12 @@ IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class FhirServerRefused(Exception):
-    """The FHIR server may not be contacted. ``reason`` is for logs: no URL, no patient data."""
+    """The FHIR server may not be contacted. ``reason`` is for logs: no URL, no patient data. ``resolved``:
+    False when the name did not resolve (the server is unreachable rather than refused)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, *, resolved: bool = True):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.resolved = reason, resolved
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ def pick_address(target: Target, networks: tuple = (), resolver: Resolver | None
         try:
             candidates = (resolver or system_resolver)(target.host, target.port)
         except (OSError, UnicodeError) as exc:
-            raise FhirServerRefused(f"name resolution failed ({type(exc).__name__})") from None
+            raise FhirServerRefused(f"name resolution failed ({type(exc).__name__})", resolved=False) from None
     refused = []
     for text in candidates:
         try:
@@ -197,6 +198,6 @@ def pick_address(target: Target, networks: tuple = (), resolver: Resolver | None
             return str(_unmap(ip))
         refused.append(str(ip))
     if not refused:
-        raise FhirServerRefused("name resolution gave no address")
+        raise FhirServerRefused("name resolution gave no address", resolved=False)
     raise FhirServerRefused(f"address not allowed ({', '.join(refused[:3])}: private, link-local or loopback "
                             "and not listed in CDS_FHIR_PRIVATE_NETWORKS)")

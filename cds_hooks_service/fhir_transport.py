@@ -267,11 +267,11 @@ def resolve(target: Target, networks: tuple, resolver: Resolver | None, deadline
         return pick_address(target, networks, resolver)
     left = deadline - time.monotonic()
     if left <= 0:
-        raise FhirServerRefused("time budget exhausted before name resolution")
+        raise FhirServerRefused("time budget exhausted before name resolution", resolved=False)
 
     def lookup():
         if time.monotonic() > deadline:
-            raise FhirServerRefused("time budget exhausted before name resolution")
+            raise FhirServerRefused("time budget exhausted before name resolution", resolved=False)
         return pick_address(target, networks, resolver)
 
     future = POOLS._ensure().dns.submit(lookup)

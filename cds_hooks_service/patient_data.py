@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 
 from .fhir_client import FhirClient, FhirError, SearchResult, plain_reason
-from .fhir_servers import trusted_base
+from .fhir_servers import parse_target, trusted_base
 from .services import PREFETCH, render_query
 
 DATA_LABELS = {
@@ -59,6 +59,15 @@ def _from_prefetch(value: dict) -> tuple[list[dict] | None, bool]:
     return None, False
 
 
+def _origin_for_log(url: object) -> str:
+    """scheme://host:port of a caller-supplied URL (no path: it may hold ids), or a placeholder."""
+    try:
+        target = parse_target(url)
+    except ValueError:
+        return "(not an http(s) URL)"
+    return f"{target.scheme}://{target.host}:{target.port}"[:200]
+
+
 def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float, read_timeout: float,
            session=None, allowed_servers: tuple[str, ...] = (), private_networks: tuple = (),
            resolver=None, ca_bundle: str | None = None) -> PatientData:
@@ -96,8 +105,8 @@ def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float,
         return data
     base = trusted_base(server, allowed_servers)
     if base is None:
-        log.warning("fhirServer not on this client's FHIR server allowlist: not contacted (%d prefetch key(s) "
-                    "unavailable)", len(to_fetch))
+        log.warning("fhirServer %s is not on this client's FHIR server allowlist: not contacted (%d prefetch "
+                    "key(s) unavailable)", _origin_for_log(server), len(to_fetch))
         for key in to_fetch:
             data.unavailable[key] = UNTRUSTED_FHIR_SERVER
         return data

@@ -425,3 +425,27 @@ def test_service_reads_a_trusted_https_server_with_the_configured_ca(make_app, m
     card = r.get_json()["cards"][0]
     assert r.status_code == 200 and card["summary"].startswith("Check not completed")
     assert "the FHIR server could not be reached" in card["detail"] and "SSL" not in card["detail"]
+
+
+def test_a_refused_address_is_counted_by_kind_and_logged_without_secrets(make_app, make_fault_server, caplog,
+                                                                         monkeypatch):
+    """A listed https server whose name now resolves to the cloud metadata address: not contacted; the card
+    says "could not be reached"; the log says why; /metrics counts it as reason_class="refused"."""
+    from prometheus_client import REGISTRY
+
+    from cds_hooks_service import fhir_servers
+
+    def count():
+        return REGISTRY.get_sample_value("cds_fhir_failures_total",
+                                         {"key": "conditions", "reason_class": "refused"}) or 0
+
+    monkeypatch.setattr(fhir_servers, "system_resolver", _resolver("169.254.169.254"))  # the DNS answer
+    before = count()
+    client = make_app(fhir_servers=("https://fhir.example.org/fhir",)).test_client()
+    r = _post(client, hook_body("https://fhir.example.org/fhir"))
+    card = r.get_json()["cards"][0]
+    assert r.status_code == 200 and "the FHIR server could not be reached" in card["detail"]
+    assert "169.254" not in json.dumps(r.get_json())
+    assert "address not allowed (169.254.169.254" in caplog.text
+    assert TOKEN not in caplog.text and PATIENT not in caplog.text
+    assert count() == before + 1
