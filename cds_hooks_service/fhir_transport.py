@@ -131,8 +131,12 @@ class _PinnedMixin:
             raise NewConnectionError(self, f"failed to connect: {type(e).__name__}") from e
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _watch(sock)
+        _watch(sock)  # covers the TLS handshake until the socket is wrapped
         return sock
+
+    def connect(self) -> None:
+        super().connect()
+        _watch(self.sock)  # https: the TLS socket that replaced (detached) the plain one
 
     def request(self, *args, **kwargs):
         _watch(self.sock)  # a kept-alive connection taken from the pool
@@ -215,7 +219,8 @@ class _Pools:
     def __init__(self):
         self._lock = threading.Lock()
         self._pid = None
-        self.max_workers = int(os.environ.get("CDS_FHIR_MAX_CONCURRENCY") or DEFAULT_MAX_CONCURRENCY)
+        self.max_workers = DEFAULT_MAX_CONCURRENCY  # Settings.fhir_max_concurrency, applied by Runtime
+        self.fetch = self.dns = None
 
     def configure(self, max_workers: int) -> None:
         with self._lock:
@@ -227,6 +232,9 @@ class _Pools:
         if self._pid != os.getpid():  # first use, a new size, or a forked child (threads do not survive fork)
             with self._lock:
                 if self._pid != os.getpid():
+                    if self.fetch is not None and self._pid is None:  # reconfigured in this process
+                        self.fetch.shutdown(wait=False)
+                        self.dns.shutdown(wait=False)
                     self.fetch = ThreadPoolExecutor(self.max_workers, thread_name_prefix="fhir-fetch")
                     self.dns = ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="fhir-dns")
                     self.slots = threading.BoundedSemaphore(4 * self.max_workers)

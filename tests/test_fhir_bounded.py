@@ -142,3 +142,19 @@ def test_no_budget_left_means_no_lookup_and_no_connection(make_fault_server, bud
                      resolver=lambda h, p: calls.append(h) or ["127.0.0.1"]).fetch_all({"c": "Condition?x=1"},
                                                                                        budget=budget)
     assert isinstance(out["c"], FhirUnavailable) and calls == [] and server.requests == []
+
+
+def test_a_trickling_https_server_is_cut_at_the_deadline(make_fault_server, tmp_path):
+    """Over TLS too (the TLS socket replaces the plain one when it is wrapped): cut at the budget."""
+    from tests.test_ssrf import _tls_server
+
+    server = _tls_server(make_fault_server, tmp_path, "localhost")
+    server.default = fs.trickle(5)
+    client = FhirClient(f"https://localhost:{server.port}/fhir", TOKEN, ca_bundle=str(server.ca), read_timeout=10)
+    fired = fhir_transport.WATCHDOG.fired
+    t0 = time.monotonic()
+    out = client.fetch_all({"c": "Condition?patient=x"}, budget=0.5)
+    assert time.monotonic() - t0 < 0.9 and isinstance(out["c"], FhirUnavailable), out
+    assert server.requests, "the request never reached the server: the test would mean nothing"
+    assert wait_until(lambda: fhir_transport.WATCHDOG.fired > fired, 0.5)  # it was the watchdog that cut it
+    assert wait_until(lambda: client_sockets_to(server.port) == 0, 0.5)
