@@ -575,9 +575,10 @@ def test_aud_is_never_taken_from_the_host_header(make_app):
     """A token minted for another CDS service (its aud) is refused, whatever Host and X-Forwarded-* say."""
     client = make_app(jwt_issuers_file=ISSUERS, public_url="https://cds.example.org").test_client()
     path = "/cds-services"
-    forged = sandbox_jwt("https://other-cds.example.net" + path)
-    r = client.get(path, headers={"Authorization": f"Bearer {forged}", "Host": "other-cds.example.net",
-                                  "X-Forwarded-Proto": "https", "X-Forwarded-Host": "other-cds.example.net"})
-    assert r.status_code == 401
+    for root in ("http://other-cds.example.net", "https://other-cds.example.net"):
+        forged = sandbox_jwt(root + path)  # what the request's own URL would say with these headers
+        r = client.get(path, headers={"Authorization": f"Bearer {forged}", "Host": "other-cds.example.net",
+                                      "X-Forwarded-Proto": "https", "X-Forwarded-Host": "other-cds.example.net"})
+        assert r.status_code == 401
     good = sandbox_jwt("https://cds.example.org" + path)
     assert client.get(path, headers={"Authorization": f"Bearer {good}", "Host": "evil.example"}).status_code == 200
