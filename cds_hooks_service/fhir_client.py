@@ -1,13 +1,14 @@
 """Small, bounded FHIR R4 REST client: fetches the prefetch keys a CDS client did not send.
 
-Errors carry the prefetch key and a short `reason` that never contains the access token, URLs or patient data,
-so they are safe to log and to show in cards. Original exceptions are not chained (their text holds URLs).
+Errors carry the prefetch key and a short technical `reason` that never contains the access token, URLs or
+patient data, so it is safe to log; callers are shown only `plain_reason(error)` (no status codes or exception
+names). Original exceptions are not chained (their text holds URLs). Where the client may connect, and how the
+connection is pinned and cut at the deadline: fhir_servers.py and fhir_transport.py.
 """
 from __future__ import annotations
 
 import http.cookiejar
 import json
-import logging
 import re
 import threading
 import time
@@ -20,7 +21,6 @@ import requests
 from . import fhir_transport
 from .fhir_servers import FhirServerRefused, Resolver, Target, parse_target
 
-log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 * 1024 * 1024
 _READ_PATH = re.compile(r"[A-Z][A-Za-z]+/(?!\.\.?$)[A-Za-z0-9\-.]{1,64}")  # Type/id; id not "." or ".."
 
