@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .facts import parse_time
+from .auth import check_public_url
 from .fhir_servers import parse_networks, parse_server_list
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +101,8 @@ class Settings:
         )
         for key, value in overrides.items():
             setattr(settings, key, value)
+        if settings.jwt_issuers_file:  # JWT mode: aud is checked against CDS_PUBLIC_URL, never the Host header
+            check_public_url(settings.public_url)
         return settings
 
 

@@ -582,3 +582,17 @@ def test_aud_is_never_taken_from_the_host_header(make_app):
         assert r.status_code == 401
     good = sandbox_jwt("https://cds.example.org" + path)
     assert client.get(path, headers={"Authorization": f"Bearer {good}", "Host": "evil.example"}).status_code == 200
+
+
+def test_settings_from_env_refuse_jwt_mode_without_public_url(monkeypatch):
+    from cds_hooks_service.config import Settings
+    monkeypatch.setenv("CDS_JWT_ISSUERS", str(ISSUERS))
+    monkeypatch.delenv("CDS_PUBLIC_URL", raising=False)
+    with pytest.raises(ValueError, match="CDS_PUBLIC_URL") as info:
+        Settings.from_env()
+    assert "\n" not in str(info.value)
+    monkeypatch.setenv("CDS_PUBLIC_URL", "cds.example.org")  # not a URL
+    with pytest.raises(ValueError, match="absolute http"):
+        Settings.from_env()
+    monkeypatch.setenv("CDS_PUBLIC_URL", "https://cds.example.org")
+    assert Settings.from_env().public_url == "https://cds.example.org"
