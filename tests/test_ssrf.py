@@ -449,3 +449,27 @@ def test_a_refused_address_is_counted_by_kind_and_logged_without_secrets(make_ap
     assert "address not allowed (169.254.169.254" in caplog.text
     assert TOKEN not in caplog.text and PATIENT not in caplog.text
     assert count() == before + 1
+
+
+def test_service_hook_call_ignores_netrc_and_proxy_variables(make_app, make_fault_server, tmp_path, monkeypatch):
+    """The whole hook call, with a .netrc (NETRC) and proxy variables in the service's environment: the FHIR
+    server gets exactly the fhirAuthorization token, directly; the proxy gets nothing."""
+    server, proxy = make_fault_server(), make_fault_server()
+    server.default = fs.bundle_of({})
+    proxy.default = fs.bundle_of({})
+    netrc = tmp_path / "netrc"
+    netrc.write_text("default login default-user password default-secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, proxy.origin)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = make_app(fhir_servers=(server.base_url,)).test_client()
+    assert _post(client, hook_body(server.base_url)).status_code == 200
+    assert server.requests and {r.authorization for r in server.requests} == {f"Bearer {TOKEN}"}
+    body = hook_body(server.base_url, token=None)  # an open FHIR server: no Authorization at all
+    before = len(server.requests)
+    assert _post(client, body).status_code == 200
+    assert {r.authorization for r in server.requests[before:]} == {None}
+    assert proxy.requests == []
