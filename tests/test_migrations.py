@@ -95,6 +95,22 @@ def test_a_store_from_before_migrations_is_refused_then_upgraded_without_losing_
     assert _counts(db_url)["cds_feedback"] == 3
 
 
+def test_a_store_made_before_the_override_table_gets_its_overrides_indexed(db_url):
+    """The baseline revision does what store.py did at start before migrations: a store of a version before
+    cds_override existed gets that table, filled from its recorded "overridden" feedback."""
+    dialect = "sqlite" if db_url.startswith("sqlite") else "postgresql"
+    _execute_script(db_url, (FIXTURES / f"{dialect}.sql").read_text() + ";\nDROP TABLE cds_override;\n")
+    with pytest.raises(SchemaVersionError, match="cds-hooks-service db upgrade"):
+        FeedbackStore(db_url)
+    upgrade(db_url)
+    store = FeedbackStore(db_url)
+    try:
+        assert store.overridden_keys(["key-0", "key-1", "key-2"], datetime(2026, 11, 29, tzinfo=UTC)) == {"key-0"}
+    finally:
+        store.close()
+    assert _counts(db_url)["cds_override"] == 1
+
+
 def test_a_new_database_is_created_at_the_newest_revision_and_matches_the_metadata(db_url):
     FeedbackStore(db_url).close()
     assert current_revision(db_url) == head_revision()

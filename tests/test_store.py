@@ -9,7 +9,6 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import MetaData, func, select
 
-from cds_hooks_service.migrations import SchemaVersionError, upgrade
 from cds_hooks_service.store import FeedbackStore, IssuedCard, feedback, override
 
 UTC = timezone.utc
@@ -173,25 +172,6 @@ def test_an_override_is_an_index_lookup_however_often_the_draft_was_seen(store):
             sql = store._overridden_q.compile(store.engine).string.replace("(__[POSTCOMPILE_keys])", "(?, ?)")
             plan = " ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, ("a", "b", "2025")))
             assert "ix_cds_override_key_issued" in plan, plan
-
-
-def test_a_store_made_before_the_override_table_gets_its_overrides_indexed(store_url):
-    old = FeedbackStore(store_url)
-    c = card(key="k-old-store")
-    old.record_cards([c])
-    old.record_feedback("med-safety", [fb(c.card_uuid, "overridden", code="x")])
-    with old.engine.begin() as conn:
-        override.drop(conn)  # what a store of the previous version looks like
-        conn.exec_driver_sql("DROP TABLE alembic_version")  # (made before schema versions were recorded)
-    old.close()
-    with pytest.raises(SchemaVersionError, match="cds-hooks-service db upgrade"):
-        FeedbackStore(store_url)
-    upgrade(store_url)  # the baseline migration fills cds_override from the recorded overrides
-    store = FeedbackStore(store_url)
-    try:
-        assert store.overridden_keys(["k-old-store"], T0 - timedelta(days=1)) == {"k-old-store"}
-    finally:
-        store.close()
 
 
 def test_use_jti_replay(store):
