@@ -100,8 +100,8 @@ def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store: 
         return HookResult({"cards": []})
 
     needs = set().union(*(rule.needs for rule, _ in live))
-    data = gather(needs, body, budget=settings.time_budget, connect_timeout=settings.fhir_connect_timeout,
-                  read_timeout=settings.fhir_read_timeout, session=session)
+    data = gather(needs, body, templates=rulebook.prefetch, budget=settings.time_budget,
+                  connect_timeout=settings.fhir_connect_timeout, read_timeout=settings.fhir_read_timeout, session=session)
     missing_server = sorted(k for k, why in data.unavailable.items() if why == NO_FHIR_SERVER)
     if missing_server:
         raise PreconditionFailed(

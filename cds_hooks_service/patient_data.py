@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .fhir_client import FhirClient, FhirError, SearchResult
-from .services import PREFETCH, render_query
+from .services import render_query
 
 DATA_LABELS = {
     "conditions": "conditions (problem list and diagnoses)",
@@ -55,8 +55,9 @@ def _from_prefetch(value: dict) -> tuple[list[dict] | None, bool]:
     return None, False
 
 
-def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float, read_timeout: float,
-           session=None) -> PatientData:
+def gather(keys: set[str], body: dict, *, templates: dict[str, str], budget: float, connect_timeout: float,
+           read_timeout: float, session=None) -> PatientData:
+    """``templates``: data key -> query template generated from the loaded rules (Rulebook.prefetch)."""
     data = PatientData()
     prefetch = body.get("prefetch") if isinstance(body.get("prefetch"), dict) else {}
     context = body.get("context") or {}
@@ -74,7 +75,7 @@ def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float,
                 continue
             if resources is not None:
                 partial[key] = resources  # a first page: fetch the whole search instead
-        query = render_query(PREFETCH[key], context)
+        query = render_query(templates[key], context)
         if query is None:
             data.unavailable[key] = "the hook context lacks the patient id needed to search for it"
         else:

@@ -148,6 +148,13 @@ class Rulebook:
         return frozenset().union(*(c.valueset for r in self.rules for c in r.checks.values()
                                    if c.kind == "condition"))
 
+    @cached_property
+    def prefetch(self) -> dict[str, str]:
+        """Data key -> FHIR query template, generated from these rules: the discovery prefetch templates
+        and the queries run on fhirServer when a key was not prefetched (services.prefetch_templates)."""
+        from .services import prefetch_templates
+        return prefetch_templates(self)
+
     def for_hook(self, hook: str) -> list[Rule]:
         return [r for r in self.rules if r.enabled and hook in r.hooks]
 
@@ -250,7 +257,13 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
         problems.append(RuleProblem(str(override_path), "id", f"overrides unknown rule {rule_id!r}"))
     if problems:
         raise RulebookError(problems)
-    return Rulebook(rules, terminology, alternatives, rules_dir, sources)
+    rulebook = Rulebook(rules, terminology, alternatives, rules_dir, sources)
+    from .services import prefetch_problems  # the generated queries must fetch every value set the rules read
+    data_problems = prefetch_problems(rulebook, rulebook.prefetch)
+    if data_problems:
+        raise RulebookError([RuleProblem(str(next(r.path for r in rules if r.id == rule_id)), where, message)
+                             for rule_id, where, message in data_problems])
+    return rulebook
 
 
 def _load_alternatives(path: Path, problems: list[RuleProblem]) -> dict[str, dict]:
