@@ -258,8 +258,11 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
     if problems:
         raise RulebookError(problems)
     rulebook = Rulebook(rules, terminology, alternatives, rules_dir, sources)
-    from .services import prefetch_problems  # the generated queries must fetch every value set the rules read
-    data_problems = prefetch_problems(rulebook, rulebook.prefetch)
+    from .services import PANELS_FILE, prefetch_problems  # the generated queries must fetch what the rules read
+    try:
+        data_problems = prefetch_problems(rulebook, rulebook.prefetch)
+    except ValueError as exc:
+        raise RulebookError([RuleProblem(str(rules_dir / PANELS_FILE), "(file)", str(exc))]) from exc
     if data_problems:
         raise RulebookError([RuleProblem(str(next(r.path for r in rules if r.id == rule_id)), where, message)
                              for rule_id, where, message in data_problems])

@@ -85,12 +85,19 @@ def observation_panels(rules_dir: Path) -> dict[Concept, frozenset[Concept]]:
     path = Path(rules_dir) / PANELS_FILE
     if not path.exists():
         return {}
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if not isinstance(doc, dict):
+        raise ValueError("must map '<system>|<panel code>' to a list of component codes")
     out: dict[Concept, frozenset[Concept]] = {}
-    for panel, components in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).items():
+    for panel, components in doc.items():
         system, _, code = str(panel).rpartition("|")
         key = concept(system, code)
-        if key:
-            out[key] = frozenset(c for c in (concept(system, str(x)) for x in components or []) if c)
+        if not key or not system or not isinstance(components, list):
+            raise ValueError(f"{panel!r}: write '<system>|<panel code>': [component codes]")
+        out[key] = frozenset(c for c in (concept(system, str(x)) for x in components) if c)
     return out
 
 

@@ -74,8 +74,6 @@ def test_every_rule_card_carries_its_sources_from_the_sources_file(rulebook):
 @pytest.mark.parametrize("path", sorted((REPO / "fhir_examples").glob("*/*.order-*.json")),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_example_requests_get_only_primary_links(client, path):
-    from cds_hooks_service.facts import parse_time  # noqa: F401 (examples carry their own now)
-
     body = json.loads(path.read_text())
     service = SERVICE_FOR_HOOK[body["hook"]]
     r = client.post(f"/cds-services/{service.id}", json=body)
