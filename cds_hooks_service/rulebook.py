@@ -401,9 +401,8 @@ def _compile_rule(doc: dict, text: str, path: Path, terminology: Terminology, al
     return Rule(
         id=doc["id"], title=doc["title"], version=doc["version"], enabled=doc.get("enabled", True),
         mode=doc.get("mode", "active"), hooks=frozenset(doc["hooks"]), indicator=doc["indicator"],
-        source=cited["source"], references=[v for k, v in cited.items() if k != "source"], triggers=triggers,
-        checks=checks,
-        exceptions=exceptions, cautions=cautions, adjust=adjust, card=card,
+        source=cited["source"], references=[v for k, v in cited.items() if k != "source"],
+        triggers=triggers, checks=checks, exceptions=exceptions, cautions=cautions, adjust=adjust, card=card,
         selection_behavior=doc.get("selectionBehavior", "at-most-one"), suggestions=suggestions,
         override_reasons=doc.get("overrideReasons") or [], path=path, needs=needs, raw=doc,
     )

@@ -70,7 +70,7 @@ def load_sources(rules_dir: Path) -> tuple[Sources, list[tuple[str, str]]]:
     if not path.exists():
         return empty, [("(file)", f"{SOURCES_FILE} is missing: rules cite their sources by id from it")]
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         return empty, [("(yaml)", f"not valid YAML: {getattr(exc, 'problem', exc)}")]
     if not isinstance(doc, dict) or not isinstance(doc.get("allowedHosts"), list) \

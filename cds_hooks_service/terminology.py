@@ -129,7 +129,9 @@ class Terminology:
         names_path = term_dir / "drug-names.yaml"
         if names_path.exists():
             try:
-                doc = yaml.safe_load(names_path.read_text(encoding="utf-8")) or {}
+                # libyaml's safe loader when built in: same safe subset, ~10x faster than the pure-Python one
+                doc = yaml.load(names_path.read_text(encoding="utf-8"),
+                                Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
                 _load_drug_names(doc, valuesets, products, names, ingredient_names, name_refs)
             except (yaml.YAMLError, TypeError, KeyError, AttributeError, ValueError) as exc:
                 raise TerminologyError(f"{names_path}: {exc}") from exc
