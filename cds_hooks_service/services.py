@@ -129,6 +129,8 @@ def prefetch_templates(rulebook) -> dict[str, str]:
     keys = set().union(*(r.needs for r in _live_rules(rulebook))) if rulebook.rules else set()
     out: dict[str, str] = {}
     for key in sorted(keys):
+        if key not in DATA_QUERIES:  # a data key without a query: prefetch_problems names it, validate fails
+            continue
         rtype, sort, count = DATA_QUERIES[key]
         params = ["patient={{context.patientId}}"]
         if rtype in R4_STATUSES:
@@ -201,7 +203,7 @@ def prefetch_problems(rulebook, templates: dict[str, str]) -> list[tuple[str, st
                     problems.append((rule.id, f"checks.{check.name}", f"needs {key}, which no prefetch template asks for"))
                     continue
                 rtype, params = parse_template(template)
-                if rtype != DATA_QUERIES[key][0]:
+                if key in DATA_QUERIES and rtype != DATA_QUERIES[key][0]:
                     problems.append((rule.id, f"checks.{check.name}", f"{key} must be a {DATA_QUERIES[key][0]} search"))
                 if "status" in params and rtype in R4_STATUSES:
                     missing = set(read_statuses(rtype)) - set(params["status"].split(","))

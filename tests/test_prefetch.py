@@ -213,3 +213,16 @@ def test_every_scenario_answers_the_same_when_its_record_is_read_through_the_gen
                 assert _outcome(a.response) == _outcome(b.response), (rule.id, sc.name, hook)
                 compared += 1
     assert compared > 250
+
+
+def test_validate_names_a_data_key_no_query_is_generated_for(rulebook):
+    rule = rulebook.rules[0]
+    check = next(iter(rule.checks.values()))
+    old = check.needs
+    try:
+        check.needs = frozenset({"encounters"})  # a kind of data the query table does not know
+        assert "encounters" not in services.prefetch_templates(rulebook)
+        problems = prefetch_problems(rulebook, services.prefetch_templates(rulebook))
+        assert any("needs encounters, which no prefetch template asks for" in m for _, _, m in problems)
+    finally:
+        check.needs = old
