@@ -35,8 +35,10 @@ EXPECTED = {
     "Cafergot": ({"ergotamine", "caffeine"}, {"rx-ergots-other-than-dhe"}),
     "Migergot": ({"ergotamine", "caffeine"}, {"rx-ergots-other-than-dhe"}),
     "Trudhesa": ({"dihydroergotamine"}, {"rx-dihydroergotamine"}),
-    # opioid without a verified ingredient RxCUI
+    # opioids: without a verified ingredient RxCUI; combinations; MOUD products
     "Olinvyk": ({"oliceridine"}, {"rx-opioids"}),
+    "Percocet": ({"oxycodone", "acetaminophen"}, {"rx-opioids"}),
+    "Suboxone": ({"buprenorphine", "naloxone"}, {"rx-opioids", "rx-moud-opioids"}),
 }
 
 
