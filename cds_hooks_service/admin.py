@@ -221,7 +221,7 @@ def _rule_figures(rule_id, title, mode, enabled, in_rulebook, row, by_day, reaso
 
 # -- chart geometry (numbers only; the template draws and escapes) -----------
 W = 720
-LEFT, RIGHT = 60, 20
+LEFT, RIGHT = 60, 84  # the right margin holds the labels of the period and tuning lines
 RATE_TOP, RATE_H = 16, 120  # override rate panel
 COUNT_GAP, COUNT_H = 26, 84  # cards-per-day panel below it
 X_LABELS = 18  # below the last panel
@@ -314,18 +314,24 @@ def _chart(rule: dict, day_list: list[str]) -> dict | None:
     x_ticks = [{"x": round(x_of(i), 1), "label": _short_day(day)}
                for i, day in enumerate(day_list) if (n - 1 - i) % every == 0]
     rate_ticks = [{"y": round(y_rate(t), 1), "label": _pct(t)} for t in (0, 0.5, 1.0)]
-    count_ticks = [{"y": round(y_count(t), 1), "label": str(t)} for t in (0, c_max // 2, c_max)] if c_max > 1 else \
-        [{"y": round(y_count(t), 1), "label": str(t)} for t in (0, 1)]
+    ticks = (0, c_max // 2, c_max) if c_max % 2 == 0 else (0, c_max)  # a middle tick only when it is whole
+    count_ticks = [{"y": round(y_count(t), 1), "label": str(t)} for t in ticks]
     period = rule["override_rate"]
+    tuning_y = y_rate(analytics.TUNING_OVERRIDE_RATE)
+    period_y = y_rate(period) if period is not None else None
+    # the two line labels sit in the right margin; keep them apart when the lines are close
+    period_label_y = None if period_y is None else (
+        tuning_y + 13 if abs(period_y - tuning_y) < 12 else period_y + 4)
     return {
         "width": W, "height": height, "left": LEFT, "right": W - RIGHT,
         "has_rate": has_rate, "has_shadow": has_shadow,
         "rate_top": rate_top, "rate_bottom": rate_top + RATE_H, "rate_mid": rate_top + RATE_H / 2,
         "count_top": count_top, "count_bottom": count_bottom, "count_mid": count_top + COUNT_H / 2,
         "rate_ticks": rate_ticks, "count_ticks": count_ticks, "x_ticks": x_ticks,
-        "period_y": round(y_rate(period), 1) if period is not None else None,
+        "period_y": round(period_y, 1) if period_y is not None else None,
         "period_label": f"period {_pct(period)}" if period is not None else "",
-        "tuning_y": round(y_rate(analytics.TUNING_OVERRIDE_RATE), 1),
+        "period_label_y": round(period_label_y, 1) if period_label_y is not None else None,
+        "tuning_y": round(tuning_y, 1), "tuning_label_y": round(tuning_y + 4, 1), "margin_x": W - RIGHT + 6,
         "points": points, "bars": bars, "labels": labels,
         "label_y": count_bottom + 15, "title_y": height - 5, "mid_x": round(LEFT + plot_w / 2, 1),
     }

@@ -723,8 +723,8 @@ def test_admin_page_in_real_browser(served_admin, tmp_path):
             _keep_screenshot(page, tmp_path, "admin.png")
 
             # the date range form
-            page.get_by_label("From").fill("2026-02-23")
-            page.get_by_label("To").fill("2026-02-24")
+            page.get_by_label("From", exact=True).fill("2026-02-23")
+            page.get_by_label("To", exact=True).fill("2026-02-24")
             page.get_by_role("button", name="Show").click()
             page.wait_for_url(re.compile(r"/admin\?from=2026-02-23&to=2026-02-24$"))
             expect(page.locator(f'tr[data-rule="{OPIOID}"] [data-field="shown"]')).to_have_text("6")
