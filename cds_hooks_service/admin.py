@@ -165,16 +165,17 @@ def collect(window: Window) -> dict:
     store = rt.store
     known = [rule.id for rule in rt.rulebook.rules]
     ids = list(dict.fromkeys(known + _store_rule_ids()))
-    totals = analytics.rule_totals(store, ids, window)
     days = analytics.daily(store, ids, window)
     reasons = analytics.top_reasons(store, ids, window)
-    rules = [_rule_figures(rule.id, rule.title, rule.mode, rule.enabled, True, totals.get(rule.id),
-                           days.get(rule.id, {}), reasons.get(rule.id, []))
-             for rule in rt.rulebook.rules]
-    for rule_id in sorted(set(totals) - set(known)):
-        row = totals[rule_id]
-        rules.append(_rule_figures(rule_id, None, row["last_mode"], None, False, row, days.get(rule_id, {}),
-                                   reasons.get(rule_id, [])))
+
+    def figures(rule_id, title, mode, enabled, in_rulebook):
+        rule_days = days.get(rule_id, {})
+        return _rule_figures(rule_id, title, mode, enabled, in_rulebook, analytics.totals_of(rule_days),
+                             analytics.day_figures(rule_days), reasons.get(rule_id, []))
+
+    rules = [figures(rule.id, rule.title, rule.mode, rule.enabled, True) for rule in rt.rulebook.rules]
+    for rule_id in sorted(set(days) - set(known)):
+        rules.append(figures(rule_id, None, analytics.totals_of(days[rule_id])["last_mode"], None, False))
     shown = sum(r["shown"] for r in rules)
     overridden = sum(r["overridden"] for r in rules)
     return {
@@ -215,7 +216,7 @@ def _rule_figures(rule_id, title, mode, enabled, in_rulebook, row, by_day, reaso
         "no_feedback_share": _share(no_feedback, shown),
         "tuning_candidate": analytics.is_tuning_candidate(shown, overridden),
         "top_override_reasons": reasons,
-        "by_day": [by_day[d] for d in sorted(by_day)],
+        "by_day": by_day,
     }
 
 
@@ -525,7 +526,7 @@ def rule_overrides(rule_id: str):
     rows = [_override_view(r, labels_for) for r in analytics.overrides_page(
         store, [rule_id], window, limit=PAGE_SIZE, offset=(page_no - 1) * PAGE_SIZE)]
     rule = next((r for r in runtime().rulebook.rules if r.id == rule_id), None)
-    figures = analytics.rule_totals(store, [rule_id], window).get(rule_id, {})
+    figures = analytics.totals_of(analytics.daily(store, [rule_id], window).get(rule_id, {}))
     return _html("admin_overrides.html", rule_id=rule_id, title=rule.title if rule else None, rows=rows,
                  total=total, page=page_no, pages=pages, page_size=PAGE_SIZE, w=window,
                  range_args=_range_args(window), shown=figures.get("active", 0),
