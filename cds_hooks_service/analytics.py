@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Iterator
 
-from sqlalchemy import and_, case, exists, func, select, text
+from sqlalchemy import and_, case, func, select, text
 
 from .store import FeedbackStore, feedback, issued_card
 
@@ -100,55 +100,48 @@ def _in_window(ids: list[str], window: Window):
     return and_(ic.c.rule_id.in_(ids), ic.c.issued_at >= window.start, ic.c.issued_at < window.end)
 
 
-def _card_has(*conds):
-    """EXISTS a feedback row for the current card (an index seek in uq(card_uuid, outcome, outcome_timestamp))."""
-    fb = feedback
-    return exists().where(fb.c.card_uuid == issued_card.c.card_uuid, *conds)
-
-
-def _count_if(cond):
-    return func.sum(case((cond, 1), else_=0))
+def _flag(cond):
+    return func.max(case((cond, 1), else_=0))
 
 
 def daily(store: FeedbackStore, ids: list[str], window: Window) -> dict[str, dict[str, dict]]:
-    """Per rule and UTC day: cards per mode, and of the active ones those with feedback, accepted, with a
-    suggestion taken, overridden (each a card count: EXISTS per card, so no DISTINCT over a join), and the
-    time of the last card per mode. One pass over the (rule_id, issued_at) index range."""
+    """Per rule and UTC day: cards per mode and the time of the last card per mode; of the active cards those
+    with feedback, accepted, with a suggestion taken, overridden (cards, not feedback messages).
+
+    Two aggregates over the (rule_id, issued_at) index range: the cards, and the cards joined with their
+    feedback (reduced to one row per card first, so a card with several messages counts once)."""
     if not ids:
         return {}
     ic, fb = issued_card, feedback
     day = _day_expr(store)
-    any_fb = _card_has()
-    if store.dialect == "sqlite":
-        # cards without any feedback (most of them) cost one index seek; the other checks run only when it hits
-        def given_feedback(cond):
-            return and_(any_fb, cond)
-    else:  # PostgreSQL plans each EXISTS as a sub-plan: no repeats
-        def given_feedback(cond):
-            return cond
-    q = (select(ic.c.rule_id, day, ic.c.mode, func.count(),
-                _count_if(any_fb),
-                _count_if(given_feedback(_card_has(fb.c.outcome == "accepted"))),
-                _count_if(given_feedback(_card_has(fb.c.accepted_suggestions != "[]"))),
-                _count_if(given_feedback(_card_has(fb.c.outcome == "overridden"))),
-                func.max(ic.c.issued_at))
-         .where(_in_window(ids, window))
-         .group_by(ic.c.rule_id, day, ic.c.mode))
+    cards = (select(ic.c.rule_id, day, ic.c.mode, func.count(), func.max(ic.c.issued_at))
+             .where(_in_window(ids, window)).group_by(ic.c.rule_id, day, ic.c.mode))
+    per_card = (select(ic.c.rule_id.label("rule_id"), day.label("day"),
+                       _flag(fb.c.outcome == "accepted").label("accepted"),
+                       _flag(fb.c.accepted_suggestions != "[]").label("suggestion"),
+                       _flag(fb.c.outcome == "overridden").label("overridden"))
+                .select_from(ic.join(fb, fb.c.card_uuid == ic.c.card_uuid))
+                .where(_in_window(ids, window), ic.c.mode != "shadow")
+                .group_by(ic.c.card_uuid, ic.c.rule_id, day)).subquery()
+    answered = (select(per_card.c.rule_id, per_card.c.day, func.count(), func.sum(per_card.c.accepted),
+                       func.sum(per_card.c.suggestion), func.sum(per_card.c.overridden))
+                .group_by(per_card.c.rule_id, per_card.c.day))
     out: dict[str, dict[str, dict]] = {}
+
+    def cell(rule_id, d):
+        return out.setdefault(rule_id, {}).setdefault(d, {
+            "day": d, "active": 0, "overridden": 0, "shadow": 0, "with_feedback": 0, "accepted": 0,
+            "suggestion_accepted": 0, "last": {}})
+
     with _reading(store) as conn:
-        for rule_id, d, mode, issued, with_fb, accepted, suggestion, overridden, last in conn.execute(q):
-            cell = out.setdefault(rule_id, {}).setdefault(d, {
-                "day": d, "active": 0, "overridden": 0, "shadow": 0, "with_feedback": 0, "accepted": 0,
-                "suggestion_accepted": 0, "last": {}})
-            if mode == "shadow":
-                cell["shadow"] += issued
-            else:  # anything else was shown to the clinician
-                cell["active"] += issued
-                cell["with_feedback"] += with_fb or 0
-                cell["accepted"] += accepted or 0
-                cell["suggestion_accepted"] += suggestion or 0
-                cell["overridden"] += overridden or 0
-            cell["last"][mode] = last
+        for rule_id, d, mode, issued, last in conn.execute(cards):
+            c = cell(rule_id, d)
+            c["shadow" if mode == "shadow" else "active"] += issued  # anything but shadow was shown
+            c["last"][mode] = last
+        for rule_id, d, with_fb, accepted, suggestion, overridden in conn.execute(answered):
+            c = cell(rule_id, d)
+            c["with_feedback"], c["accepted"] = with_fb, int(accepted or 0)
+            c["suggestion_accepted"], c["overridden"] = int(suggestion or 0), int(overridden or 0)
     return out
 
 
