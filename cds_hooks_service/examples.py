@@ -175,7 +175,7 @@ def cmd_list(args) -> int:
         bundle = json.loads(e.files["bundle"].read_text(encoding="utf-8")) if "bundle" in e.files else {"entry": []}
         patient = next((x["resource"] for x in bundle["entry"] if x["resource"]["resourceType"] == "Patient"), {})
         name = " ".join([*(patient.get("name") or [{}])[0].get("given", []), (patient.get("name") or [{}])[0].get("family", "")])
-        print(f"{e.rule_id:34} {patient.get('id', '?'):36} {name:22} {e.expect:10} {e.name}")
+        print(f"{e.rule_id:34} {patient.get('id', '?'):50} {name:22} {e.expect:10} {e.name}")
     return 0
 
 

@@ -112,7 +112,7 @@ def test_examples_list_names_every_patient(capsys):
     assert cli(["examples", "list", "--dir", str(EXAMPLES)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(ALL)
-    assert any(line.split()[:2] == ["opioid-in-migraine", "opioid-in-migraine-01"] for line in lines)
+    assert any(line.split()[:2] == ["opioid-in-migraine", "opioid-iv-hydromorphone-active-migraine-diagnosis"] for line in lines)
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*/*.bundle.json")), ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -140,10 +140,10 @@ def test_examples_load_puts_every_patient_in_a_fhir_server_and_the_service_reads
 
 # The README's "Which examples the Sandbox can reach" table: the patient, and a product of the Sandbox's drug list
 SANDBOX_ORDERS = {
-    "opioid-in-migraine-01": ("1049502", "12 HR Oxycodone Hydrochloride 10 MG Extended Release Oral Tablet"),
-    "dhe-triptan-ergot-24h-08": ("1163613", "Sumatriptan Pill"),
-    "dhe-cyp3a4-inhibitor-10": ("201896", "Ketoconazole 200 MG Oral Tablet [Nizoral]"),
-    "dhe-vasopressor-09": ("996721", "Pseudoephedrine Hydrochloride 60 MG"),
+    "opioid-iv-hydromorphone-active-migraine-diagnosis": ("1049502", "12 HR Oxycodone Hydrochloride 10 MG Extended Release Oral Tablet"),
+    "triptan-reverse-sumatriptan-sc-drafted-5-h-after-i": ("1163613", "Sumatriptan Pill"),
+    "cyp3a4-reverse-fluconazole-drafted-2-h-after-dhe-w": ("201896", "Ketoconazole 200 MG Oral Tablet [Nizoral]"),
+    "pressor-reverse-norepinephrine-infusion-drafted-5": ("996721", "Pseudoephedrine Hydrochloride 60 MG"),
 }
 
 

@@ -84,4 +84,4 @@ def test_two_instances_on_one_postgresql_share_overrides_replays_and_statistics(
         r = requests.get(service.base_url + "/admin/stats.json", auth=("admin", ADMIN_TOKEN), timeout=20)
         assert r.status_code == 200, r.text
         figures = next(rule for rule in r.json()["rules"] if rule["rule_id"] == RULE)
-        assert (figures["issued"], figures["overridden"]) == (2, 1), figures
+        assert (figures["shown"], figures["overridden"]) == (2, 1), figures

@@ -76,7 +76,8 @@ def test_validate_and_test_use_the_shipped_rules(installed):
 def test_the_shipped_examples_are_listed(installed):
     r = run(installed, "examples", "list", "--rule", "opioid-in-migraine")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0].split()[:2] == ["opioid-in-migraine", "opioid-in-migraine-01"]
+    assert r.stdout.splitlines()[0].split()[0] == "opioid-in-migraine"
+    assert "opioid-iv-hydromorphone-active-migraine-diagnosis" in r.stdout
 
 
 def test_init_copies_the_rules_out_for_a_site_to_edit(installed):

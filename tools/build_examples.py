@@ -8,7 +8,7 @@ For every scenario of every rule:
   fhir_examples/<rule>/<scenario>.order-sign.json
 and one fhir_examples/<rule>/expected.json: what the rule must do in each (fire / no-fire / suppressed).
 
-Every example is its own patient: id ``<rule>-<nn>``, a name, its own encounter, and resource ids prefixed with
+Every example is its own patient: id ``<rule prefix>-<scenario slug>``, a name, its own encounter, and resource ids prefixed with
 the patient id, so all of them can be loaded into one FHIR server. hookInstance is a UUID (fixed per file).
 The files are written at the scenario's clock (``now`` in expected.json, e.g. 2026-03-01T12:00:00Z);
 `cds-hooks-service examples send` / `examples load` shift every time to the real now (cds_hooks_service/examples.py).
@@ -30,6 +30,9 @@ from cds_hooks_service.scenarios import ENCOUNTER_ID, PATIENT_ID, _slug, load_sc
 
 GIVEN_NAMES = ["Ada", "Bea", "Cleo", "Dana", "Edie", "Faye", "Gina", "Hana", "Iris", "June", "Kira", "Lena",
                "Mara", "Nina", "Olga", "Pia", "Rosa", "Sara", "Tess", "Uma", "Vera", "Wren", "Yara", "Zoe"]
+PATIENT_PREFIX = {"opioid-in-migraine": "opioid", "dhe-triptan-ergot-24h": "triptan", "dhe-cyp3a4-inhibitor": "cyp3a4",
+                  "dhe-vasopressor": "pressor", "dhe-contraindicated-condition": "contra",
+                  "ketamine-non-refractory-migraine": "ketamine"}
 FAMILY_NAMES = {"opioid-in-migraine": "Opioidtest", "dhe-triptan-ergot-24h": "Triptantest",
                 "dhe-cyp3a4-inhibitor": "Inhibitortest", "dhe-vasopressor": "Pressortest",
                 "dhe-contraindicated-condition": "Conditiontest", "ketamine-non-refractory-migraine": "Ketaminetest"}
@@ -40,10 +43,12 @@ def _uuid(*parts: str) -> str:
 
 
 class Identity:
-    """The ids and name of one example: patient ``<rule>-<nn>``, its encounter, its resources' ids prefixed."""
+    """The ids and name of one example: patient ``<rule prefix>-<scenario slug>`` (stable when scenarios are added;
+    at most 50 characters), its encounter, its resources' ids prefixed with it (FHIR ids: at most 64); the
+    name (given name by position in the rule's scenarios, family name per rule)."""
 
-    def __init__(self, rule_id: str, number: int, ids: set[str]):
-        self.patient_id = f"{rule_id}-{number:02d}"
+    def __init__(self, rule_id: str, number: int, slug: str, ids: set[str]):
+        self.patient_id = f"{PATIENT_PREFIX.get(rule_id, rule_id)}-{slug}"[:50].rstrip("-")
         given = GIVEN_NAMES[(number - 1) % len(GIVEN_NAMES)]
         if number > len(GIVEN_NAMES):
             given += f" {number}"
@@ -51,6 +56,9 @@ class Identity:
         self.name = [{"use": "official", "family": family, "given": [given]}]
         self.ids = {PATIENT_ID: self.patient_id, ENCOUNTER_ID: f"{self.patient_id}-enc"}
         self.ids.update({i: f"{self.patient_id}-{i}" for i in ids})
+        too_long = [i for i in self.ids.values() if len(i) > 64]
+        if too_long:
+            raise SystemExit(f"FHIR ids longer than 64 characters: {too_long}")
 
     def reference(self, ref: str) -> str:
         kind, _, rid = ref.partition("/")
@@ -111,7 +119,7 @@ def build() -> dict[Path, str]:
             slug = _slug(sc.name)
             now = sc.now.isoformat().replace("+00:00", "Z")
             expected["now"] = expected["now"] or now
-            identity = Identity(rule.id, number, {r["id"] for r in sc.record + sc.drafts})
+            identity = Identity(rule.id, number, slug, {r["id"] for r in sc.record + sc.drafts})
             entry = {"name": sc.name, "patient": identity.patient_id,
                      "patientName": f"{identity.name[0]['given'][0]} {identity.name[0]['family']}",
                      "files": {}, "expect": sc.expect, "now": now}
