@@ -219,6 +219,7 @@ class Located:
     values: dict[tuple, tuple[int, int]] = field(default_factory=dict)
     keys: dict[tuple, tuple[int, int]] = field(default_factory=dict)
     styles: dict[tuple, str | None] = field(default_factory=dict)
+    broken: set[str] = field(default_factory=set)  # top-level entries with schema errors
 
     @classmethod
     def parse(cls, file: str, text: str) -> "Located":
@@ -457,6 +458,7 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
     for path in sorted(rules_dir.glob("*.yaml")):
         if path.name in NOT_RULES or path.name.endswith(".tests.yaml"):
             continue
+        tests_of.setdefault(f"{path.stem}.tests.yaml", path.stem)
         read = _read(path, problems)
         if read is None:
             continue
@@ -477,7 +479,8 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
             problems.add(locator, ("id",), f"duplicate id, also in {seen[doc['id']]}")
             continue
         seen[doc["id"]] = path
-        tests_of[doc.get("tests") or f"{doc['id']}.tests.yaml"] = doc["id"]
+        if doc.get("tests"):
+            tests_of[doc["tests"]] = doc["id"]
         rule = _compile_rule(doc, locator, path, terminology, alternatives, shared, cards_dir, problems, used)
         if rule:
             rules.append(rule)
@@ -487,7 +490,8 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
 
     _check_tests(rules_dir, tests_of, problems)
     _check_alternative_resources(alternatives, alt_loc, problems)
-    _unused(rules_dir, terminology, alternatives, alt_loc, shared, used, problems)
+    if not problems.errors:  # with broken rules, "unused" would be noise
+        _unused(rules_dir, terminology, alternatives, alt_loc, shared, used, problems)
     if problems.errors:
         raise RulebookError(sorted(problems.errors, key=_order) + sorted(problems.warnings, key=_order))
     return Rulebook(rules, terminology, alternatives, rules_dir, sorted(problems.warnings, key=_order),
@@ -549,7 +553,11 @@ def _load_alternatives(path: Path, validator, problems: Problems) -> tuple[dict[
     if read is None:
         return {}, None
     doc, located = read
+    before = len(problems.items)
     if _schema_errors(validator, doc, located, problems):
+        # Rules may still refer to the broken entries (no second error for that); they are not built as FHIR.
+        broken = {p.field.split(".")[0] for p in problems.items[before:]}
+        located.broken = broken
         return ({k: v for k, v in doc.items() if isinstance(v, dict)} if isinstance(doc, dict) else {}), located
     return doc or {}, located
 
@@ -566,6 +574,8 @@ def _check_alternative_resources(alternatives: dict, located: Located | None, pr
     draft = {"reasonCode": [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "G43.909"}],
                              "text": "migraine"}]}
     for name, alt in alternatives.items():
+        if located is not None and name in located.broken:
+            continue
         try:
             resource = medication_request(alt, draft, "example-patient", "example-encounter",
                                           "Practitioner/example-practitioner")
@@ -803,10 +813,18 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
 
     card_name = doc.get("card") or doc["id"]
     card = _load_card(cards_dir, card_name, problems)
+    in_card: set[str] = set()
     if card is not None:
-        _check_card_references(card, doc["id"], checks, triggers, cautions, problems)
+        in_card = _check_card_references(card, doc["id"], checks, triggers, cautions, problems)
     if len(problems) > before or card is None:
         return None
+    referenced = in_card | {n for t in triggers for n in t.when} | set(exceptions) | set(cautions) \
+        | {n for names, _ in adjust for n in names} | {n for s in suggestions for n in s.only_if + s.unless} \
+        | {n for c in checks.values() for n in c.children}
+    for name in checks:
+        if name not in referenced and not checks[name].shared:
+            problems.add(locator, ("checks", name), f"check {name!r} is not used (no trigger, exception, caution, "
+                         "adjust, suggestion, other check or card refers to it)", key=True, severity="warning")
     needs = frozenset().union(*(c.needs for c in checks.values())) if checks else frozenset()
     return Rule(
         id=doc["id"], title=doc["title"], version=doc["version"], enabled=doc.get("enabled", True),
@@ -929,11 +947,13 @@ def template_check_names(ast: nodes.Template) -> list[tuple[str, int]]:
 
 
 def _check_card_references(card: CardTemplate, rule_id: str, checks: dict[str, Check], triggers: list[Trigger],
-                           cautions: tuple[str, ...], problems: Problems) -> None:
-    """A card may only refer to checks the rule has and passes to the card (trigger `when` and cautions)."""
+                           cautions: tuple[str, ...], problems: Problems) -> set[str]:
+    """A card may only refer to checks the rule has and passes to the card (trigger `when` and cautions).
+    Returns the check names the card refers to."""
     source: _CardSource | None = card.source
     if source is None:
-        return
+        return set()
+    seen_names: set[str] = set()
     visible = {n for t in triggers for n in t.when} | set(cautions)
     for key, ast in source.asts.items():
         reported = set()
@@ -941,6 +961,7 @@ def _check_card_references(card: CardTemplate, rule_id: str, checks: dict[str, C
             if name in reported:
                 continue
             reported.add(name)
+            seen_names.add(name)
             line = _template_line(source.located, key, lineno)
             if name not in checks:
                 close = difflib.get_close_matches(name, list(checks), n=1)
@@ -951,6 +972,7 @@ def _check_card_references(card: CardTemplate, rule_id: str, checks: dict[str, C
                 problems.add(source.located, (key,), f"refers to checks[{name!r}], which rule {rule_id!r} never passes "
                              "to the card (only checks in a trigger's `when` or in `cautions` are); it would always "
                              "be empty", line=line)
+    return seen_names
 
 
 # --- cross-checks over the whole folder ------------------------------------------------------------------
