@@ -91,6 +91,9 @@ def _load(args):
 
     settings = Settings.from_env()
     rules_dir, cards_dir, local = _rule_dirs(args, settings)
+    for what, path in (("rules", rules_dir), ("card templates", cards_dir), ("site overrides", local)):
+        if path is not None and not path.is_dir():
+            raise CommandError(f"{path}: no such {what} folder" if not path.exists() else f"{path}: not a folder")
     try:
         rulebook = load_rulebook(rules_dir, cards_dir, local)
     except RulebookError as exc:

@@ -220,6 +220,7 @@ class Located:
     keys: dict[tuple, tuple[int, int]] = field(default_factory=dict)
     styles: dict[tuple, str | None] = field(default_factory=dict)
     broken: set[str] = field(default_factory=set)  # top-level entries with schema errors
+    texts: dict[tuple, str] = field(default_factory=dict)  # scalars as written (1.0, yes), by path
 
     @classmethod
     def parse(cls, file: str, text: str) -> "Located":
@@ -233,6 +234,8 @@ class Located:
         def walk(node, path: tuple) -> None:
             out.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
             out.styles[path] = getattr(node, "style", None)
+            if isinstance(node, yaml.ScalarNode):
+                out.texts[path] = node.value
             if id(node) in seen:  # an alias: already walked
                 return
             seen.add(id(node))
@@ -260,6 +263,9 @@ class Located:
             path = path[:-1]
         return self.values.get((), (None, None))
 
+    def text(self, path: tuple) -> str | None:
+        return self.texts.get(tuple(str(p) if not isinstance(p, int) else p for p in path))
+
 
 class Locator:
     """Where each field of a (merged) rule document was written: the rule file, a site override or
@@ -281,6 +287,12 @@ class Locator:
             prefix, located, target = best
             return (located.file, *located.at(target + tuple(path[len(prefix):]), key=key))
         return (self.base.file, *self.base.at(tuple(path), key=key))
+
+    def text(self, path: tuple) -> str | None:
+        for prefix, located, target in sorted(self.routes, key=lambda r: -len(r[0])):
+            if path[: len(prefix)] == prefix:
+                return located.text(target + tuple(path[len(prefix):]))
+        return self.base.text(tuple(path))
 
 
 class Problems:
@@ -327,7 +339,7 @@ _TYPE_WORDS = {"string": "text", "number": "a number", "integer": "a whole numbe
                "array": "a list", "boolean": "true or false", "null": "nothing"}
 
 
-def describe(value) -> str:
+def describe_value(value) -> str:
     """A found value as a pharmacist reads it."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -350,11 +362,18 @@ def _allowed_words(schema: dict) -> str | None:
     return schema.get("x-allowed") if isinstance(schema, dict) else None
 
 
-def schema_problem(error: jsonschema.ValidationError) -> tuple[tuple, str, bool]:
-    """(field path, message in words, whether the line is the key's) for one schema error."""
+def schema_problem(error: jsonschema.ValidationError, written: str | None = None) -> tuple[tuple, str, bool]:
+    """(field path, message in words, whether the line is the key's) for one schema error. ``written`` is
+    the value as written in the file, shown for numbers and true/false (YAML reads 1.0 as the number 1)."""
     path = tuple(error.absolute_path)
     v, schema, inst = error.validator, error.schema, error.instance
     words = _allowed_words(schema)
+
+    def describe(value) -> str:
+        if written is not None and value is inst and not isinstance(value, (str, list, dict)):
+            return f"{written} ({'true/false' if isinstance(value, bool) else 'a number' if value is not None else 'nothing'})"
+        return describe_value(value)
+
     if v == "additionalProperties":
         allowed = sorted((schema.get("properties") or {}).keys())
         extras = [k for k in inst if k not in allowed] if isinstance(inst, dict) else []
@@ -403,7 +422,7 @@ def schema_problem(error: jsonschema.ValidationError) -> tuple[tuple, str, bool]
 def _schema_errors(validator: jsonschema.Validator, doc, where, problems: Problems) -> bool:
     errors = list(validator.iter_errors(doc))
     for error in errors:
-        path, message, key = schema_problem(error)
+        path, message, key = schema_problem(error, where.text(tuple(error.absolute_path)))
         problems.add(where, path, message, key=key)
     return bool(errors)
 
@@ -585,7 +604,7 @@ def _check_alternative_resources(alternatives: dict, located: Located | None, pr
                 loc = ".".join(str(p) for p in err["loc"])
                 problems.add(located or "alternatives.yaml", (name,),
                              f"the MedicationRequest this alternative creates is not valid FHIR R4: {loc}: {err['msg']} "
-                             f"(found {describe(err.get('input'))})")
+                             f"(found {describe_value(err.get('input'))})")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             problems.add(located or "alternatives.yaml", (name,),
                          f"a MedicationRequest cannot be built from this alternative ({type(exc).__name__}: {exc})")
