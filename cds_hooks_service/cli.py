@@ -95,7 +95,7 @@ def _load(args):
         if path is not None and not path.is_dir():
             raise CommandError(f"{path}: no such {what} folder" if not path.exists() else f"{path}: not a folder")
     try:
-        rulebook = load_rulebook(rules_dir, cards_dir, local)
+        rulebook = load_rulebook(rules_dir, cards_dir, local, scenarios=args.command == "validate")
     except RulebookError as exc:
         errors = [p for p in exc.problems if p.severity == "error"]
         if getattr(args, "json", False) and args.command == "validate":

@@ -209,40 +209,64 @@ class Rulebook:
 def load_yaml_file(path: Path) -> tuple[object, str]:
     """The one place rule files are read: (parsed document, text). Raises yaml.YAMLError, OSError."""
     text = path.read_text(encoding="utf-8")
-    return yaml.safe_load(text), text
+    return yaml.load(text, Loader=_SAFE_LOADER), text  # noqa: S506 - a safe loader (libyaml's when built)
+
+
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass
 class Located:
-    """A YAML file's text with the line and column of every value and key, by field path."""
+    """A YAML file's text with the line and column of every value and key, by field path. The positions
+    are worked out on first use, i.e. only when there is a problem to report (loading stays fast)."""
     file: str
-    values: dict[tuple, tuple[int, int]] = field(default_factory=dict)
-    keys: dict[tuple, tuple[int, int]] = field(default_factory=dict)
-    styles: dict[tuple, str | None] = field(default_factory=dict)
+    source: str = field(default="", repr=False)
     broken: set[str] = field(default_factory=set)  # top-level entries with schema errors
-    texts: dict[tuple, str] = field(default_factory=dict)  # scalars as written (1.0, yes), by path
+    _maps: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def parse(cls, file: str, text: str) -> "Located":
-        out = cls(file)
+        return cls(file, text)
+
+    @property
+    def values(self) -> dict[tuple, tuple[int, int]]:
+        return self._positions()[0]
+
+    @property
+    def keys(self) -> dict[tuple, tuple[int, int]]:
+        return self._positions()[1]
+
+    @property
+    def styles(self) -> dict[tuple, str | None]:
+        return self._positions()[2]
+
+    @property
+    def texts(self) -> dict[tuple, str]:  # scalars as written (1.0, yes), by path
+        return self._positions()[3]
+
+    def _positions(self) -> tuple:
+        if self._maps is not None:
+            return self._maps
+        values, keys, styles, texts = {}, {}, {}, {}
+        self._maps = (values, keys, styles, texts)
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = yaml.compose(self.source, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         except yaml.YAMLError:
-            return out
+            return self._maps
         seen: set[int] = set()
 
         def walk(node, path: tuple) -> None:
-            out.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-            out.styles[path] = getattr(node, "style", None)
+            values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+            styles[path] = getattr(node, "style", None)
             if isinstance(node, yaml.ScalarNode):
-                out.texts[path] = node.value
+                texts[path] = node.value
             if id(node) in seen:  # an alias: already walked
                 return
             seen.add(id(node))
             if isinstance(node, yaml.MappingNode):
                 for key, value in node.value:
                     name = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark)
-                    out.keys[path + (name,)] = (key.start_mark.line + 1, key.start_mark.column + 1)
+                    keys[path + (name,)] = (key.start_mark.line + 1, key.start_mark.column + 1)
                     walk(value, path + (name,))
             elif isinstance(node, yaml.SequenceNode):
                 for i, value in enumerate(node.value):
@@ -250,7 +274,7 @@ class Located:
 
         if root is not None:
             walk(root, ())
-        return out
+        return self._maps
 
     def at(self, path: tuple, *, key: bool = False) -> tuple[int | None, int | None]:
         """(line, column) of the value at ``path`` (of its key with ``key``), else of its nearest parent."""
@@ -444,7 +468,10 @@ def _read(path: Path, problems: Problems) -> tuple[object, Located] | None:
     return doc, Located.parse(str(path), text)
 
 
-def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Path | None = None) -> Rulebook:
+def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Path | None = None, *,
+                  scenarios: bool = False) -> Rulebook:
+    """The compiled rules, or RulebookError with every problem. ``scenarios``: also read every scenario file
+    (what `validate` does; the service does not need them)."""
     rules_dir = Path(rules_dir)
     cards_dir = Path(cards_dir) if cards_dir else rules_dir.parent / "cards"
     if not rules_dir.is_dir():
@@ -507,7 +534,7 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
         problems.add(override_loc, ("id",), f"overrides unknown rule {rule_id!r}; allowed: the id of a rule in "
                                             f"{rules_dir} ({', '.join(sorted(seen))})")
 
-    _check_tests(rules_dir, tests_of, problems)
+    _check_tests(rules_dir, tests_of, problems, read=scenarios)
     _check_alternative_resources(alternatives, alt_loc, problems)
     if not problems.errors:  # with broken rules, "unused" would be noise
         _unused(rules_dir, terminology, alternatives, alt_loc, shared, used, problems)
@@ -917,7 +944,7 @@ def _load_card(cards_dir: Path, name: str, problems: Problems) -> CardTemplate |
     for key, env in (("summary", SUMMARY_ENV), ("detail", DETAIL_ENV)):
         try:
             asts[key] = env.parse(doc[key])
-            compiled[key] = env.from_string(doc[key])
+            compiled[key] = env.from_string(asts[key])  # compiled from the same parse
         except TemplateSyntaxError as exc:
             problems.add(located, (key,), f"template syntax error: {exc.message}",
                          line=_template_line(located, key, exc.lineno or 1))
@@ -996,8 +1023,8 @@ def _check_card_references(card: CardTemplate, rule_id: str, checks: dict[str, C
 
 # --- cross-checks over the whole folder ------------------------------------------------------------------
 
-def _check_tests(rules_dir: Path, claimed: dict[str, str], problems: Problems) -> None:
-    """Every scenario file belongs to a rule, and every rule's scenario file reads."""
+def _check_tests(rules_dir: Path, claimed: dict[str, str], problems: Problems, *, read: bool) -> None:
+    """Every scenario file belongs to a rule, and (``read``) every rule's scenario file reads."""
     from .scenarios import ScenarioError, load_scenarios
 
     rules = sorted(set(claimed.values()))
@@ -1009,6 +1036,8 @@ def _check_tests(rules_dir: Path, claimed: dict[str, str], problems: Problems) -
             problems.add(str(path), ("(file)",), f"scenarios for an unknown rule {stem!r}"
                          + (f" (did you mean {close[0]}.tests.yaml?)" if close else "")
                          + f"; rules: {', '.join(rules)}")
+            continue
+        if not read:
             continue
         try:
             load_scenarios(path, rule_id)

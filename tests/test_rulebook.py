@@ -26,7 +26,7 @@ def edit(path, old, new):
 
 def problems(rules_dir, **kw) -> list[str]:
     with pytest.raises(RulebookError) as exc:
-        load_rulebook(rules_dir, rules_dir.parent / "cards", **kw)
+        load_rulebook(rules_dir, rules_dir.parent / "cards", scenarios=True, **kw)
     return [str(p) for p in exc.value.problems if p.severity == "error"]
 
 
