@@ -50,6 +50,8 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(m|h|d)$")
 _SECONDS = {"m": 60, "h": 3600, "d": 86400}
 # Policy units that make a policy usable as a time window, and the duration letter they become.
 TIME_UNITS = {"minutes": "m", "hours": "h", "days": "d"}
+_TIME_WORDS = {"m", "min", "mins", "minute", "h", "hr", "hrs", "hour", "d", "day", "week", "weeks", "w", "month",
+               "months"}
 _LABEL_POLICY = re.compile(r"\{([a-z0-9][a-z0-9-]*)\}")
 
 
@@ -70,6 +72,7 @@ class RuleProblem:
     line: int | None = None
     column: int | None = None
     severity: str = "error"  # or "warning": reported, does not stop the rules from loading
+    path: tuple | None = field(default=None, compare=False, repr=False)  # the field path as keys and indexes
 
     def __str__(self) -> str:
         where = self.file
@@ -336,7 +339,7 @@ class Problems:
             file, ln, col = where, None, None
         if line is not None:
             ln, col = line, column
-        self.items.append(RuleProblem(file, field_name, message, ln, col, severity))
+        self.items.append(RuleProblem(file, field_name, message, ln, col, severity, tuple(path)))
 
     @property
     def errors(self) -> list[RuleProblem]:
@@ -516,7 +519,13 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
         if isinstance(doc.get("id"), str) and doc["id"] in overrides:
             override, override_loc = overrides.pop(doc["id"])
             doc = _apply_overrides(doc, override, locator, override_loc)
+        before = len(problems.items)
         if _schema_errors(validator, doc, locator, problems):
+            # Still look for the problems the schema cannot see (unknown value sets, checks, card references),
+            # on a copy without the broken parts, so that one run reports everything.
+            problems.items += _problems_beside_schema_errors(
+                doc, problems.items[before:], lambda d, extra: _compile_rule(
+                    d, locator, path, terminology, alternatives, shared, cards_dir, extra, Usage()), path.stem)
             continue
         if doc["id"] != path.stem:
             problems.add(locator, ("id",), f"found {doc['id']!r}; allowed: the file name without .yaml ({path.stem!r})")
@@ -542,6 +551,58 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
         raise RulebookError(sorted(problems.errors, key=_order) + sorted(problems.warnings, key=_order))
     return Rulebook(rules, terminology, alternatives, rules_dir, sorted(problems.warnings, key=_order),
                     dict(shared.policies))
+
+
+_STAND_INS = {"id": None, "title": "title", "version": "0.0.0", "hooks": ["order-sign"], "indicator": "warning",
+              "source": {"label": "source"}, "mode": "active", "enabled": True, "selectionBehavior": "at-most-one"}
+
+
+def _problems_beside_schema_errors(doc: dict, schema_problems: list[RuleProblem], compile_rule, stem: str):
+    """Compile problems of a rule with schema errors: broken checks, triggers and suggestions are left out of a
+    copy (and references to them are not reported again); broken top-level values get a stand-in."""
+    paths = [p.path for p in schema_problems if getattr(p, "path", None) is not None]
+    copy_doc = copy.deepcopy(doc)
+    removed_checks: set[str] = set()
+    drop: dict[str, set[int]] = {}
+    for path in paths:
+        if not path:
+            continue
+        top = path[0]
+        if top in ("checks", "policies") and len(path) >= 2:
+            if top == "checks":
+                removed_checks.add(str(path[1]))
+            (copy_doc.get(top) or {}).pop(path[1], None)
+        elif top in ("triggers", "suggestions", "adjust") and len(path) >= 2 and isinstance(path[1], int):
+            drop.setdefault(top, set()).add(path[1])
+        elif top in _STAND_INS or top == "shared":
+            copy_doc[top] = _STAND_INS.get(top)
+        else:
+            copy_doc.pop(top, None)
+    for key, indexes in drop.items():
+        if isinstance(copy_doc.get(key), list):
+            copy_doc[key] = [x for i, x in enumerate(copy_doc[key]) if i not in indexes]
+    for key, value in _STAND_INS.items():
+        if not isinstance(copy_doc.get(key), type(value)) and value is not None:
+            copy_doc[key] = value
+    copy_doc["id"] = stem
+    for key in ("checks", "triggers"):
+        if not isinstance(copy_doc.get(key), (dict if key == "checks" else list)):
+            copy_doc[key] = {} if key == "checks" else []
+    extra = Problems()
+    try:
+        compile_rule(copy_doc, extra)
+    except Exception:  # noqa: BLE001 - too broken to look further; the schema errors say why
+        return []
+    bad = {p.field for p in schema_problems}
+    out = []
+    for p in extra.items:
+        if p.severity != "error" or any(p.field == b or p.field.startswith((b + ".", b + "[")) for b in bad):
+            continue
+        if any(f"unknown check {name!r}" in p.message or f"has no check {name!r}" in p.message
+               for name in removed_checks):
+            continue
+        out.append(p)
+    return out
 
 
 def _order(p: RuleProblem):
@@ -584,6 +645,9 @@ def _load_shared(path: Path, validator, problems: Problems) -> Shared:
 def _policies(raw: dict, where, prefix: tuple, problems: Problems) -> dict[str, Policy]:
     out = {}
     for name, p in raw.items():
+        if p["unit"].strip().lower() in _TIME_WORDS:
+            problems.add(where, prefix + (name, "unit"), f"found {p['unit']!r}; allowed for a time window: "
+                         f"{', '.join(TIME_UNITS)} (any other unit makes the policy a cut-off)")
         sign_off = p["signOff"]
         if sign_off["status"] == "approved" and not (sign_off.get("by") and sign_off.get("on")):
             problems.add(where, prefix + (name, "signOff"), "an approved policy names who signed it off (by) and when (on)")

@@ -132,8 +132,25 @@ def test_validate_reports_every_problem_at_once(rules_copy, capsys):
     joined = "\n".join(errors)
     assert "indicator: found 'severe'" in joined and "mode: found 'loud'" in joined
     assert "found '24hours'" in joined and "template syntax error" in joined
-    assert "sumatriptan-sc.dose.value: found -6; allowed: more than 0" in joined
+    assert "sumatriptan-sc.dose.value: found -6 (a number); allowed: more than 0" in joined
     assert len(errors) == 5, joined
+
+
+def test_validate_reports_schema_and_cross_check_problems_of_one_file_together(rules_copy, capsys):
+    """A bad value does not hide the other problems of the same rule (unknown policy unit, card reference)."""
+    rule = rules_copy / "dhe-cyp3a4-inhibitor.yaml"
+    edit(rule, "    unit: days\n    meaning: A CYP3A4", "    unit: day\n    meaning: A CYP3A4")
+    edit(rule, "active: true, within: {policy: recent-dhe-window}}\n  dhe-on-board-for-moderate",
+         "active: true, within: 24hours}\n  dhe-on-board-for-moderate")
+    edit(rules_copy.parent / "cards/dhe-cyp3a4-inhibitor.yaml", "{% set strong = checks['strong-inhibitor-on-board']",
+         "{% set strong = checks['strong-inhibitor']")
+    assert main(["validate", "--rules", str(rules_copy)]) == 1
+    joined = "\n".join(error_lines(capsys.readouterr().err))
+    assert "checks.dhe-on-board-for-strong.medication.within: found '24hours'" in joined
+    assert "policies.cyp3a4-inhibitor-washout.unit: found 'day'; allowed for a time window: minutes, hours, days" in joined
+    assert "refers to checks['strong-inhibitor'], but rule 'dhe-cyp3a4-inhibitor' has no check 'strong-inhibitor'" in joined
+    # the check with the bad value is left out of the cross-checks: no second error for the card's use of it
+    assert "has no check 'dhe-on-board-for-strong'" not in joined
 
 
 def test_validate_reports_yaml_errors_with_line_and_column(rules_copy, capsys):
