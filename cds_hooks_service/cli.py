@@ -41,14 +41,38 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _rules_args(p: argparse.ArgumentParser, *, deprecated_positional: bool = False) -> None:
+def _rules_args(p: argparse.ArgumentParser, *, positional: bool = True) -> None:
     p.add_argument("--rules", dest="rules", type=Path, metavar="DIR",
                    help="rules directory (default: CDS_RULES_DIR or ./rules)")
     p.add_argument("--cards", type=Path, metavar="DIR",
                    help="card templates directory (default: CDS_CARDS_DIR, or cards/ beside --rules)")
     p.add_argument("--local", type=Path, metavar="DIR", help="site overrides directory (default: CDS_RULES_LOCAL_DIR)")
-    if deprecated_positional:  # the old `validate DIR` / `test DIR` form still works, with a note
+    if positional:  # the old `validate DIR` / `test DIR` form still works, with a deprecation note
         p.add_argument("old_dir", nargs="?", type=Path, help=argparse.SUPPRESS)
+
+
+def _guarded(command):
+    """A command's way out for a user's mistake or a closed pipe: one `error:` line (exit 2), or a quiet end."""
+    import functools
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        try:
+            return command(args)
+        except CommandError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except BrokenPipeError:  # `explain ... | head`: the reader left; stop quietly
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+            except (OSError, ValueError, AttributeError):
+                pass
+            return 141  # as a shell reports a process ended by SIGPIPE
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+    return run
 
 
 def _progress(iterable, *, desc: str, unit: str, total: int | None = None):
@@ -121,6 +145,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
+@_guarded
 def cmd_validate(args) -> int:
     loaded = _load(args)
     if loaded is None:
@@ -156,6 +181,7 @@ def _known_rule_ids(requested: list[str] | None, rulebook) -> None:
                                + f"; rules: {', '.join(ids)}")
 
 
+@_guarded
 def cmd_test(args) -> int:
     from .scenarios import run_scenarios
 
@@ -212,6 +238,7 @@ def _read_request(path: Path) -> dict:
         raise CommandError(f"{path}: not JSON ({exc})") from exc
 
 
+@_guarded
 def cmd_explain(args) -> int:
     from .errors import ServiceError
     from .explain import format_text, report
@@ -243,6 +270,7 @@ def cmd_explain(args) -> int:
     return 0
 
 
+@_guarded
 def cmd_replay(args) -> int:
     from .replay import format_table, replay, request_files
     from .rulebook import RulebookError, load_rulebook
@@ -294,6 +322,7 @@ def _replay_json(current, baseline) -> dict:
     return out
 
 
+@_guarded
 def cmd_stats(args) -> int:
     from .store import FeedbackStore
 
@@ -316,7 +345,7 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cds_hooks_service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -327,11 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="worker processes (default: WEB_CONCURRENCY or 2)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("validate", help="validate the rule files")
-    _rules_args(p, deprecated_positional=True)
+    _rules_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output (errors and warnings with file, line, column)")
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("test", help="run the rules' scenarios")
-    _rules_args(p, deprecated_positional=True)
+    _rules_args(p)
     p.add_argument("--rule", action="append", metavar="ID", help="only this rule (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_test)
@@ -339,36 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("request", type=Path, help="a CDS Hooks request JSON file")
     p.add_argument("--now", help="evaluate as of this ISO time (e.g. the examples' 2026-03-01T12:00:00Z)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    _rules_args(p)
+    _rules_args(p, positional=False)
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("replay", help="alert volume over recorded requests")
     p.add_argument("requests", type=Path, help="a folder of recorded hook requests (*.json), or one file")
     p.add_argument("--baseline", type=Path, metavar="DIR", help="another rules directory to compare with")
     p.add_argument("--now", help="evaluate as of this ISO time")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    _rules_args(p)
+    _rules_args(p, positional=False)
     p.set_defaults(func=cmd_replay)
     p = sub.add_parser("stats", help="per-rule card and override statistics")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--days", type=int, help="only cards issued in the last N days")
     p.set_defaults(func=cmd_stats)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except CommandError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except BrokenPipeError:  # `explain ... | head`: the reader left; stop quietly
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
-        except (OSError, ValueError, AttributeError):
-            pass
-        return 141  # as a shell reports a process ended by SIGPIPE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    args = parser.parse_args(argv)
+    return args.func(args)
