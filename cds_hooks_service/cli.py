@@ -151,6 +151,8 @@ def cmd_validate(args) -> int:
     if loaded is None:
         return EXIT_FAILED
     rulebook, _ = loaded
+    if not rulebook.rules:
+        raise CommandError(f"{rulebook.rules_dir}: no rule files (<id>.yaml) in this folder")
     if args.json:
         print(json.dumps({"valid": True, "rules": [
             {"id": r.id, "version": r.version, "enabled": r.enabled, "mode": r.mode, "hooks": sorted(r.hooks),
@@ -192,6 +194,8 @@ def cmd_test(args) -> int:
     _known_rule_ids(args.rule, rulebook)
     results, problems = run_scenarios(rulebook, settings, args.rule or None,
                                       progress=lambda it, n: _progress(it, desc="scenarios", unit="rule", total=n))
+    if not results and not problems:
+        raise CommandError(f"{rulebook.rules_dir}: no rules with scenarios to run")
     failed = sum(not r.passed for r in results)
     if args.json:
         print(json.dumps({"passed": len(results) - failed, "failed": failed, "problems": problems, "results": [

@@ -243,6 +243,15 @@ def test_empty_input_is_an_error(tmp_path, capsys):
     assert "not an order-select or order-sign request" in capsys.readouterr().err
 
 
+def test_a_rules_folder_without_rules_is_an_error(tmp_path, capsys):
+    rules = tmp_path / "rules"
+    shutil.copytree(REPO / "rules", rules, ignore=shutil.ignore_patterns("*-*.yaml"))  # keep shared/alternatives
+    (tmp_path / "cards").mkdir()
+    for command in ("validate", "test"):
+        assert main([command, "--rules", str(rules)]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"error: {rules}: no rule")
+
+
 def test_version(capsys):
     from importlib.metadata import version
 
