@@ -926,6 +926,17 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
     in_card: set[str] = set()
     if card is not None:
         in_card = _check_card_references(card, doc["id"], checks, triggers, cautions, problems)
+        for key, ast in card.source.asts.items():  # policy['name'] in the card text: that policy's number
+            for name, lineno in dict(template_check_names(ast, "policy")).items():
+                p = policies.get(name)
+                if p is None:
+                    problems.add(card.source.located, (key,), f"refers to policy[{name!r}], which is not a policy of "
+                                 f"rule {doc['id']!r} or of shared.yaml ({', '.join(sorted(policies)) or 'none defined'})",
+                                 line=_template_line(card.source.located, key, lineno))
+                    continue
+                rule_policies[name] = p
+                if name in shared.policies:
+                    used.policies.add(name)
     if len(problems) > before or card is None:
         return None
     referenced = in_card | {n for t in triggers for n in t.when} | set(exceptions) | set(cautions) \
@@ -1025,9 +1036,9 @@ def _template_line(located: Located, key: str, lineno: int) -> int | None:
     return line + lineno - (0 if block else 1)
 
 
-def template_check_names(ast: nodes.Template) -> list[tuple[str, int]]:
-    """(check name, template line) for every ``checks['name']``, ``checks.get('name')`` and
-    ``checks[var]`` where var runs over (or is set to) a literal list of names."""
+def template_check_names(ast: nodes.Template, var: str = "checks") -> list[tuple[str, int]]:
+    """(name, template line) for every ``checks['name']``, ``checks.get('name')`` and ``checks[v]`` where v
+    runs over (or is set to) a literal list of names; ``var="policy"`` finds ``policy['name']`` the same way."""
     literal_lists: dict[str, list[str]] = {}
     for node in ast.find_all((nodes.For, nodes.Assign)):
         target, value = (node.target, node.iter) if isinstance(node, nodes.For) else (node.target, node.node)
@@ -1040,7 +1051,7 @@ def template_check_names(ast: nodes.Template) -> list[tuple[str, int]]:
             literal_lists.setdefault(node.target.name, []).extend(literal_lists[node.iter.name])
     out = []
     for node in ast.find_all(nodes.Getitem):
-        if isinstance(node.node, nodes.Name) and node.node.name == "checks":
+        if isinstance(node.node, nodes.Name) and node.node.name == var:
             if isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
                 out.append((node.arg.value, node.lineno))
             elif isinstance(node.arg, nodes.Name):
@@ -1048,10 +1059,10 @@ def template_check_names(ast: nodes.Template) -> list[tuple[str, int]]:
     for node in ast.find_all(nodes.Call):
         f = node.node
         if isinstance(f, nodes.Getattr) and f.attr == "get" and isinstance(f.node, nodes.Name) \
-                and f.node.name == "checks" and node.args and isinstance(node.args[0], nodes.Const):
+                and f.node.name == var and node.args and isinstance(node.args[0], nodes.Const):
             out.append((node.args[0].value, node.lineno))
     for node in ast.find_all(nodes.Getattr):
-        if isinstance(node.node, nodes.Name) and node.node.name == "checks" and node.attr != "get":
+        if isinstance(node.node, nodes.Name) and node.node.name == var and node.attr != "get":
             out.append((node.attr, node.lineno))
     return out
 

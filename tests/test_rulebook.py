@@ -326,3 +326,33 @@ def test_missing_folders_are_one_problem_not_a_traceback(tmp_path):
     with pytest.raises(RulebookError) as exc:
         load_rulebook(tmp_path / "nope", tmp_path / "cards")
     assert [str(p) for p in exc.value.problems] == [f"{tmp_path / 'nope'}: (folder): the rules folder does not exist"]
+
+
+def test_card_texts_take_policy_numbers_from_the_policies(rules_copy, make_settings):
+    """Card wording shows the policy numbers (policy['name']), so changing a number cannot leave stale text."""
+    from cds_hooks_service.hook_call import call_service
+    from cds_hooks_service.scenarios import load_scenarios
+    from cds_hooks_service.services import SERVICE_FOR_HOOK
+
+    sc = next(s for s in load_scenarios(REPO / "rules/dhe-cyp3a4-inhibitor.tests.yaml", "dhe-cyp3a4-inhibitor")
+              if s.name.startswith("DHE IV with an active ritonavir order"))
+
+    def detail(rules_dir):
+        rb = load_rulebook(rules_dir, rules_dir.parent / "cards")
+        result = call_service(SERVICE_FOR_HOOK["order-sign"], sc.request("order-sign"), rulebook=rb, store=None,
+                              settings=make_settings(fixed_now=sc.now))
+        return next(c for c in result.response["cards"]
+                    if c["source"]["topic"]["code"] == "dhe-cyp3a4-inhibitor")["detail"]
+
+    assert "Inhibitors given or ordered in the past 14 days count" in detail(rules_copy)
+    edit(rules_copy / "dhe-cyp3a4-inhibitor.yaml", "  cyp3a4-inhibitor-washout:\n    value: 14",
+         "  cyp3a4-inhibitor-washout:\n    value: 21")
+    assert "Inhibitors given or ordered in the past 21 days count" in detail(rules_copy)
+
+
+def test_card_referring_to_an_unknown_policy(rules_copy):
+    card = rules_copy.parent / "cards/dhe-cyp3a4-inhibitor.yaml"
+    edit(card, "{{ policy['cyp3a4-inhibitor-washout'] }} days count", "{{ policy['cyp3a4-washout'] }} days count")
+    line = next(i for i, text in enumerate(card.read_text().splitlines(), 1) if "policy['cyp3a4-washout']" in text)
+    assert f"dhe-cyp3a4-inhibitor.yaml:{line}: detail: refers to policy['cyp3a4-washout'], which is not a policy of " \
+           "rule 'dhe-cyp3a4-inhibitor' or of shared.yaml" in only(rules_copy)
