@@ -29,6 +29,7 @@ from jinja2 import TemplateSyntaxError, nodes
 
 from .cards import DETAIL_ENV, SUMMARY_ENV
 from .facts import MEDICATION_TYPES
+from .sources import SOURCES_FILE, URL_IN_TEXT, Sources, load_sources
 
 from .terminology import Concept, Terminology, TerminologyError
 
@@ -45,7 +46,7 @@ DATA_KEYS = {
     "MedicationStatement": ("medicationStatements",),
 }
 # Files of the rules directory that are not rules.
-NOT_RULES = {"alternatives.yaml", "shared.yaml", "sources.yaml"}
+NOT_RULES = {"alternatives.yaml", "shared.yaml", SOURCES_FILE}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(m|h|d)$")
 _SECONDS = {"m": 60, "h": 3600, "d": 86400}
 # Policy units that make a policy usable as a time window, and the duration letter they become.
@@ -193,12 +194,20 @@ class Rulebook:
     rules_dir: Path
     warnings: list[RuleProblem] = field(default_factory=list)
     policies: dict[str, Policy] = field(default_factory=dict)  # shared.yaml's
+    sources: Sources = field(default_factory=lambda: Sources(frozenset(), {}))
 
     @cached_property
     def condition_concepts(self) -> frozenset[Concept]:
         """Every concept a condition check of any rule can match: other conditions need no facts."""
         return frozenset().union(*(c.valueset for r in self.rules for c in r.checks.values()
                                    if c.kind == "condition"))
+
+    @cached_property
+    def prefetch(self) -> dict[str, str]:
+        """Data key -> FHIR query template, generated from these rules: the discovery prefetch templates
+        and the queries run on fhirServer when a key was not prefetched (services.prefetch_templates)."""
+        from .services import prefetch_templates
+        return prefetch_templates(self)
 
     def for_hook(self, hook: str) -> list[Rule]:
         return [r for r in self.rules if r.enabled and hook in r.hooks]
@@ -498,6 +507,9 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
 
     alternatives, alt_loc = _load_alternatives(rules_dir / "alternatives.yaml", sub("alternativesFile"), problems)
     shared = _load_shared(rules_dir / "shared.yaml", sub("sharedFile"), problems)
+    sources, source_problems = load_sources(rules_dir)
+    for field_name, message in source_problems:
+        problems.add(str(rules_dir / SOURCES_FILE), (field_name,), message)
     overrides = _load_overrides(Path(local_dir), problems) if local_dir else {}
 
     rules: list[Rule] = []
@@ -525,7 +537,7 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
             # on a copy without the broken parts, so that one run reports everything.
             problems.items += _problems_beside_schema_errors(
                 doc, problems.items[before:], lambda d, extra: _compile_rule(
-                    d, locator, path, terminology, alternatives, shared, cards_dir, extra, Usage()), path.stem)
+                    d, locator, path, terminology, alternatives, shared, cards_dir, extra, Usage(), sources), path.stem)
             continue
         if doc["id"] != path.stem:
             problems.add(locator, ("id",), f"found {doc['id']!r}; allowed: the file name without .yaml ({path.stem!r})")
@@ -536,7 +548,7 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
         seen[doc["id"]] = path
         if doc.get("tests"):
             tests_of[doc["tests"]] = doc["id"]
-        rule = _compile_rule(doc, locator, path, terminology, alternatives, shared, cards_dir, problems, used)
+        rule = _compile_rule(doc, locator, path, terminology, alternatives, shared, cards_dir, problems, used, sources)
         if rule:
             rules.append(rule)
     for rule_id, (_, override_loc) in overrides.items():
@@ -549,8 +561,17 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
         _unused(rules_dir, terminology, alternatives, alt_loc, shared, used, problems)
     if problems.errors:
         raise RulebookError(sorted(problems.errors, key=_order) + sorted(problems.warnings, key=_order))
-    return Rulebook(rules, terminology, alternatives, rules_dir, sorted(problems.warnings, key=_order),
-                    dict(shared.policies))
+    rulebook = Rulebook(rules, terminology, alternatives, rules_dir, sorted(problems.warnings, key=_order),
+                        dict(shared.policies), sources)
+    from .services import PANELS_FILE, prefetch_problems  # the generated queries must fetch what the rules read
+    try:
+        data_problems = prefetch_problems(rulebook, rulebook.prefetch)
+    except ValueError as exc:
+        raise RulebookError([RuleProblem(str(rules_dir / PANELS_FILE), "(file)", str(exc))]) from exc
+    if data_problems:
+        raise RulebookError([RuleProblem(str(next(r.path for r in rules if r.id == rule_id)), where, message)
+                             for rule_id, where, message in data_problems])
+    return rulebook
 
 
 _STAND_INS = {"id": None, "title": "title", "version": "0.0.0", "hooks": ["order-sign"], "indicator": "warning",
@@ -736,7 +757,7 @@ def _apply_overrides(doc: dict, override: dict, locator: Locator, located: Locat
 # --- compiling one rule ----------------------------------------------------------------------------------
 
 def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminology, alternatives: dict,
-                  shared: Shared, cards_dir: Path, problems: Problems, used: Usage) -> Rule | None:
+                  shared: Shared, cards_dir: Path, problems: Problems, used: Usage, library: Sources) -> Rule | None:
     before = len(problems)
 
     def problem(where: tuple, message: str, *, key: bool = False) -> None:
@@ -921,6 +942,15 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         if sid in ids[:i]:
             problem(("suggestions", i, "id"), f"found {sid!r} a second time; allowed: suggestion ids unique within a rule")
 
+    cited = {}
+    for where, source_id in [(("source",), doc["source"])] + [(("references", i), r)
+                                                               for i, r in enumerate(doc.get("references") or [])]:
+        found = library.get(source_id)
+        if found is None:
+            problem(where, f"unknown source id {source_id!r}; sources are listed in rules/{SOURCES_FILE}: "
+                    f"{', '.join(sorted(library.by_id)) or 'none loaded'}")
+        else:
+            cited[where] = {"id": found.id, "label": found.title, "url": found.url}
     card_name = doc.get("card") or doc["id"]
     card = _load_card(cards_dir, card_name, problems)
     in_card: set[str] = set()
@@ -950,7 +980,8 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
     return Rule(
         id=doc["id"], title=doc["title"], version=doc["version"], enabled=doc.get("enabled", True),
         mode=doc.get("mode", "active"), hooks=frozenset(doc["hooks"]), indicator=doc["indicator"],
-        source=doc["source"], references=doc.get("references") or [], triggers=triggers, checks=checks,
+        source=cited[("source",)], references=[v for k, v in cited.items() if k != ("source",)],
+        triggers=triggers, checks=checks,
         exceptions=exceptions, cautions=cautions, adjust=adjust, card=card,
         selection_behavior=doc.get("selectionBehavior", "at-most-one"), suggestions=suggestions,
         override_reasons=doc.get("overrideReasons") or [], path=path, needs=needs, raw=doc,
@@ -1015,6 +1046,10 @@ def _load_card(cards_dir: Path, name: str, problems: Problems) -> CardTemplate |
     if not isinstance(doc, dict) or not isinstance(doc.get("summary"), str) or not isinstance(doc.get("detail"), str):
         problems.add(located, (), "a card template needs summary and detail, each text")
         return None
+    for key in ("summary", "detail"):
+        for url in URL_IN_TEXT.findall(doc[key]):
+            problems.add(located, (key,), f"a card template may not contain a link ({url}); cite a source id in the "
+                         f"rule's source/references (rules/{SOURCES_FILE})")
     compiled, asts = {}, {}
     for key, env in (("summary", SUMMARY_ENV), ("detail", DETAIL_ENV)):
         try:
