@@ -575,7 +575,7 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
 
 
 _STAND_INS = {"id": None, "title": "title", "version": "0.0.0", "hooks": ["order-sign"], "indicator": "warning",
-              "source": {"label": "source"}, "mode": "active", "enabled": True, "selectionBehavior": "at-most-one"}
+              "source": "source", "mode": "active", "enabled": True, "selectionBehavior": "at-most-one"}
 
 
 def _problems_beside_schema_errors(doc: dict, schema_problems: list[RuleProblem], compile_rule, stem: str):
@@ -584,6 +584,7 @@ def _problems_beside_schema_errors(doc: dict, schema_problems: list[RuleProblem]
     paths = [p.path for p in schema_problems if getattr(p, "path", None) is not None]
     copy_doc = copy.deepcopy(doc)
     removed_checks: set[str] = set()
+    stood_in: set[str] = set()
     drop: dict[str, set[int]] = {}
     for path in paths:
         if not path:
@@ -597,6 +598,7 @@ def _problems_beside_schema_errors(doc: dict, schema_problems: list[RuleProblem]
             drop.setdefault(top, set()).add(path[1])
         elif top in _STAND_INS or top == "shared":
             copy_doc[top] = _STAND_INS.get(top)
+            stood_in.add(top)
         else:
             copy_doc.pop(top, None)
     for key, indexes in drop.items():
@@ -605,6 +607,7 @@ def _problems_beside_schema_errors(doc: dict, schema_problems: list[RuleProblem]
     for key, value in _STAND_INS.items():
         if not isinstance(copy_doc.get(key), type(value)) and value is not None:
             copy_doc[key] = value
+            stood_in.add(key)
     copy_doc["id"] = stem
     for key in ("checks", "triggers"):
         if not isinstance(copy_doc.get(key), (dict if key == "checks" else list)):
@@ -618,6 +621,8 @@ def _problems_beside_schema_errors(doc: dict, schema_problems: list[RuleProblem]
     out = []
     for p in extra.items:
         if p.severity != "error" or any(p.field == b or p.field.startswith((b + ".", b + "[")) for b in bad):
+            continue
+        if p.path and p.path[0] in stood_in:
             continue
         if any(f"unknown check {name!r}" in p.message or f"has no check {name!r}" in p.message
                for name in removed_checks):

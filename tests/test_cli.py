@@ -111,12 +111,13 @@ def test_validate_points_at_line_and_column_of_nested_fields(rules_copy, capsys,
 def test_validate_never_prints_raw_regular_expressions(rules_copy, capsys):
     edit(rules_copy / "opioid-in-migraine.yaml", "id: opioid-in-migraine", "id: Opioid_In_Migraine")
     edit(rules_copy / "opioid-in-migraine.yaml", "  - id: replace-prochlorperazine", "  - id: Replace Prochlorperazine")
-    edit(rules_copy / "dhe-vasopressor.yaml", "  url: http://www.rxlist.com", "  url: www.rxlist.com")
+    source = next(line for line in (rules_copy / "dhe-vasopressor.yaml").read_text().splitlines() if line.startswith("source: "))
+    edit(rules_copy / "dhe-vasopressor.yaml", source, "source: https://www.rxlist.com/dhe")
     assert main(["validate", "--rules", str(rules_copy)]) == 1
     err = capsys.readouterr().err
     assert "found 'Opioid_In_Migraine'; allowed: 3 to 63 lower-case letters" in err
     assert "found 'Replace Prochlorperazine'; allowed: a name of lower-case letters" in err
-    assert "allowed: a web address starting with http:// or https://" in err
+    assert "found 'https://www.rxlist.com/dhe'; allowed: a source id listed in rules/sources.yaml" in err
     assert not re.search(r"\^|\$'|\\d|\[a-z", err), err
 
 
