@@ -210,6 +210,10 @@ class PinnedAdapter(HTTPAdapter):
         if (u.auth is not None or scheme != self.target.scheme or host != self.target.host
                 or (u.port or DEFAULT_PORTS.get(scheme)) != self.target.port):
             raise RequestRefused("URL does not name the checked FHIR server")
+        # request.url is the URL as it goes on the wire (requests has decoded %2e to "." by now); urllib3's parser
+        # resolves its dot segments as the server will, so "/fhir/%2e%2e/admin" is "/admin" here: refused
+        if not ((u.path or "/").rstrip("/") + "/").startswith(self.target.path + "/"):
+            raise RequestRefused("URL is not below the checked FHIR base URL")
         return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies={})
 
 

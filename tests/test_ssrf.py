@@ -281,7 +281,10 @@ def test_backslash_next_link_does_not_reach_the_other_host(make_fault_server):
 
 
 @pytest.mark.parametrize("link", ["{origin}/admin/Condition?page=2", "{origin}/fhir/../admin?page=2",
-                                  "{origin}/fhirX/Condition?page=2", "http://user:pw@{hostport}/fhir/Condition?page=2"])
+                                  "{origin}/fhirX/Condition?page=2", "http://user:pw@{hostport}/fhir/Condition?page=2",
+                                  # requests decodes %2e to "." before sending: the wire says /fhir/../admin
+                                  "{origin}/fhir/%2e%2e/admin?page=2", "/fhir/%2E%2E/admin/Condition?page=2",
+                                  "{origin}/fhir/Condition/%2e%2e/%2e%2e/admin?page=2"])
 def test_next_link_must_stay_below_the_base_url(make_fault_server, link):
     server = make_fault_server()
     url = link.format(origin=server.origin, hostport=server.origin.split("//")[1])
