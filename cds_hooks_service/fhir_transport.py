@@ -112,6 +112,54 @@ def _watch(sock: socket.socket | None) -> None:
     _scope.tokens.append(WATCHDOG.watch(sock, deadline))
 
 
+def _bound_handshake(sock: socket.socket) -> None:
+    """A socket's timeout is per operation, but Python's TLS handshake counts it as one total: clamped to what
+    is left before the deadline, the handshake ends by then (the watchdog cannot reach it: wrapping the socket
+    for TLS detaches the plain socket it watches)."""
+    deadline = getattr(_scope, "deadline", None)
+    if deadline is None:
+        return
+    left = max(deadline - time.monotonic(), 0.001)
+    current = sock.gettimeout()
+    if current is None or current > left:
+        sock.settimeout(left)
+
+
+class _WatchedMixin:
+    """Sockets of a plain (not pinned) connection, watched like the pinned ones: for the JWKS fetches."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _bound_handshake(sock)
+        _watch(sock)
+        return sock
+
+    def connect(self) -> None:
+        super().connect()
+        _watch(self.sock)
+
+    def request(self, *args, **kwargs):
+        _watch(self.sock)
+        return super().request(*args, **kwargs)
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = type("WatchedHTTPConnection", (_WatchedMixin, HTTPConnection), {})
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = type("WatchedHTTPSConnection", (_WatchedMixin, HTTPSConnection), {})
+
+
+class WatchedAdapter(HTTPAdapter):
+    """A requests adapter whose sockets are shut down at the :func:`deadline_scope` deadline (no pinning: for
+    an operator-configured URL such as an issuer's ``jwks_url``)."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
 # ---------------------------------------------------------------- pinned connections
 
 class _PinnedMixin:
@@ -131,7 +179,8 @@ class _PinnedMixin:
             raise NewConnectionError(self, f"failed to connect: {type(e).__name__}") from e
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _watch(sock)  # covers the TLS handshake until the socket is wrapped
+        _bound_handshake(sock)
+        _watch(sock)
         return sock
 
     def connect(self) -> None:

@@ -158,3 +158,27 @@ def test_a_trickling_https_server_is_cut_at_the_deadline(make_fault_server, tmp_
     assert server.requests, "the request never reached the server: the test would mean nothing"
     assert wait_until(lambda: fhir_transport.WATCHDOG.fired > fired, 0.5)  # it was the watchdog that cut it
     assert wait_until(lambda: client_sockets_to(server.port) == 0, 0.5)
+
+
+def test_a_stalled_tls_handshake_ends_at_the_deadline():
+    """A server that accepts the connection and never answers the TLS ClientHello. The connection's own timeout
+    is longer than what is left of the budget (the TCP connect may have used most of it); the handshake still
+    ends at the deadline. (It used to last the whole connection timeout: wrapping the socket for TLS detaches
+    the plain socket the watchdog watches.)"""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    conn = fhir_transport.PinnedHTTPSConnection("fhir.test", listener.getsockname()[1], pinned_ip="127.0.0.1",
+                                                timeout=3.0)
+    t0 = time.monotonic()
+    try:
+        with fhir_transport.deadline_scope(t0 + 0.3), pytest.raises(Exception):
+            conn.connect()
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        conn.close()
+        listener.close()
+        for sock, _ in accepted:
+            sock.close()
