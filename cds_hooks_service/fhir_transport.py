@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -36,6 +37,31 @@ from .fhir_servers import DEFAULT_PORTS, FhirServerRefused, Resolver, Target, pi
 
 DEFAULT_MAX_CONCURRENCY = 16
 DNS_THREADS = 4
+
+
+# ---------------------------------------------------------------- urllib3's DEBUG lines
+
+class _WithholdRequestTargets(logging.Filter):
+    """urllib3 logs every request line at DEBUG ('http://host:port "GET /fhir/Condition?patient=<id> HTTP/1.1"
+    200 512'): FHIR paths and queries carry patient ids, so they are withheld whatever level an operator sets
+    (hosts, ports and status codes stay)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and ("/" in a or "?" in a) for a in record.args):
+            record.args = tuple(_withheld(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def _withheld(text: str) -> str:
+    if text.startswith(("/", "?")):
+        return "(path withheld)"
+    if "://" in text:  # a whole URL (redirect and retry lines): keep its origin
+        scheme, _, rest = text.partition("://")
+        return f"{scheme}://{rest.split('/', 1)[0].split('?', 1)[0]}/(path withheld)"
+    return text
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_WithholdRequestTargets())
 
 
 # ---------------------------------------------------------------- the deadline watchdog
