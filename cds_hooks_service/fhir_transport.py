@@ -33,6 +33,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import ConnectTimeoutError, LocationParseError, NewConnectionError
 from urllib3.util import parse_url
 
+from . import fhir_servers
 from .fhir_servers import DEFAULT_PORTS, FhirServerRefused, Resolver, Target, pick_address
 
 DEFAULT_MAX_CONCURRENCY = 16
@@ -347,23 +348,42 @@ def submit(fn, *args) -> Future:
     return future
 
 
+_lookups: dict[tuple, Future] = {}  # (resolver, host, port) -> the lookup in flight
+_lookups_lock = threading.Lock()
+
+
+def _lookup(host: str, port: int, resolver: Resolver) -> Future:
+    """The DNS answer for (host, port) on the DNS pool; a lookup already in flight for it is shared, so a name
+    whose DNS hangs holds one DNS thread however often it is asked for (never all of them)."""
+    key = (resolver, host, port)
+    with _lookups_lock:
+        future = _lookups.get(key)
+        if future is not None:
+            return future
+        future = _lookups[key] = POOLS._ensure().dns.submit(resolver, host, port)
+    future.add_done_callback(lambda f: _forget(key, f))  # outside the lock: runs at once if already done
+    return future
+
+
+def _forget(key: tuple, future: Future) -> None:
+    with _lookups_lock:
+        if _lookups.get(key) is future:
+            del _lookups[key]
+
+
 def resolve(target: Target, networks: tuple, resolver: Resolver | None, deadline: float) -> str:
     """fhir_servers.pick_address, waited for until ``deadline`` at most (a hanging DNS server keeps one of
-    the few DNS threads, never the caller)."""
+    the few DNS threads, never the caller; callers asking for the same name share its lookup)."""
     if target.literal_ip is not None:
         return pick_address(target, networks, resolver)
     left = deadline - time.monotonic()
     if left <= 0:
         raise FhirServerRefused("time budget exhausted before name resolution", resolved=False)
-
-    def lookup():
-        if time.monotonic() > deadline:
-            raise FhirServerRefused("time budget exhausted before name resolution", resolved=False)
-        return pick_address(target, networks, resolver)
-
-    future = POOLS._ensure().dns.submit(lookup)
+    future = _lookup(target.host, target.port, resolver or fhir_servers.system_resolver)
     try:
-        return future.result(timeout=left)
+        answers = future.result(timeout=left)
     except FutureTimeout:
-        future.cancel()
         raise TimeoutError("name resolution did not finish within the time budget") from None
+    except (OSError, UnicodeError) as exc:
+        raise FhirServerRefused(f"name resolution failed ({type(exc).__name__})", resolved=False) from None
+    return pick_address(target, networks, lambda _host, _port: answers)

@@ -182,3 +182,33 @@ def test_a_stalled_tls_handshake_ends_at_the_deadline():
         listener.close()
         for sock, _ in accepted:
             sock.close()
+
+
+def test_a_hanging_name_does_not_starve_the_lookups_of_other_servers(make_fault_server):
+    """One trusted FHIR server's DNS does not answer and its client keeps calling (8 hook calls in a row): the
+    lookups of that one name share one DNS thread, so another client's server still resolves and is read.
+    (Each call used to start its own lookup: the few DNS threads all hung on the one name.)"""
+    import ipaddress
+
+    server = make_fault_server()
+    server.default = fs.bundle_of({})
+    release = threading.Event()
+
+    def resolver(host, port):
+        if host == "slow-dns.example.org":
+            release.wait(10)
+            return ["93.184.216.34"]
+        return ["127.0.0.1"]
+
+    try:
+        for _ in range(8):
+            out = FhirClient("https://slow-dns.example.org/fhir", TOKEN, resolver=resolver).fetch_all(
+                {"c": "Condition?patient=x"}, budget=0.1)
+            assert "name resolution" in out["c"].reason
+        out = FhirClient(f"http://fast.example.org:{server.port}/fhir", TOKEN, resolver=resolver,
+                         private_networks=(ipaddress.ip_network("127.0.0.0/8"),)).fetch_all(
+            {"c": "Condition?patient=x"}, budget=1.0)
+    finally:
+        release.set()
+    assert not isinstance(out["c"], Exception), out
+    assert len(server.requests) == 1
