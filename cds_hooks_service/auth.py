@@ -32,7 +32,6 @@ no detail) and never contains the token. Nothing here logs.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import os
@@ -48,7 +47,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from . import fhir_transport
-from .fhir_servers import parse_entry_servers
+from .fhir_servers import parse_entry_servers, parse_target
 
 ALLOWED_ALGORITHMS = frozenset(
     {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
@@ -439,18 +438,12 @@ def _static_keys(jwks: Any, where: str) -> dict[str, jwt.PyJWK]:
 
 
 def _check_jwks_url(url: Any, where: str) -> str:
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if not parts or parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError(f"{where}: 'jwks_url' must be an absolute https URL")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    """Checked as urllib3 (the parser that connects) reads it: ``urllib.parse`` takes the host of
+    ``http://remote\\@127.0.0.1/`` to be 127.0.0.1, urllib3 connects to ``remote``."""
+    try:
+        target = parse_target(url)
+    except ValueError as exc:
+        raise ValueError(f"{where}: 'jwks_url' must be an absolute https URL ({exc})") from None
+    if target.scheme == "http" and not target.is_loopback:
         raise ValueError(f"{where}: 'jwks_url' must use https (http only for localhost)")
     return url
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

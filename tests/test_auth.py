@@ -437,6 +437,9 @@ def test_from_file_entry_with_neither(tmp_path):
         ({"iss": EHR_ISS, "jwks_uri": EHR_JWKS_URL}, "unknown keys \\['jwks_uri'\\]"),
         ({"iss": EHR_ISS, "jwks_url": "http://ehr.example.org/jwks.json"}, "must use https"),
         ({"iss": EHR_ISS, "jwks_url": "file:///etc/passwd"}, "absolute https URL"),
+        # urllib.parse reads host 127.0.0.1, urllib3 (which connects) reads ehr.example.org: plain http to it
+        ({"iss": EHR_ISS, "jwks_url": "http://ehr.example.org\\@127.0.0.1/jwks.json"}, "must use https"),
+        ({"iss": EHR_ISS, "jwks_url": "https://user:pw@ehr.example.org/jwks.json"}, "user info"),
         ({"iss": EHR_ISS, "jwks": {"keys": []}}, "non-empty 'keys' list"),
         ({"iss": EHR_ISS, "jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]}}, "symmetric"),
         ({"iss": EHR_ISS, "jwks": {"keys": [{"kty": "EC", "crv": "P-384", "kid": "k"}]}}, "no usable signing key"),
