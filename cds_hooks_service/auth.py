@@ -373,8 +373,12 @@ def _bearer_token(authorization_header: str | None) -> str:
 
 def _number(claims: dict, name: str) -> float:
     value = claims[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AuthError(f"{name} is not a finite number")  # json.loads accepts NaN/Infinity
+    try:  # json.loads accepts NaN/Infinity, and integers of any size (math.isfinite(10**400): OverflowError)
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise AuthError(f"{name} is not a finite number")
     return value
 
 

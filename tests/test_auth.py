@@ -264,6 +264,15 @@ def test_non_finite_exp_rejected(verifier):
     assert "exp is not a finite number" in _reject(verifier, f"Bearer {token}").reason
 
 
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+def test_huge_integer_times_rejected_not_a_crash(verifier, claim):
+    """JSON integers have no size limit: 10**400 is not a float (math.isfinite raised OverflowError: a 500)."""
+    payload = json.dumps({**sandbox_claims(AUD), claim: 10**400}).encode()
+    token = jwt.PyJWS().encode(payload, sandbox_private_key(), algorithm="ES384",
+                               headers={"kid": SANDBOX_KID, "typ": "JWT"})
+    assert f"{claim} is not a finite number" in _reject(verifier, f"Bearer {token}").reason
+
+
 def test_unknown_iss_rejected(verifier):
     token = _sandbox_token(iss="https://evil.example.org")
     assert "not allowlisted" in _reject(verifier, f"Bearer {token}").reason
