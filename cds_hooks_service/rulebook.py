@@ -20,7 +20,8 @@ import jsonschema
 import yaml
 from jinja2 import TemplateSyntaxError
 
-from .cards import DETAIL_ENV, SUMMARY_ENV
+from . import rulefiles
+from .cards import DETAIL_ENV, SUMMARY_ENV, load_time_problems
 from .facts import MEDICATION_TYPES
 
 from .terminology import Concept, Terminology, TerminologyError
@@ -173,8 +174,7 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
 
 
 def load_yaml_file(path: Path) -> tuple[object, str]:
-    text = path.read_text(encoding="utf-8")
-    return yaml.safe_load(text), text
+    return rulefiles.load_yaml_file(path)  # regular files only, size cap, no YAML anchors/aliases
 
 
 def _apply_overrides(doc: dict, override: dict) -> dict:
@@ -202,7 +202,7 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
     except TerminologyError as exc:
         raise RulebookError([RuleProblem(str(rules_dir / "valuesets"), "valuesets", str(exc))]) from exc
 
-    schema = json.loads((rules_dir / "rule.schema.json").read_text(encoding="utf-8"))
+    schema = json.loads(rulefiles.read_rule_text(rules_dir / "rule.schema.json"))
     validator = jsonschema.Draft202012Validator(schema)
     alternatives = _load_alternatives(rules_dir / "alternatives.yaml", problems)
     overrides = _load_overrides(local_dir, problems) if local_dir else {}
@@ -366,6 +366,9 @@ def _compile_rule(doc: dict, text: str, path: Path, terminology: Terminology, al
         problem("suggestions", "suggestion ids must be unique within a rule")
 
     card = _load_card(cards_dir, doc.get("card") or doc["id"], problems)
+    for key in ("summary", "detail") if card else ():  # render limits and sandbox, tried with example data
+        for message in load_time_problems(getattr(card, key), doc):
+            problems.append(RuleProblem(str(cards_dir / f"{card.name}.yaml"), key, message))
     if len(problems) > before or card is None:
         return None
     needs = frozenset().union(*(c.needs for c in checks.values())) if checks else frozenset()

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from .rulefiles import RuleFileError, load_yaml_text, read_rule_text
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 SNOMED = "http://snomed.info/sct"
@@ -93,8 +93,8 @@ class Terminology:
         titles: dict[str, str] = {}
         for path in sorted(vs_dir.glob("*.json")):
             try:
-                doc = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
+                doc = json.loads(read_rule_text(path))
+            except (OSError, json.JSONDecodeError, RuleFileError) as exc:
                 raise TerminologyError(f"{path}: not readable JSON ({exc})") from exc
             if doc.get("resourceType") != "ValueSet" or not doc.get("id"):
                 raise TerminologyError(f"{path}: not a FHIR ValueSet with an id")
@@ -111,7 +111,7 @@ class Terminology:
         precise: dict[str, str] = {}
         rollup_path = term_dir / "rxnorm-ingredients.json"
         if rollup_path.exists():
-            rollup = json.loads(rollup_path.read_text(encoding="utf-8"))
+            rollup = json.loads(read_rule_text(rollup_path))
             for code, item in (rollup.get("products") or {}).items():
                 products[code] = Product(frozenset((RXNORM, i) for i in item.get("ingredients", [])),
                                          item.get("doseForm"), item.get("display"))
@@ -121,7 +121,7 @@ class Terminology:
         ingredient_names: dict[str, str] = {}
         names_path = term_dir / "drug-names.yaml"
         if names_path.exists():
-            doc = yaml.safe_load(names_path.read_text(encoding="utf-8")) or {}
+            doc = load_yaml_text(read_rule_text(names_path)) or {}
             for code, item in doc.items():
                 code = str(code)
                 generic = str(item.get("name", "")).strip().lower()
