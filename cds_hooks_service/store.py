@@ -263,7 +263,7 @@ class FeedbackStore:
         found: dict[str, str] = {}
         with self.engine.connect() as conn:
             for i in range(0, len(uuids), _IN_CHUNK):
-                found.update(conn.execute(self._issued_to_q(uuids[i:i + _IN_CHUNK], client_id, service_id)).tuples())
+                found.update((u, r) for u, r in conn.execute(self._issued_to_q(uuids[i:i + _IN_CHUNK], client_id, service_id)))
         return found
 
     @staticmethod
