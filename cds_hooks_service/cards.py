@@ -15,13 +15,14 @@ template is refused; at request time the card is sent with the rule's plain text
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import threading
 import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 
 from jinja2 import ChainableUndefined, Template, nodes
 from jinja2.filters import FILTERS
@@ -301,6 +302,24 @@ def template_context(finding, now: datetime) -> dict:
     }
 
 
+_recording = threading.local()  # .failures: list of (card name, reason) while template_failures() is active
+
+
+@contextlib.contextmanager
+def template_failures():
+    """Collect, on this thread, the (card name, reason) of renders sent with the rule's plain text instead
+    (``cli test`` reports them as errors)."""
+    previous = getattr(_recording, "failures", None)
+    _recording.failures = found = []
+    try:
+        yield found
+    finally:
+        _recording.failures = previous
+
+
+_EXAMPLE_NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
 def load_time_problems(template, rule_doc: dict) -> list[str]:
     """Render ``template`` once with example data made from the rule (every check found, with three items):
     what went over a render limit or did what the sandbox forbids. Other errors depend on real data and are
@@ -317,7 +336,7 @@ def load_time_problems(template, rule_doc: dict) -> list[str]:
         "indicator": rule_doc.get("indicator", "warning"),
         "draft": {"display": "Example medication 10 mg", "route": "oral", "matched_by": "code", "names": ["example"]},
         "evidence": list(checks.values()), "cautions": [], "checks": checks,
-        "now": datetime(2026, 1, 1, 12, 0), "ago": lambda value: _ago(value, datetime(2026, 1, 1, 12, 0)),
+        "now": _EXAMPLE_NOW, "ago": lambda value: _ago(value, _EXAMPLE_NOW),
     }
     try:
         template.render(context)
@@ -348,6 +367,8 @@ def render_card(finding, *, now: datetime, patient_id: str | None, encounter_id:
         from . import metrics  # here, not at the top: the gunicorn master imports this module, not metrics
 
         metrics.template_fallback(rule.id)
+        if getattr(_recording, "failures", None) is not None:
+            _recording.failures.append((rule.card.name, f"{type(exc).__name__}: {exc}"))
         summary_text = plain_text(f"{rule.title}: {finding.draft.display}")
         detail = "Reasons: " + markdown_escape("; ".join(e.label for e in finding.evidence)) + "."
     if len(summary_text) > SUMMARY_MAX:

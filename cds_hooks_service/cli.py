@@ -78,7 +78,12 @@ def cmd_test(args) -> int:
     if loaded is None:
         return 1
     rulebook, settings = loaded
-    results, problems = run_scenarios(rulebook, settings, args.rule or None)
+    from .cards import template_failures
+
+    with template_failures() as failures:  # a card sent with its rule's plain text is a failed test
+        results, problems = run_scenarios(rulebook, settings, args.rule or None)
+    problems += [f"card {name}.yaml: {why} (scenario data); the card was sent with the rule's plain text"
+                 for name, why in dict.fromkeys(failures)]
     width = max((len(r.scenario.name) for r in results), default=10)
     for r in results:
         mark = "PASS" if r.passed else "FAIL"

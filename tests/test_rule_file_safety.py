@@ -248,3 +248,14 @@ def test_deadline_off_the_main_thread_just_calls():
     thread.start()
     thread.join()
     assert out == ["done"]
+
+
+def test_cli_test_reports_a_template_over_the_limit_with_scenario_data(rules, capsys):
+    """Within the limits with validate's example data, over them with a scenario's: `test` fails naming the card."""
+    # validate's example order is "Example medication 10 mg" (24 characters); the scenarios' are longer
+    set_detail(rules, "{% for a in draft.display %}{% for b in range(600) %}{% endfor %}{% endfor %}")
+    assert cli.main(["validate", str(rules / "rules"), "--cards", str(rules / "cards")]) == 0
+    capsys.readouterr()
+    code = cli.main(["test", str(rules / "rules"), "--cards", str(rules / "cards"), "--rule", RULE])
+    err = capsys.readouterr().err
+    assert code == 1 and f"card {RULE}.yaml: RenderLimitExceeded" in err, err
