@@ -28,8 +28,9 @@ class RuleFileError(yaml.YAMLError):
     """A rule file that is not read at all (not a regular file, too large, not UTF-8)."""
 
     def __init__(self, path, message: str):
-        self.problem = message
-        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.problem = message  # what rulebook's problems show (they name the file themselves)
+        super().__init__(message)
 
 
 def read_rule_text(path: str | os.PathLike) -> str:
