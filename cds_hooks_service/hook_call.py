@@ -76,8 +76,8 @@ def suppression_key(secret: bytes, body: dict, finding: Finding, client_id: str 
     The client is part of it: one client's override never suppresses another client's card."""
     context = body.get("context") or {}
     drug = ",".join(sorted(c[1] for c in finding.draft.concepts))
-    message = "|".join([client_id, str(body.get("fhirServer", "")), str(context.get("patientId", "")), finding.draft.ref, drug,
-                        finding.rule.id])
+    message = "|".join([client_id, str(body.get("fhirServer", "")), str(context.get("patientId", "")),
+                        finding.draft.ref, drug, finding.rule.id])
     return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
 
 

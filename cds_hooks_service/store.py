@@ -263,7 +263,8 @@ class FeedbackStore:
         found: dict[str, str] = {}
         with self.engine.connect() as conn:
             for i in range(0, len(uuids), _IN_CHUNK):
-                found.update((u, r) for u, r in conn.execute(self._issued_to_q(uuids[i:i + _IN_CHUNK], client_id, service_id)))
+                q = self._issued_to_q(uuids[i:i + _IN_CHUNK], client_id, service_id)
+                found.update((uuid, rule_id) for uuid, rule_id in conn.execute(q))
         return found
 
     @staticmethod

@@ -271,3 +271,14 @@ def test_cli_test_reports_a_template_over_the_limit_with_scenario_data(rules, ca
     code = cli.main(["test", str(rules / "rules"), "--cards", str(rules / "cards"), "--rule", RULE])
     err = capsys.readouterr().err
     assert code == 1 and f"card {RULE}.yaml: RenderLimitExceeded" in err, err
+
+
+def test_the_wall_clock_limit_is_checked_in_loops_and_in_the_output_stream(monkeypatch):
+    from cds_hooks_service import cards
+
+    monkeypatch.setattr(cards, "RENDER_MAX_SECONDS", -1.0)  # every check is over time
+    for source in ("{% for i in range(3) %}{% endfor %}", "plain text, no loop"):
+        with pytest.raises(cards.RenderTimeExceeded):
+            cards.DETAIL_ENV.from_string(source).render({})
+    assert cards.load_time_problems(cards.DETAIL_ENV.from_string("x"), {"id": RULE}) == [
+        "took longer than -1 s (rendered with example data)"]
