@@ -96,8 +96,8 @@ def feedback(service_id: str):
         if parse_time(item["outcomeTimestamp"]) is None:
             raise BadRequest(f"feedback.{i}.outcomeTimestamp is not a valid date-time",
                              field=f"feedback.{i}.outcomeTimestamp")
-    issued = rt.store.issued_to(client.id, service.id, [item["card"] for item in body["feedback"]]) \
-        if not any("\x00" in item["card"] for item in body["feedback"]) else {}
+    issued = rt.store.issued_to(client.id, service.id, [item["card"] for item in body["feedback"]
+                                                        if "\x00" not in item["card"]])  # NUL: refused below
     items, problems = checked_feedback(body["feedback"], issued, rt.rulebook)
     if problems:
         return refused(problems)

@@ -111,3 +111,14 @@ def test_a_store_failure_on_the_hook_path_still_answers_the_cards(app, client, c
     text = caplog.text
     assert "example-patient" not in text and hook_instance not in text and "INSERT" not in text
     assert json.dumps(r.get_json())  # answered in full
+
+
+def test_a_nul_card_in_a_batch_is_named_and_the_good_items_are_not_called_unknown(client):
+    card = post(client, SIGN, request_body()).get_json()["cards"][0]
+    good = sandbox.feedback_request(card["uuid"], "overridden")["feedback"][0]
+    bad = sandbox.feedback_request("abc\x00", "overridden")["feedback"][0]
+    r = post(client, SIGN + "/feedback", {"feedback": [good, bad]})
+    assert r.status_code == 400
+    issues = r.get_json()["issue"]
+    assert [(i["expression"], i["code"]) for i in issues[:-1]] == [(["feedback.1.card"], "invalid")]
+    assert post(client, SIGN + "/feedback", {"feedback": [good]}).get_json() == {"stored": 1}
