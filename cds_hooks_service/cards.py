@@ -324,6 +324,12 @@ def template_failures():
 _EXAMPLE_NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 
 
+def _example_source(value) -> dict:
+    """A rule's source as templates see it (a dict: the rule file may name it by id from sources.yaml)."""
+    return dict(value) if isinstance(value, dict) else {"id": value, "label": "Example source",
+                                                         "url": "https://example.org/source"}
+
+
 def load_time_problems(template, rule_doc: dict) -> list[str]:
     """Render ``template`` once with example data made from the rule (every check found, with three items):
     what went over a render limit or did what the sandbox forbids. Other errors depend on real data and are
@@ -336,8 +342,7 @@ def load_time_problems(template, rule_doc: dict) -> list[str]:
     checks = {name: {"check": name, "label": (spec or {}).get("label") or name, "indicator": None, "found": found}
               for name, spec in (rule_doc.get("checks") or {}).items()}
     context = {
-        "rule": {"id": rule_doc.get("id"), "title": rule_doc.get("title"),
-                 "source": dict(rule_doc.get("source") or {})},
+        "rule": {"id": rule_doc.get("id"), "title": rule_doc.get("title"), "source": _example_source(rule_doc.get("source"))},
         "indicator": rule_doc.get("indicator", "warning"),
         "draft": {"display": "Example medication 10 mg", "route": "oral", "matched_by": "code", "names": ["example"]},
         "evidence": list(checks.values()), "cautions": [], "checks": checks,

@@ -87,7 +87,7 @@ def test_a_template_over_a_render_limit_fails_validate_naming_the_card(rules, te
 
 
 @pytest.mark.parametrize("template", [
-    "{{ rule.source.update({'url': 'https://attacker.example'}) }}",
+    "{{ rule.source.update({'label': 'changed by a template'}) }}",
     "{{ rule.source.clear() or '' }}",
     "{{ draft.names.append('x') or '' }}",
 ])
@@ -180,10 +180,11 @@ def test_a_1kb_alias_bomb_is_refused_at_once_without_expanding(rules):
     assert "bomb.yaml" in proc.stdout and "anchors (&name) are not allowed in rule files" in proc.stdout
 
 
-def test_deep_nesting_is_refused(rules):
-    (rules / "rules" / "deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+@pytest.mark.parametrize("depth", [100, 5000])
+def test_deep_nesting_is_refused(rules, depth):
+    (rules / "rules" / "deep.yaml").write_text("a: " + "[" * depth + "]" * depth + "\n")
     found = problems(rules)
-    assert any("deep.yaml" in p and "nested deeper" in p for p in found), found
+    assert any("deep.yaml" in p and re.search("nested deeper|nesting depth", p) for p in found), found
 
 
 # -- files --------------------------------------------------------------------------------------------
