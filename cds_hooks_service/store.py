@@ -19,7 +19,7 @@ Tables (created if missing):
     id PK, card_uuid (indexed), service_id, client_id, rule_id, outcome, override_system, override_code,
     override_display, has_comment, accepted_suggestions (JSON text list of ids),
     outcome_timestamp, received_at; UNIQUE(card_uuid, outcome, outcome_timestamp). Feedback is stored only
-    for a card this service issued to the same client (:class:`UnknownCards` otherwise).
+    for a card issued to the same client (:class:`UnknownCards` otherwise).
 ``cds_override``
     card_uuid PK, suppression_key, issued_at (of the card); index (suppression_key, issued_at). One row per
     card overridden, written with its "overridden" feedback: the hot path's "was this draft's card overridden
@@ -268,16 +268,17 @@ class FeedbackStore:
         return found
 
     @staticmethod
-    def _issued_to_q(uuids: list[str], client_id: str, service_id: str, *extra):
-        return (select(issued_card.c.card_uuid, issued_card.c.rule_id, *extra)
-                .where(issued_card.c.card_uuid.in_(uuids), issued_card.c.client_id == client_id,
-                       issued_card.c.service_id == service_id))
+    def _issued_to_q(uuids: list[str], client_id: str, service_id: str | None, *extra):
+        q = (select(issued_card.c.card_uuid, issued_card.c.rule_id, *extra)
+             .where(issued_card.c.card_uuid.in_(uuids), issued_card.c.client_id == client_id))
+        return q if service_id is None else q.where(issued_card.c.service_id == service_id)
 
     def record_feedback(self, service_id: str, items: list[dict], client_id: str = OPEN_CLIENT_ID) -> int:
         """Store feedback items (CDS Hooks 2.0 form) of ``client_id`` in one transaction.
 
-        Every item must name a card this service (``service_id``) issued to ``client_id``; otherwise
-        :class:`UnknownCards` is raised and nothing is stored. The same item again is kept once."""
+        Every item must name a card issued to ``client_id``; otherwise :class:`UnknownCards` is raised and
+        nothing is stored (the HTTP view also checks, with :meth:`issued_to`, that the card is the service's
+        own). The same item again is kept once."""
         if not items:
             return 0
         now = datetime.now(UTC)
@@ -306,7 +307,7 @@ class FeedbackStore:
         with self._write() as conn:
             cards = {}  # card_uuid -> (rule_id, suppression_key, issued_at)
             for i in range(0, len(uuids), _IN_CHUNK):
-                q = self._issued_to_q(uuids[i:i + _IN_CHUNK], client_id, service_id,
+                q = self._issued_to_q(uuids[i:i + _IN_CHUNK], client_id, None,
                                       issued_card.c.suppression_key, issued_card.c.issued_at)
                 cards.update((uuid, rest) for uuid, *rest in conn.execute(q))
             unknown = [u for u in uuids if u not in cards]

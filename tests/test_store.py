@@ -95,12 +95,14 @@ def test_record_cards_and_feedback(store):
     assert store.record_feedback("med-safety", []) == 0
 
 
-def test_feedback_only_for_cards_issued_to_that_client_and_service(store):
-    """Issue 10.2: feedback on a card never issued (or issued to another client, or by another service) is
-    refused whole: nothing of the batch is stored, and the override index is untouched."""
+def test_feedback_only_for_cards_issued_to_that_client(store):
+    """Issue 10.2: feedback on a card never issued, or issued to another client, is refused whole: nothing of
+    the batch is stored, and the override index is untouched. (The HTTP view also requires the card to be the
+    service's own, through issued_to.)"""
     mine, theirs, other_service = card(client="iss-a"), card(client="iss-b"), card(client="iss-a", service="other")
     store.record_cards([mine, theirs, other_service])
-    for bad in (str(uuid.uuid4()), theirs.card_uuid, other_service.card_uuid):
+    assert store.issued_to("iss-a", "med-safety", [other_service.card_uuid]) == {}
+    for bad in (str(uuid.uuid4()), theirs.card_uuid):
         with pytest.raises(UnknownCards) as caught:
             store.record_feedback("med-safety", [fb(mine.card_uuid, "overridden", code="x"),
                                                  fb(bad, "overridden", code="x")], client_id="iss-a")
