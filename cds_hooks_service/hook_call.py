@@ -151,10 +151,9 @@ def _respond(result: HookResult, body: dict, ctx: HookContext, rulebook: Ruleboo
             continue  # shadow: evaluated and counted, not shown
         card = render_card(f, now=ctx.now, patient_id=ctx.patient_id, encounter_id=ctx.encounter_id,
                            user_id=ctx.user_id, alternatives=rulebook.alternatives, card_uuid=card_ids[id(f)])
-        gaps = sorted(k for k in f.rule.needs if k in unavailable)
-        if gaps:
-            card["detail"] = card.get("detail", "") + "\n\n_Not checked, could not be read: " + \
-                markdown_escape(", ".join(DATA_LABELS[k] for k in gaps)) + "._"
+        note = result.data.gaps_note(f.rule.needs) if result.data else None  # not read, or only partly
+        if note:
+            card["detail"] = card.get("detail", "") + "\n\n" + note
         cards.append(card)
 
     # A rule that could not see all it needs and did not fire must not pass for "nothing found".

@@ -32,11 +32,22 @@ from .terminology import Concept, concept
 # pages read. An explicit code list (OR-joined tokens, allowed by CDS Hooks 2.0) asks for exactly what
 # the rules read; `validate` refuses a rule set whose code list would make the query longer than
 # MAX_QUERY_CHARS.
+#
+# Long records (patient_data.py follows next links up to a page/entry/byte cap and the time budget): every
+# type with a date search parameter is asked for newest first, so that a record cut short loses its oldest
+# part, the part the windowed rules (given within 24 h, inhibitors within 14 days, results within 90 days)
+# do not read. Medications sort by the R4 search parameter of their type: MedicationRequest `authoredon`,
+# MedicationAdministration `effective-time`, MedicationStatement `effective`. They are NOT filtered by date:
+# CDS Hooks 2.0 templates have no date tokens (`{{today() - 14 days}}` is a 3.0 ballot feature), the fallback
+# query must equal the template, and an active home medication ordered or listed years ago (ritonavir, a PRN
+# triptan) is read by rules without a window; an order's authoredOn also says nothing about a course's end.
+# Conditions have no useful date order for these rules (a contraindication diagnosed 10 years ago counts)
+# and no filter: `clinical-status` is absent on many encounter diagnoses, which the engine reads.
 DATA_QUERIES = {  # key -> (resource type, newest-first sort or None, page size)
     "conditions": ("Condition", None, 200),
-    "medicationRequests": ("MedicationRequest", None, 200),
-    "medicationAdministrations": ("MedicationAdministration", None, 200),
-    "medicationStatements": ("MedicationStatement", None, 200),
+    "medicationRequests": ("MedicationRequest", "-authoredon", 200),
+    "medicationAdministrations": ("MedicationAdministration", "-effective-time", 200),
+    "medicationStatements": ("MedicationStatement", "-effective", 200),
     "observations": ("Observation", "-date", 100),
     "procedures": ("Procedure", "-date", 100),
 }
