@@ -65,18 +65,19 @@ def long_record(fhir_server):
 @pytest.mark.slow
 def test_5000_resources_relevant_only_on_the_last_page_fires_the_card(fhir_server, long_record, make_app,
                                                                       fault_server):
-    """Nothing prefetched: the service reads the conditions itself, 25 pages of 200, and finds the migraine on the
-    last one. The default time budget covers it (measured in the report; this asserts the answer, not the time)."""
+    """Nothing prefetched: the service reads the conditions itself, 5 pages of 1000, and finds the migraine on the
+    last one. The budget here is generous: this asserts that paging reaches the end (the old code gave up after 10
+    pages or 2,000 entries), not how fast; the time is measured in bench/long_record.py and printed here."""
     fault_server.default = fs.proxy_to(fhir_server.base_url)
-    app = make_app()  # the default time budget (CDS_TIME_BUDGET)
     t0 = time.monotonic()
-    answer = call(app, _body_for(long_record, fault_server.base_url, fhir_server.token))
+    answer = call(make_app(time_budget=60, fhir_read_timeout=30), _body_for(long_record, fault_server.base_url,
+                                                                           fhir_server.token))
     elapsed = time.monotonic() - t0
     pages = [r for r in fault_server.requests if r.rtype == "Condition"]
     print(f"\n5,000 conditions: {len(pages)} pages read, hook call answered in {elapsed:.2f}s")
     assert topics(answer.body) == [OPIOID_RULE], answer.body
     assert "partly read" not in answer.cards[0]["detail"] and "Not checked" not in answer.cards[0]["detail"]
-    assert len(pages) == RECORD_SIZE // 200
+    assert len(pages) == RECORD_SIZE // 1000
 
 
 @pytest.mark.slow
@@ -84,8 +85,8 @@ def test_5000_resources_under_a_short_budget_say_the_record_was_not_read_whole(f
                                                                               fault_server, caplog):
     """The same record when the time budget cannot cover it: no silent "nothing found"; the check is named as not
     completed, the conditions as only partly read, in plain words; the operator's log has the technical reason."""
-    def slow_proxy(h):  # each page takes 0.1 s more: 25 pages cannot fit in 0.8 s
-        h.fault_server.released.wait(0.1)
+    def slow_proxy(h):  # each page takes 0.3 s more: 5 pages cannot fit in 0.8 s
+        h.fault_server.released.wait(0.3)
         fs.proxy_to(fhir_server.base_url)(h)
     fault_server.default = slow_proxy
     answer = call(make_app(time_budget=0.8), _body_for(long_record, fault_server.base_url, fhir_server.token))
@@ -111,10 +112,10 @@ def test_prefetched_first_page_is_continued_from_its_next_link(fhir_server, faul
                                                                caplog):
     """The EHR prefetched the first page of the conditions (2.0 lets it page); the migraine is on page 2. The
     service reads page 2 from the page's own next link on fhirServer (one request), not the whole search again."""
-    patient = _long_record(fhir_server, size=250)
+    patient = _long_record(fhir_server, size=1200)
     fault_server.default = fs.proxy_to(fhir_server.base_url)
     page = _first_page(fault_server.base_url, rulebook.prefetch["conditions"], patient, fhir_server.token)
-    assert any(link["relation"] == "next" for link in page["link"]) and len(page["entry"]) == 200
+    assert any(link["relation"] == "next" for link in page["link"]) and len(page["entry"]) == 1000
     fault_server.requests.clear()
     prefetch = {"conditions": page} | {k: EMPTY for k in MED_KEYS}
     answer = call(make_app(), _body_for(patient, fault_server.base_url, fhir_server.token, prefetch=prefetch))
