@@ -104,6 +104,11 @@ class _Progress:
     def __init__(self, resources=(), pages: int = 0):
         self._lock = threading.Lock()
         self.resources, self.pages = list(resources), pages
+        self.given = pages  # pages the caller already had (a prefetched first page), not read here
+
+    def read_here(self) -> bool:
+        with self._lock:
+            return self.pages > self.given
 
     def add(self, page: list[dict]) -> None:
         with self._lock:
@@ -278,21 +283,22 @@ class FhirClient:
             try:
                 results[key] = fut.result()
             except FhirError as e:
-                # the budget ended a paged search inside a request: the pages read before it still count
-                budget_out = isinstance(e, FhirUnavailable) and e.reason == "time budget exhausted"
-                results[key] = self._cut_short(key, queries[key], progress[key]) if budget_out else e
+                # The budget, a timeout or an unavailable server ended a paged search after some pages: those pages
+                # still count (the answer says the rest was not read). An unusable or refused page stays an error.
+                cut = type(e) is FhirUnavailable and progress[key].read_here()
+                results[key] = self._cut_short(key, queries[key], progress[key], e.reason) if cut else e
             except Exception as e:  # never raise out of fetch_all
                 results[key] = FhirError(key, f"unexpected error ({type(e).__name__})")
         return results
 
     @staticmethod
-    def _cut_short(key: str, query, progress: _Progress) -> SearchResult | FhirError:
+    def _cut_short(key: str, query, progress: _Progress, reason: str = "time budget exhausted") -> SearchResult | FhirError:
+        if not progress.read_here():
+            return FhirUnavailable(key, reason)
         resources, pages = progress.snapshot()
-        if not pages:
-            return FhirUnavailable(key, "time budget exhausted")
         newest_first = query.sorted_newest_first if isinstance(query, Continuation) else \
             bool(re.search(r"(?:^|[?&])_sort=-", query))
-        return SearchResult(key, resources, pages, "time budget exhausted", newest_first)
+        return SearchResult(key, resources, pages, reason, newest_first)
 
     def _fetch_one(self, key: str, query, deadline: float, progress: _Progress | None = None):
         if isinstance(query, Continuation):

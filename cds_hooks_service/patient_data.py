@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 
 from .cards import markdown_escape
-from .fhir_client import Continuation, FhirClient, FhirError, SearchResult, plain_reason
+from .fhir_client import Continuation, FhirClient, FhirError, FhirUnavailable, SearchResult, plain_reason
 from .fhir_servers import parse_target, trusted_base
 from .services import render_query
 
@@ -92,9 +92,13 @@ def _from_prefetch(value: dict) -> tuple[list[dict] | None, str | None]:
 def partly_read(result: SearchResult, prefetched_first_page: bool = False) -> str:
     """Plain words for a search that stopped before its end (no exception names, status codes or URLs)."""
     n = len(result.resources)
-    which = f"the newest {n:,}" if result.sorted_newest_first else f"{n:,}"
-    why = ("the rest did not arrive in the time allowed" if result.incomplete == "time budget exhausted"
-           else "the rest is beyond what the service reads in one call")
+    which = "none" if not n else f"the newest {n:,}" if result.sorted_newest_first else f"{n:,}"
+    if result.incomplete == "time budget exhausted":
+        why = "the rest did not arrive in the time allowed"
+    elif (result.incomplete or "").startswith("more than "):  # a page, entry or byte cap
+        why = "the rest is beyond what the service reads in one call"
+    else:  # a later page failed (timed out, server unavailable)
+        why = "the rest could not be read: " + plain_reason(FhirUnavailable(result.key, result.incomplete or ""))
     first = "the first page was prefetched; " if prefetched_first_page else ""
     return f"only partly read ({first}{which} read, {why})"
 

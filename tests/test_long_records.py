@@ -214,3 +214,23 @@ def test_the_draft_alone_card_names_both_kinds_of_gap(fault_server, make_app):
     note = answer.cards[0]["detail"].rsplit("\n\n", 1)[-1]
     assert note == ("_Not checked, could not be read: " + markdown_escape(", ".join(DATA_LABELS[k] for k in MED_KEYS))
                     + "; Only partly read, the record is longer: " + markdown_escape(DATA_LABELS["conditions"]) + "._")
+
+
+def test_a_later_page_that_fails_keeps_the_pages_before(fault_server, make_app):
+    """Page 1 of the medication orders arrives, page 2 answers 503: page 1 is used and the check that did not fire
+    says the orders were only partly read and why, in plain words; a failure on the first page stays a failure."""
+    def behaviour(h):
+        if h.rtype == "MedicationRequest":
+            if "page=2" in h.path:
+                return fs.status(503)(h)
+            return h.reply_json(fs.searchset([], next_url=f"{h.fault_server.base_url}/MedicationRequest?page=2"))
+        if h.rtype == "MedicationAdministration":
+            return fs.status(503)(h)
+        h.reply_json(EMPTY)
+    fault_server.default = behaviour
+    answer = call(make_app(time_budget=2), hook_body(fault_server.base_url))
+    [card] = answer.cards
+    assert markdown_escape(f"{DATA_LABELS['medicationRequests']}: only partly read (none read, the rest "
+                           "could not be read: the FHIR server answered with an error)") in card["detail"]
+    assert markdown_escape(f"{DATA_LABELS['medicationAdministrations']}: the FHIR server answered with an "
+                           "error") in card["detail"]
