@@ -17,7 +17,7 @@ from .clients import OPEN_CLIENT, Client
 from .engine import Finding, HookContext, PatientRecord, draft_facts, evaluate_rule, triggered
 from .errors import BadRequest, PreconditionFailed
 from .facts import Normaliser
-from .patient_data import DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather
+from .patient_data import DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather, gaps_note
 from .rulebook import Rulebook
 from .services import CdsService
 from .store import FeedbackStore, IssuedCard
@@ -151,7 +151,7 @@ def _respond(result: HookResult, body: dict, ctx: HookContext, rulebook: Ruleboo
             continue  # shadow: evaluated and counted, not shown
         card = render_card(f, now=ctx.now, patient_id=ctx.patient_id, encounter_id=ctx.encounter_id,
                            user_id=ctx.user_id, alternatives=rulebook.alternatives, card_uuid=card_ids[id(f)])
-        note = result.data.gaps_note(f.rule.needs) if result.data else None  # not read, or only partly
+        note = gaps_note(f.rule.needs, unavailable)  # data not read, or only partly read
         if note:
             card["detail"] = card.get("detail", "") + "\n\n" + note
         cards.append(card)

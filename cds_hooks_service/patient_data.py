@@ -41,9 +41,12 @@ DATA_LABELS = {
 NO_FHIR_SERVER = "not prefetched, and the request names no fhirServer to read it from"
 UNTRUSTED_FHIR_SERVER = "not prefetched, and the FHIR server named in fhirServer is not trusted for this client"
 FIRST_PAGE_ONLY = "only the first page was prefetched and the rest could not be read"
-# Per search (each data key): a record longer than this is read in part and said so. 5,000 resources of one
-# type at the templates' page sizes is 25 pages of 200 (tests/test_long_records.py); twice that is allowed. The
-# byte cap bounds one search's pages together (a single page is also capped at fhir_client.MAX_BODY_BYTES).
+PARTLY_READ = "only partly read"
+# Per search (each data key): a record longer than this is read in part and said so (tests/test_long_records.py
+# reads 5,000 conditions, 5 pages of 1000; twice that is allowed, and 50 pages leave room for a server that pages
+# at 200). The byte cap bounds one search's pages together (one page is also capped at
+# fhir_client.MAX_BODY_BYTES); 10,000 resources of about 1-3 KB each stay well below it. Memory per hook call is
+# bounded by (data keys, at most 6) x these caps.
 MAX_PAGES = 50
 MAX_ENTRIES = 10_000
 MAX_SEARCH_BYTES = 32 * 1024 * 1024
@@ -56,16 +59,21 @@ class PatientData:
     unavailable: dict[str, str] = field(default_factory=dict)  # key -> reason (no patient data in it)
     fetched: list[str] = field(default_factory=list)  # keys that came from the FHIR server
     errors: dict[str, Exception] = field(default_factory=dict)  # key -> why the FHIR server could not give it
-    partly_read: set[str] = field(default_factory=set)  # keys in `unavailable` of which a part was read and is used
 
-    def gaps_note(self, keys) -> str | None:
-        """The line a card that fired adds for the data its rule needs that was not read whole, or None."""
-        unread = sorted(k for k in keys if k in self.unavailable and k not in self.partly_read)
-        partly = sorted(k for k in keys if k in self.partly_read)
-        parts = [f"{lead}: " + markdown_escape(", ".join(DATA_LABELS[k] for k in group))
-                 for lead, group in (("Not checked, could not be read", unread),
-                                     ("Only partly read, the record is longer", partly)) if group]
-        return "_" + "; ".join(parts) + "._" if parts else None
+
+def is_partly_read(reason: str) -> bool:
+    """An ``unavailable`` reason for data of which a part was read and is used (a long record cut short)."""
+    return reason.startswith((PARTLY_READ, FIRST_PAGE_ONLY))
+
+
+def gaps_note(keys, unavailable: dict[str, str]) -> str | None:
+    """The line a card that fired adds for the data its rule needs that was not read whole, or None."""
+    unread = sorted(k for k in keys if k in unavailable and not is_partly_read(unavailable[k]))
+    partly = sorted(k for k in keys if k in unavailable and is_partly_read(unavailable[k]))
+    parts = [f"{lead}: " + markdown_escape(", ".join(DATA_LABELS[k] for k in group))
+             for lead, group in (("Not checked, could not be read", unread),
+                                 ("Only partly read, the record is longer", partly)) if group]
+    return "_" + "; ".join(parts) + "._" if parts else None
 
 
 def _from_prefetch(value: dict) -> tuple[list[dict] | None, str | None]:
@@ -100,7 +108,7 @@ def partly_read(result: SearchResult, prefetched_first_page: bool = False) -> st
     else:  # a later page failed (timed out, server unavailable)
         why = "the rest could not be read: " + plain_reason(FhirUnavailable(result.key, result.incomplete or ""))
     first = "the first page was prefetched; " if prefetched_first_page else ""
-    return f"only partly read ({first}{which} read, {why})"
+    return f"{PARTLY_READ} ({first}{which} read, {why})"
 
 
 def _origin_for_log(url: object) -> str:
@@ -150,7 +158,6 @@ def gather(keys: set[str], body: dict, *, templates: dict[str, str], budget: flo
     def first_page_only(key: str, why: str) -> None:  # a prefetched first page is used, and said to be only that
         data.resources[key] = partial[key]
         data.unavailable[key] = f"{FIRST_PAGE_ONLY}: {why}"
-        data.partly_read.add(key)
 
     server = body.get("fhirServer")
     if not isinstance(server, str) or not server:
@@ -185,7 +192,6 @@ def gather(keys: set[str], body: dict, *, templates: dict[str, str], budget: flo
                 log.warning("FHIR read of prefetch key %s stopped before the end: %s (%d resources, %d pages)",
                             key, result.incomplete, len(result.resources), result.pages)
                 data.unavailable[key] = partly_read(result, key in partial)
-                data.partly_read.add(key)
         elif isinstance(result, dict):
             data.resources[key] = [result]
             data.fetched.append(key)

@@ -16,11 +16,11 @@ import requests
 
 from cds_hooks_service.cards import markdown_escape
 from cds_hooks_service.patient_data import DATA_LABELS, FIRST_PAGE_ONLY, MAX_PAGES
+from cds_hooks_service.scenarios import expand_record
 from tests.cds_checks import topics
 from tests.plugins import fault_server as fs
-from tests.test_fhir_faults import (NOW, OPIOID, OPIOID_FOR_MIGRAINE, OPIOID_RULE, PATIENT, SIGN, TOKEN, _record,
+from tests.test_fhir_faults import (NOW, OPIOID, OPIOID_FOR_MIGRAINE, OPIOID_RULE, PATIENT, _record,
                                     assert_shows_nothing_secret, assert_token_not_logged, call, hook_body)
-from cds_hooks_service.scenarios import expand_record
 
 RECORD_SIZE = 5000
 MED_KEYS = ("medicationAdministrations", "medicationRequests", "medicationStatements")
