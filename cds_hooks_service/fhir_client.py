@@ -4,6 +4,11 @@ Errors carry the prefetch key and a short technical `reason` that never contains
 patient data, so it is safe to log; callers are shown only `plain_reason(error)` (no status codes or exception
 names). Original exceptions are not chained (their text holds URLs). Where the client may connect, and how the
 connection is pinned and cut at the deadline: fhir_servers.py and fhir_transport.py.
+
+Paging: a search follows its ``next`` links (only below this server's base URL) until the last page, or until a
+cap (pages, entries, bytes of all its pages) or the deadline; what was read before a cap, the deadline or a
+later page's failure is returned as a ``SearchResult`` with ``incomplete`` set (a long record read in part).
+``Continuation`` continues a search whose first page the CDS client prefetched, from that page's next link.
 """
 from __future__ import annotations
 
