@@ -326,8 +326,9 @@ class FhirClient:
         if target is None or (target.scheme, target.host, target.port) != \
                 (self.target.scheme, self.target.host, self.target.port):
             raise FhirBadResponse(key, "next link points to a different server")
-        if not (target.path + "/").startswith(self.target.path + "/"):
-            raise FhirBadResponse(key, "next link is not below the FHIR base URL")
+        if not (target.path + "/").startswith(self.target.path + "/") or \
+                re.search(r"%2e|%2f|%5c", target.path, re.IGNORECASE):  # encoded dots/slashes: a server may decode
+            raise FhirBadResponse(key, "next link is not below the FHIR base URL")  # them into ../ (and leave the base)
         return url
 
     def _get(self, key: str, url: str, expected: str, deadline: float, *, allow_missing: bool = False,

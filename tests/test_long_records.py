@@ -234,3 +234,16 @@ def test_a_later_page_that_fails_keeps_the_pages_before(fault_server, make_app):
                            "could not be read: the FHIR server answered with an error)") in card["detail"]
     assert markdown_escape(f"{DATA_LABELS['medicationAdministrations']}: the FHIR server answered with an "
                            "error") in card["detail"]
+
+
+@pytest.mark.parametrize("link", ["{base}/../admin/Condition?page=2", "{base}/%2e%2e/admin/Condition?page=2",
+                                  "{base}/%2E%2E%2Fadmin/Condition", "{origin}/other/Condition?page=2"])
+def test_prefetched_next_link_outside_the_base_path_is_refused(fault_server, make_app, link):
+    """The same host, but outside fhirServer's base path (also with percent-encoded dots a server may decode): not
+    requested; the first page is used and the rest is said to be unread."""
+    url = link.format(base=fault_server.base_url, origin=fault_server.origin)
+    prefetch = {"conditions": fs.searchset([], next_url=url)} | {k: EMPTY for k in MED_KEYS}
+    answer = call(make_app(), hook_body(fault_server.base_url, prefetch=prefetch))
+    assert fault_server.requests == []
+    [card] = answer.cards
+    assert markdown_escape(f"{DATA_LABELS['conditions']}: {FIRST_PAGE_ONLY}: ") in card["detail"]
