@@ -45,8 +45,8 @@ PARTLY_READ = "only partly read"
 # Per search (each data key): a record longer than this is read in part and said so (tests/test_long_records.py
 # reads 5,000 conditions, 5 pages of 1000; twice that is allowed, and 50 pages leave room for a server that pages
 # at 200). The byte cap bounds one search's pages together (one page is also capped at
-# fhir_client.MAX_BODY_BYTES); 10,000 resources of about 1-3 KB each stay well below it. Memory per hook call is
-# bounded by (data keys, at most 6) x these caps.
+# fhir_client.MAX_BODY_BYTES); 10,000 resources of 1-3 KB are 10-30 MB. Memory per hook call is bounded by
+# (data keys, at most 6) x these caps, and by the process's bounded FHIR pool (fhir_transport) across calls.
 MAX_PAGES = 50
 MAX_ENTRIES = 10_000
 MAX_SEARCH_BYTES = 32 * 1024 * 1024
