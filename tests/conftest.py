@@ -29,7 +29,8 @@ def make_settings(tmp_path):
 
     def make(**overrides):
         base = dict(database_url=f"sqlite:///{tmp_path / 'store.sqlite3'}", instance_dir=tmp_path,
-                    suppression_secret=b"test-secret", fixed_now=parse_time(SCENARIO_NOW))
+                    suppression_secret=b"test-secret", fixed_now=parse_time(SCENARIO_NOW),
+                    listen_hosts=("127.0.0.1",))  # a loopback service: open mode allowed
         base.update(overrides)
         return Settings(**base)
 

@@ -122,14 +122,14 @@ def test_token_protects_metrics_and_the_cds_jwt_is_never_needed(make_app):
     scrape(secured)  # open by default, no JWT
 
     client = make_app(jwt_issuers_file=REPO / "tests/fixtures/sandbox/issuers-sandbox.json",
-                      metrics_token="s3cret-metrics-token").test_client()
-    for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0LW1ldHJpY3MtdG9rZW4="},
-                   {"Authorization": "Bearer s3cret-metrics-tokenX"}):
+                      metrics_token="s3cret-metrics-token-of-32-characters").test_client()
+    for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0LW1ldHJpY3MtdG9rZW4tb2YtMzItY2hhcmFjdGVycw=="},
+                   {"Authorization": "Bearer s3cret-metrics-token-of-32-charactersX"}):
         r = client.get("/metrics", headers=header)
         assert r.status_code == 401 and r.get_json()["resourceType"] == "OperationOutcome"
         assert r.headers["WWW-Authenticate"] == "Bearer"
         assert "cds_" not in r.get_data(as_text=True)
-    assert "cds_http_responses_total" in str(scrape(client, Authorization="Bearer s3cret-metrics-token"))
+    assert "cds_http_responses_total" in str(scrape(client, Authorization="Bearer s3cret-metrics-token-of-32-characters"))
 
 
 def test_several_apps_in_one_process_share_the_metrics(make_app):
