@@ -15,10 +15,10 @@ from cds_hooks_service import serving
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "cds_hooks_service.gevent_worker.GeventWorker")
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))  # per worker (gevent)
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))  # gthread only
-keepalive = 15  # idle kept-alive connections, and the time a request's headers may take (gevent)
+keepalive = 5  # seconds: idle kept-alive connections; also the time a request's headers may take (gevent)
 # Two servers on one port split the requests silently with SO_REUSEPORT: only when asked.
 reuse_port = os.environ.get("GUNICORN_REUSE_PORT", "") == "1"
 control_socket_disable = True  # gunicorn 27's control socket under ~/.gunicorn: not used
@@ -35,3 +35,4 @@ post_worker_init = serving.post_worker_init
 pre_request = serving.pre_request
 child_exit = serving.child_exit
 on_exit = serving.on_exit
+worker_exit = serving.worker_exit

@@ -105,11 +105,13 @@ def patch_for_gevent() -> None:
 
     gunicorn patches in each worker after the fork; by then the master has imported requests/urllib3 (rule
     loading), and urllib3 would keep the unpatched ssl.SSLContext: TLS reads to FHIR servers and JWKS hosts
-    would block the whole worker. Patching here, first, makes every later import see gevent's modules."""
+    would block the whole worker. Patching here, first, makes every later import see gevent's modules.
+    os, signal and subprocess stay as they are in the master (gevent's child watcher would reap the workers
+    before gunicorn's SIGCHLD handler sees them); gunicorn patches those in each worker after the fork."""
     from gevent import monkey
 
     if not monkey.is_module_patched("socket"):
-        monkey.patch_all()
+        monkey.patch_all(os=False, signal=False, subprocess=False)
 
 
 def gevent_active() -> bool:
@@ -408,3 +410,11 @@ def child_exit(server, worker):
 
 def on_exit(server):
     remove_metrics_dir()
+
+
+def worker_exit(server, worker):
+    """Worker, exiting: let the garbage collector see the frozen objects again and collect them while the
+    interpreter is whole (else logging handlers die during teardown, when gevent's thread module is half
+    gone: "Exception ignored in _removeHandlerRef")."""
+    gc.unfreeze()
+    gc.collect()

@@ -143,7 +143,7 @@ def test_several_apps_in_one_process_share_the_metrics(make_app):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_gunicorn_metrics_add_up_all_workers(tmp_path):
     started = time.monotonic()
-    token = "metrics-token-for-the-test"
+    token = "metrics-token-for-the-test-32-characters"
     service = GunicornService(tmp_path, dict(CDS_FIXED_NOW=SCENARIO_NOW, CDS_METRICS_TOKEN=token, CDS_LOG_FORMAT="json",
                                              TMPDIR=str(tmp_path)),
                               workers=2, threads=2, access_log_format="%(p)s %(U)s %(s)s",
