@@ -301,10 +301,15 @@ def reload_everywhere(worker_pids, send_signal) -> None:
         send_signal(pid, signal.SIGHUP)
 
 
-def hold_sighup() -> None:
-    """Worker, right after the fork: a SIGHUP forwarded while the worker boots stays pending (it would
-    otherwise kill it) until ``start_worker`` has installed the reload handler."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+HELD_SIGNALS = {signal.SIGHUP, signal.SIGTERM}
+
+
+def hold_signals() -> None:
+    """Worker, right after the fork: SIGHUP and SIGTERM sent while the worker boots stay pending until
+    ``start_worker`` runs, when the worker's own handlers are installed. A SIGHUP would otherwise kill the
+    booting worker; a SIGTERM (the master stopping) would reach the master's inherited handler and be
+    lost, and the master would wait its whole graceful_timeout for a worker that never heard it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
 
 
 def start_worker(app) -> None:
@@ -319,7 +324,7 @@ def start_worker(app) -> None:
         log.exception("rule reload is not available in this worker; SIGHUP is ignored")
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
     # measured: large-request p99 56 -> 9 ms once full collections stop walking the rules and templates
     gc.collect()
     gc.freeze()
@@ -388,7 +393,7 @@ def pre_fork(server, worker):
 
 
 def post_fork(server, worker):
-    hold_sighup()
+    hold_signals()
 
 
 def post_worker_init(worker):
