@@ -317,6 +317,11 @@ def start_worker(app) -> None:
     long-lived rule objects leave the garbage collector's sight."""
     try:
         rt = app.extensions["cds"]
+        if gevent_active():  # a reload's CPU-bound loading on a native thread: the greenlets keep being served
+            import gevent
+
+            pool = gevent.get_hub().threadpool
+            rt.run_blocking = lambda fn, *args: pool.apply(fn, args)
         if hasattr(signal, "SIGHUP") and _main_thread():
             rt.install_sighup_handler()
         rt.start_watching(rt.settings.rules_poll_seconds)
