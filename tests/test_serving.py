@@ -1,0 +1,187 @@
+"""Server plumbing (issue 12): a port in use, the start-up line, liveness/readiness probes, the log format.
+
+Real processes on loopback: ``python -m cds_hooks_service serve`` and gunicorn with gunicorn.conf.py; a real
+PostgreSQL database dropped under the running app for the probes; a real pseudo-terminal for the log format.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pty
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from cds_hooks_service import logs, serving
+from tests.conftest import REPO
+from tests.plugins.gunicorn_service import GunicornService, cleaned_env, free_port
+
+ISSUERS = REPO / "tests/fixtures/sandbox/issuers-sandbox.json"
+
+
+def serve_env(tmp_path, **more) -> dict[str, str]:
+    return cleaned_env() | {"CDS_INSTANCE_DIR": str(tmp_path), "DATABASE_URL": f"sqlite:///{tmp_path / 's.db'}",
+                            "CDS_RULES_POLL_SECONDS": "0"} | more
+
+
+# -- a port in use -----------------------------------------------------------------------------------------
+@pytest.fixture
+def busy_port():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_serve_refuses_a_port_in_use_in_one_line(tmp_path, busy_port):
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "cds_hooks_service", "serve", "--port", str(busy_port)],
+                          env=serve_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == f"error: cannot start: 127.0.0.1:{busy_port} is already in use (another service, or this " \
+                          "one started twice); stop it or choose another PORT\n"
+    assert time.monotonic() - started < 30  # no bind retries
+
+
+def test_gunicorn_refuses_a_port_in_use_in_one_line(tmp_path, busy_port):
+    service = GunicornService(tmp_path, workers=1)
+    cmd = [part if part != f"127.0.0.1:{service.port}" else f"127.0.0.1:{busy_port}" for part in service.cmd]
+    done = subprocess.run(cmd, env=service.env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    [line] = [line for line in done.stderr.splitlines() if "cannot start" in line]
+    assert f"127.0.0.1:{busy_port} is already in use" in line
+    assert "Retrying" not in done.stderr and "Booting worker" not in done.stderr
+
+
+def test_a_second_service_on_the_same_port_does_not_start(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    with GunicornService(tmp_path / "a", workers=1) as first:
+        done = subprocess.run([sys.executable, "-m", "cds_hooks_service", "serve", "--port", str(first.port)],
+                              env=serve_env(tmp_path / "b"), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "already in use" in done.stderr
+
+
+def test_reuse_port_only_when_asked(monkeypatch, busy_port):
+    monkeypatch.delenv("CDS_JWT_ISSUERS", raising=False)
+    with pytest.raises(serving.StartupError, match="already in use"):
+        serving.startup_check([("127.0.0.1", busy_port)])
+    serving.startup_check([("127.0.0.1", busy_port)], reuse_port=True)  # asked for: several servers share it
+    serving.startup_check([("127.0.0.1", busy_port)], inherited_sockets=True)  # systemd / USR2 re-exec
+    assert os.environ["CDS_LISTEN_HOSTS"] == "127.0.0.1"
+
+
+# -- the start-up line -------------------------------------------------------------------------------------
+def test_start_up_line_names_address_rules_and_mode(tmp_path):
+    for name in ("open", "jwt"):
+        (tmp_path / name).mkdir()
+    with GunicornService(tmp_path / "open", workers=1) as service:
+        line = next(line for line in service.log().splitlines() if "cds-hooks-service listening on" in line)
+        assert f"http://127.0.0.1:{service.port}: 6 rules loaded, OPEN MODE" in line
+    with GunicornService(tmp_path / "jwt", dict(CDS_JWT_ISSUERS=str(ISSUERS)), workers=1) as service:
+        line = next(line for line in service.log().splitlines() if "cds-hooks-service listening on" in line)
+        assert f"http://127.0.0.1:{service.port}: 6 rules loaded, JWT mode (issuers: {ISSUERS})" in line
+
+
+# -- probes ------------------------------------------------------------------------------------------------
+def test_probes_with_the_database_down(make_app, fresh_postgres_url, _postgres_cluster):
+    client = make_app(database_url=fresh_postgres_url).test_client()
+    assert client.get("/livez").get_json() == {"status": "ok"}
+    for path in ("/readyz", "/healthz"):
+        r = client.get(path)
+        assert r.status_code == 200 and r.get_json() == {"status": "ok", "rules": 6, "store": "ok"}
+    _postgres_cluster.drop_database(urlsplit(fresh_postgres_url).path.lstrip("/"))  # the database goes away
+    for path in ("/readyz", "/healthz"):
+        r = client.get(path)
+        assert r.status_code == 503 and r.get_json() == {"status": "degraded", "rules": 6, "store": "down"}
+    r = client.get("/livez")  # a liveness probe must not restart the service for a database outage
+    assert r.status_code == 200 and r.get_json() == {"status": "ok"}
+
+
+def test_not_ready_without_rules(make_app, rulebook):
+    import dataclasses
+
+    app = make_app()
+    app.extensions["cds"]._rulebook = dataclasses.replace(rulebook, rules=[])  # e.g. every rule file removed
+    r = app.test_client().get("/readyz")
+    assert r.status_code == 503 and r.get_json() == {"status": "degraded", "rules": 0, "store": "ok"}
+    assert app.test_client().get("/livez").status_code == 200
+
+
+# -- log format ----------------------------------------------------------------------------------------------
+def test_log_format_auto_is_text_on_a_terminal_and_json_otherwise(monkeypatch):
+    monkeypatch.delenv("CDS_LOG_FORMAT", raising=False)
+    master, slave = pty.openpty()
+    read_end, write_end = os.pipe()
+    try:
+        with open(slave, "w", closefd=False) as tty, open(write_end, "w", closefd=False) as pipe:
+            assert logs.log_format(tty) == "text"
+            assert logs.log_format(pipe) == "json"
+            assert logs.log_format(io.StringIO()) == "json" and logs.log_format(None) == "json"
+            monkeypatch.setenv("CDS_LOG_FORMAT", "json")
+            assert logs.log_format(tty) == "json"
+            monkeypatch.setenv("CDS_LOG_FORMAT", "text")
+            assert logs.log_format(pipe) == "text"
+    finally:
+        for fd in (master, slave, read_end, write_end):
+            os.close(fd)
+
+
+def test_handlers_get_the_format_of_their_own_stream(monkeypatch):
+    monkeypatch.setenv("CDS_LOG_FORMAT", "auto")
+    master, slave = pty.openpty()
+    try:
+        with open(slave, "w", closefd=False) as tty:
+            on_tty, to_buffer = logging.StreamHandler(tty), logging.StreamHandler(io.StringIO())
+            logs.configure_handlers([on_tty, to_buffer])
+            assert not isinstance(on_tty.formatter, type(logs.json_formatter()))
+            assert isinstance(to_buffer.formatter, type(logs.json_formatter()))
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def _read_until(fd: int, needle: bytes, timeout: float) -> bytes:
+    out = b""
+    end = time.monotonic() + timeout
+    while needle not in out and time.monotonic() < end:
+        readable, _, _ = select.select([fd], [], [], 0.2)
+        if readable:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the terminal closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def test_serve_on_a_terminal_logs_human_readable_lines(tmp_path):
+    """`serve` started from a terminal (a real pty): its log lines are text, not JSON; piped: JSON."""
+    port = free_port()
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "cds_hooks_service", "serve", "--port", str(port), "--workers", "1"],
+                            env=serve_env(tmp_path), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, cwd=REPO)
+    os.close(slave)
+    try:
+        out = _read_until(master, b"Booting worker", timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        os.close(master)
+    lines = [line for line in out.decode(errors="replace").splitlines() if line.strip()]
+    started = next(line for line in lines if "cds-hooks-service listening on" in line)
+    assert not started.lstrip().startswith("{") and "[INFO]" in started and f"http://127.0.0.1:{port}" in started
+    assert not any(line.lstrip().startswith("{") for line in lines)
+    (tmp_path / "piped").mkdir()
+    with GunicornService(tmp_path / "piped", workers=1) as piped:  # stderr to a file: JSON
+        started = next(line for line in piped.log().splitlines() if "cds-hooks-service listening on" in line)
+        assert started.startswith("{") and '"level": "INFO"' in started
