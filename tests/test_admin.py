@@ -19,7 +19,7 @@ from cds_hooks_service.store import IssuedCard
 
 UTC = timezone.utc
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)  # conftest SCENARIO_NOW (settings.fixed_now)
-TOKEN = "s3cret-admin-token-for-tests"
+TOKEN = "s3cret-admin-token-for-tests-of-32-chars"  # at least 32 characters (config.MIN_TOKEN_LENGTH)
 REASONS = "https://example.org/cds/override-reasons"
 SHADOW_RULE = "ketamine-non-refractory-migraine"
 OPIOID = "opioid-in-migraine"
