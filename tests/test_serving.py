@@ -185,3 +185,82 @@ def test_serve_on_a_terminal_logs_human_readable_lines(tmp_path):
     with GunicornService(tmp_path / "piped", workers=1) as piped:  # stderr to a file: JSON
         started = next(line for line in piped.log().splitlines() if "cds-hooks-service listening on" in line)
         assert started.startswith("{") and '"level": "INFO"' in started
+
+
+# -- gevent workers with the parts the service uses ------------------------------------------------------------
+def test_gevent_workers_with_postgresql(tmp_path, fresh_postgres_url):
+    """SQLAlchemy + psycopg 3 under the gevent worker: concurrent hook calls store their cards, feedback is
+    stored, readiness sees the database (psycopg >= 3.1.14 waits through gevent by itself)."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from tests.conftest import SCENARIO_NOW
+    from tests.test_api import SIGN, request_body
+
+    env = dict(DATABASE_URL=fresh_postgres_url,
+               CDS_FIXED_NOW=SCENARIO_NOW)
+    with GunicornService(tmp_path, env, workers=1) as service:
+        def call(i):
+            body = request_body()
+            body["hookInstance"] = f"00000000-0000-4000-8000-{i:012d}"
+            r = requests.post(service.base_url + SIGN, data=json.dumps(body), timeout=10,
+                              headers={"Content-Type": "application/json"})
+            return r.status_code, r.json()["cards"][0]["uuid"] if r.status_code == 200 else r.text
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(call, range(24)))
+        assert {status for status, _ in answers} == {200}, answers[:3]
+        feedback = {"feedback": [{"card": uuid, "outcome": "overridden", "outcomeTimestamp": "2026-03-01T12:00:00Z"}
+                                 for _, uuid in answers[:3]]}
+        r = requests.post(service.base_url + SIGN + "/feedback", json=feedback, timeout=10)
+        assert r.status_code == 200 and r.json()["stored"] == 3
+        assert requests.get(service.base_url + "/readyz", timeout=10).json()["store"] == "ok"
+    import psycopg
+
+    with psycopg.connect(fresh_postgres_url) as conn:
+        assert conn.execute("SELECT count(*) FROM cds_issued_card").fetchone()[0] >= 24
+
+
+def test_a_slow_fhir_server_does_not_hold_up_the_worker(tmp_path, fault_server):
+    """FHIR reads go through gevent's sockets: while one hook call waits for a FHIR server that answers after
+    1 s, the same (only) worker answers /readyz and discovery."""
+    import json
+    import threading
+
+    import requests
+
+    from tests.plugins.fault_server import slow
+    from tests.test_fhir_faults import hook_body
+
+    fault_server.default = slow(1.0)
+    env = dict(CDS_FHIR_SERVERS=fault_server.base_url, CDS_TIME_BUDGET="3", CDS_FHIR_READ_TIMEOUT="2.5")
+    with GunicornService(tmp_path, env, workers=1) as service:
+        finished: dict[str, float] = {}
+
+        def hook_call():
+            r = requests.post(service.base_url + "/cds-services/migraine-med-safety-sign",
+                              data=json.dumps(hook_body(fault_server.base_url)), timeout=10,
+                              headers={"Content-Type": "application/json"})
+            finished["hook"] = time.monotonic()
+            finished["hook_status"] = r.status_code
+
+        caller = threading.Thread(target=hook_call)
+        caller.start()
+        assert wait_until(lambda: fault_server.requests, 5), "the hook call never reached the FHIR server"
+        for path in ("/readyz", "/cds-services"):
+            assert requests.get(service.base_url + path, timeout=5).status_code == 200
+        finished["others"] = time.monotonic()
+        caller.join(15)
+    assert finished["hook_status"] == 200
+    assert finished["others"] < finished["hook"], "the probes waited for the FHIR read"
+
+
+def wait_until(predicate, seconds: float):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
