@@ -219,4 +219,4 @@ def test_gunicorn_metrics_add_up_all_workers(tmp_path):
         os.close(in_use)
     assert not metrics_dir.exists(), "the master's metrics directory was not removed"
     print(f"gunicorn metrics test: {sent} hook calls, {scrapes} scrapes, {time.monotonic() - started:.1f}s")
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 90  # a guard against hanging; speed is measured in bench/
