@@ -11,11 +11,17 @@ possible, without that protection.
 """
 import os
 
-from cds_hooks_service import serving
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "cds_hooks_service.gevent_worker.GeventWorker")
+if "gevent" in worker_class.lower():
+    # First, before anything imports urllib3 (the service does, via requests): see serving.patch_for_gevent.
+    from gevent import monkey
+
+    monkey.patch_all(os=False, signal=False, subprocess=False)
+
+from cds_hooks_service import serving  # noqa: E402
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "cds_hooks_service.gevent_worker.GeventWorker")
 worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))  # per worker (gevent)
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))  # gthread only
 keepalive = 5  # seconds: idle kept-alive connections; also the time a request's headers may take (gevent)

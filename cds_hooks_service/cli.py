@@ -47,8 +47,6 @@ def _load(args):
 
 
 def cmd_serve(args) -> int:
-    from gunicorn.app.wsgiapp import WSGIApplication
-
     from .serving import StartupError, startup_check
 
     os.environ["PORT"] = str(args.port)
@@ -60,12 +58,16 @@ def cmd_serve(args) -> int:
     except StartupError as exc:
         print(f"error: cannot start: {exc}", file=sys.stderr)
         return 2
-    sys.argv = ["gunicorn", "--config", str(REPO_ROOT / "gunicorn.conf.py"),
-                "--bind", f"{args.host}:{args.port}", "cds_hooks_service:create_app()"]
+    # gunicorn in a fresh interpreter (this process, replaced): its config patches gevent in before anything
+    # imports urllib3, which this process already has (see serving.patch_for_gevent)
+    argv = [sys.executable, "-m", "gunicorn", "--config", str(REPO_ROOT / "gunicorn.conf.py"),
+            "--bind", f"{args.host}:{args.port}"]
     if args.workers:
-        sys.argv[3:3] = ["--workers", str(args.workers)]
-    WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]").run()
-    return 0
+        argv += ["--workers", str(args.workers)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [*argv, "cds_hooks_service:create_app()"])
+    return 0  # not reached
 
 
 def cmd_validate(args) -> int:

@@ -9,6 +9,8 @@ from datetime import datetime
 from pathlib import Path
 
 from .facts import parse_time
+from .auth import check_public_url
+from .fhir_servers import parse_networks, parse_server_list
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_ORIGIN = "https://sandbox.cds-hooks.org"  # the public CDS Hooks Sandbox (a browser client)
@@ -25,6 +27,22 @@ def _float(name: str, default: float) -> float:
         return float(value) if value else default
     except ValueError as exc:
         raise ValueError(f"{name} must be a number, got {value!r}") from exc
+
+
+def _positive_int(name: str, default: int) -> int:
+    value = _float(name, default)
+    if value < 1 or value != int(value):
+        raise ValueError(f"{name} must be a whole number of at least 1, got {os.environ.get(name)!r}")
+    return int(value)
+
+
+def _readable_file(name: str) -> str | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    if not os.path.isfile(value) or not os.access(value, os.R_OK):
+        raise ValueError(f"{name} must name a readable file, got {value!r}")
+    return value
 
 
 @dataclass
@@ -53,6 +71,11 @@ class Settings:
     allow_open_mode: bool = False  # CDS_ALLOW_OPEN_MODE=1: open mode (no JWT) also off loopback
     require_jwt: bool = False  # CDS_REQUIRE_JWT=1 (the Procfile): refuse to start without CDS_JWT_ISSUERS
     body_timeout: float = 10.0  # seconds from the request's start for its whole body to arrive (then 408)
+    fhir_servers: tuple[str, ...] = ()  # open mode: the FHIR base URLs a request may name (CDS_FHIR_SERVERS)
+    fhir_private_networks: tuple = ()  # CIDRs a FHIR server's address may be in (CDS_FHIR_PRIVATE_NETWORKS)
+    fhir_ca_bundle: str | None = None  # CA certificates (PEM file) for the FHIR servers; unset: certifi's bundle
+    fhir_max_concurrency: int = 16  # FHIR reads running at once per process (CDS_FHIR_MAX_CONCURRENCY)
+    jwt_max_lifetime: float = 300.0  # a JWT's exp may be at most this many seconds after its iat
 
     @property
     def open_mode(self) -> bool:
@@ -126,9 +149,16 @@ class Settings:
             allow_open_mode=_flag("CDS_ALLOW_OPEN_MODE"),
             require_jwt=_flag("CDS_REQUIRE_JWT"),
             body_timeout=_float("CDS_BODY_TIMEOUT", 10.0),
+            fhir_servers=parse_server_list(env.get("CDS_FHIR_SERVERS")),
+            fhir_private_networks=parse_networks(env.get("CDS_FHIR_PRIVATE_NETWORKS")),
+            fhir_ca_bundle=_readable_file("CDS_FHIR_CA_BUNDLE"),
+            fhir_max_concurrency=_positive_int("CDS_FHIR_MAX_CONCURRENCY", 16),
+            jwt_max_lifetime=_float("CDS_JWT_MAX_LIFETIME", 300.0),
         )
         for key, value in overrides.items():
             setattr(settings, key, value)
+        if settings.jwt_issuers_file:  # JWT mode: aud is checked against CDS_PUBLIC_URL, never the Host header
+            check_public_url(settings.public_url)
         return settings
 
 

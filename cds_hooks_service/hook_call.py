@@ -18,7 +18,7 @@ from .clients import OPEN_CLIENT, Client
 from .engine import Finding, HookContext, PatientRecord, draft_facts, evaluate_rule, triggered
 from .errors import BadRequest, PreconditionFailed
 from .facts import Normaliser
-from .patient_data import DATA_LABELS, NO_FHIR_SERVER, PatientData, gather
+from .patient_data import DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather
 from .rulebook import Rulebook
 from .services import CdsService
 from .store import FeedbackStore, IssuedCard
@@ -118,7 +118,14 @@ def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store: 
 
     needs = set().union(*(rule.needs for rule, _ in live))
     data = gather(needs, body, budget=settings.time_budget, connect_timeout=settings.fhir_connect_timeout,
-                  read_timeout=settings.fhir_read_timeout, session=session)
+                  read_timeout=settings.fhir_read_timeout, session=session, allowed_servers=client.fhir_servers,
+                  private_networks=getattr(settings, "fhir_private_networks", ()),
+                  ca_bundle=getattr(settings, "fhir_ca_bundle", None))
+    untrusted = sorted(k for k, why in data.unavailable.items() if why == UNTRUSTED_FHIR_SERVER)
+    if untrusted:  # as without fhirServer (CDS Hooks 2.0: 412 when the data can be had neither way)
+        raise PreconditionFailed("cannot evaluate the safety rules: prefetch lacks " + ", ".join(untrusted)
+                                 + " and the FHIR server named in fhirServer is not trusted for this client",
+                                 field="fhirServer")
     missing_server = sorted(k for k, why in data.unavailable.items() if why == NO_FHIR_SERVER)
     if missing_server:
         raise PreconditionFailed(

@@ -11,10 +11,11 @@ start-up checks and the probes are part of the app itself).
   one line; the hosts listened on are passed to the workers as ``CDS_LISTEN_HOSTS``.
 * Slow clients: gevent workers (one greenlet per connection: a client that trickles its headers or body
   holds a greenlet, not one of a few threads). gunicorn bounds the time to read a request's headers by
-  ``keepalive``; ``BodyDeadline`` bounds the time to read its body (``CDS_BODY_TIMEOUT``, then 408). gevent
-  is patched into the master first (``patch_for_gevent``), before anything imports urllib3/requests, so
+  ``keepalive``; ``BodyDeadline`` bounds the time to read its body (``CDS_BODY_TIMEOUT``, then 408).
+  gunicorn.conf.py patches gevent into the master first, before anything imports urllib3/requests, so
   FHIR and JWKS reads over TLS are cooperative too (urllib3 keeps the ``ssl.SSLContext`` it was imported
-  with). psycopg 3 (>= 3.1.14) cooperates with gevent by itself; SQLite calls are short and block.
+  with; ``patch_for_gevent`` checks). ``serve`` execs gunicorn for the same reason. psycopg 3 (>= 3.1.14)
+  cooperates with gevent by itself; SQLite calls are short and block.
 * Logging: the service's log lines go to the server's error log; ``CDS_LOG_FORMAT`` = ``auto`` (default:
   human-readable text on a terminal, JSON lines otherwise), ``json`` or ``text`` (see logs.py).
 * Metrics: the master points ``PROMETHEUS_MULTIPROC_DIR`` at a private directory before the workers start
@@ -100,18 +101,24 @@ def startup_line(urls: list[str], settings: Settings, rules: int | None, workers
 
 
 # -- gevent ----------------------------------------------------------------------------------------------
-def patch_for_gevent() -> None:
-    """Monkey-patch the standard library for gevent workers, in the master before the app is imported.
-
-    gunicorn patches in each worker after the fork; by then the master has imported requests/urllib3 (rule
-    loading), and urllib3 would keep the unpatched ssl.SSLContext: TLS reads to FHIR servers and JWKS hosts
-    would block the whole worker. Patching here, first, makes every later import see gevent's modules.
-    os, signal and subprocess stay as they are in the master (gevent's child watcher would reap the workers
-    before gunicorn's SIGCHLD handler sees them); gunicorn patches those in each worker after the fork."""
+def patch_for_gevent(log_warning=None) -> None:
+    """The master of gevent workers: the standard library patched for gevent, and a warning if that came
+    too late. gunicorn.conf.py patches first thing (what this checks); gunicorn itself patches in each
+    worker after the fork, by when the master has imported requests/urllib3 (rule loading, JWT), and urllib3
+    keeps the unpatched ssl.SSLContext it was imported with: TLS reads to FHIR servers and JWKS hosts would
+    then block the whole worker. os, signal and subprocess stay unpatched in the master (gevent's child
+    watcher would reap the workers before gunicorn's SIGCHLD handler sees them); each worker patches those."""
     from gevent import monkey
 
     if not monkey.is_module_patched("socket"):
         monkey.patch_all(os=False, signal=False, subprocess=False)
+    ssl_module = sys.modules.get("urllib3.util.ssl_")
+    if ssl_module is not None and log_warning is not None:
+        import ssl
+
+        if getattr(ssl_module, "SSLContext", None) not in (None, ssl.SSLContext):
+            log_warning("urllib3 was imported before gevent patched ssl: TLS reads (FHIR servers, JWKS) block "
+                        "the worker; start gunicorn with --config gunicorn.conf.py, which patches first")
 
 
 def gevent_active() -> bool:
@@ -371,9 +378,9 @@ def _is_gevent_worker(cfg) -> bool:
 def on_starting(server):
     """Master, first hook, before binding: gevent patch; log format; configuration and port checks;
     the directory of the workers' metrics."""
-    if _is_gevent_worker(server.cfg):
-        patch_for_gevent()
     configure_logging(server.log.error_log.handlers)
+    if _is_gevent_worker(server.cfg):
+        patch_for_gevent(server.log.warning)
     inherited = bool(os.environ.get("GUNICORN_FD") or os.environ.get("LISTEN_FDS"))
     try:
         startup_check(server.cfg.address, reuse_port=server.cfg.reuse_port, inherited_sockets=inherited)
