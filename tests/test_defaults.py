@@ -66,6 +66,7 @@ def test_the_procfile_listens_on_loopback_unless_told_and_requires_jwt(tmp_path)
     assert procfile_env == {"CDS_REQUIRE_JWT": "1"}
     service = GunicornService(tmp_path, dict(CDS_JWT_ISSUERS=str(ISSUERS)), workers=1, drop_env=("HOST",))
     del service.env["HOST"]  # the Procfile's default
+    service.env["CDS_PUBLIC_URL"] = service.base_url
     service.env.update(procfile_env)
     service.cmd = argv
     with service:

@@ -85,9 +85,12 @@ def test_start_up_line_names_address_rules_and_mode(tmp_path):
     with GunicornService(tmp_path / "open", workers=1) as service:
         line = next(line for line in service.log().splitlines() if "cds-hooks-service listening on" in line)
         assert f"http://127.0.0.1:{service.port}: 6 rules loaded, OPEN MODE" in line
-    with GunicornService(tmp_path / "jwt", dict(CDS_JWT_ISSUERS=str(ISSUERS)), workers=1) as service:
+    service = GunicornService(tmp_path / "jwt", dict(CDS_JWT_ISSUERS=str(ISSUERS)), workers=1)
+    service.env["CDS_PUBLIC_URL"] = service.base_url
+    with service:
         line = next(line for line in service.log().splitlines() if "cds-hooks-service listening on" in line)
         assert f"http://127.0.0.1:{service.port}: 6 rules loaded, JWT mode (issuers: {ISSUERS})" in line
+        assert "urllib3 was imported before gevent" not in service.log()  # gunicorn.conf.py patched first
 
 
 # -- probes ------------------------------------------------------------------------------------------------
@@ -180,6 +183,7 @@ def test_serve_on_a_terminal_logs_human_readable_lines(tmp_path):
     lines = [line for line in out.decode(errors="replace").splitlines() if line.strip()]
     started = next(line for line in lines if "cds-hooks-service listening on" in line)
     assert not started.lstrip().startswith("{") and "[INFO]" in started and f"http://127.0.0.1:{port}" in started
+    assert "urllib3 was imported before gevent" not in out.decode(errors="replace")  # serve execs gunicorn
     assert not any(line.lstrip().startswith("{") for line in lines)
     (tmp_path / "piped").mkdir()
     with GunicornService(tmp_path / "piped", workers=1) as piped:  # stderr to a file: JSON
@@ -264,3 +268,27 @@ def wait_until(predicate, seconds: float):
             return True
         time.sleep(0.02)
     return bool(predicate())
+
+
+def test_the_fhir_deadline_holds_under_gevent_workers(tmp_path, fault_server):
+    """A FHIR server that trickles its answer past the time budget: the FHIR deadline (fhir_transport's
+    watchdog, a greenlet under gevent) cuts the read off, and the hook call is answered with a "Check not
+    completed" card instead of waiting for the trickle."""
+    import json
+
+    import requests
+
+    from tests.plugins.fault_server import trickle
+    from tests.test_fhir_faults import hook_body
+
+    fault_server.default = trickle(8.0)
+    with GunicornService(tmp_path, dict(CDS_FHIR_SERVERS=fault_server.base_url), workers=1) as service:
+        started = time.monotonic()
+        r = requests.post(service.base_url + "/cds-services/migraine-med-safety-sign",
+                          data=json.dumps(hook_body(fault_server.base_url)), timeout=10,
+                          headers={"Content-Type": "application/json"})
+        elapsed = time.monotonic() - started
+        assert requests.get(service.base_url + "/readyz", timeout=5).status_code == 200
+    assert r.status_code == 200, r.text
+    assert any(card["summary"].startswith("Check not completed") for card in r.json()["cards"]), r.json()
+    assert elapsed < 6, f"answered after {elapsed:.1f} s: the 1.5 s budget did not hold"
