@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
+from . import metrics
 from .cards import info_card, markdown_escape, render_card
 from .clients import OPEN_CLIENT, Client
 from .engine import Finding, HookContext, PatientRecord, draft_facts, evaluate_rule, triggered
@@ -40,6 +41,8 @@ def validate_request(body: object, service: CdsService, validators) -> dict:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     first_error(validators["request"], body)
+    if "\x00" in body["hookInstance"]:  # stored; PostgreSQL text cannot hold NUL
+        raise BadRequest("hookInstance must not contain NUL characters", field="hookInstance")
     if body["hook"] != service.hook:
         raise BadRequest(f"service {service.id!r} answers the {service.hook!r} hook, not {body['hook']!r}", field="hook")
     if not isinstance(body.get("context"), dict):
@@ -85,12 +88,13 @@ def first_error(validator, instance, prefix: str = "") -> None:
     raise BadRequest(message, field=path or None)
 
 
-def suppression_key(secret: bytes, body: dict, finding: Finding) -> str:
-    """One-way key for (FHIR server, patient, draft order, its drug, rule): no patient data is stored."""
+def suppression_key(secret: bytes, body: dict, finding: Finding, client_id: str = OPEN_CLIENT.id) -> str:
+    """One-way key for (client, FHIR server, patient, draft order, its drug, rule): no patient data is stored.
+    The client is part of it: one client's override never suppresses another client's card."""
     context = body.get("context") or {}
     drug = ",".join(sorted(c[1] for c in finding.draft.concepts))
-    message = "|".join([str(body.get("fhirServer", "")), str(context.get("patientId", "")), finding.draft.ref, drug,
-                        finding.rule.id])
+    message = "|".join([client_id, str(body.get("fhirServer", "")), str(context.get("patientId", "")),
+                        finding.draft.ref, drug, finding.rule.id])
     return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
 
 
@@ -140,23 +144,38 @@ def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store: 
         finding = evaluate_rule(rule, draft, ctx, record, rulebook, trace=trace)
         if finding is not None:
             result.findings.append(finding)
-    _respond(result, body, ctx, rulebook, store, settings, service)
+    _respond(result, body, ctx, rulebook, store, settings, service, client)
     return result
 
 
-def _respond(result: HookResult, body: dict, ctx: HookContext, rulebook: Rulebook, store, settings, service) -> None:
+def _issue(store: FeedbackStore, issued: list[IssuedCard], since: datetime | None) -> set[str]:
+    """Record the issued cards; the suppression keys overridden since ``since``. A store failure never
+    loses the cards: they are answered unrecorded (no suppression applied), the failure logged and counted."""
+    try:
+        return store.issue_cards(issued, skip_overridden_since=since)
+    except Exception as exc:  # noqa: BLE001 - whatever the store raised, the warnings go out
+        state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+        log.error("feedback store failed on the hook path (%s%s): %d card(s) answered without being recorded; "
+                  "override suppression not applied", type(exc).__name__, f", SQLSTATE {state}" if state else "",
+                  len(issued))  # no message: a driver's message can quote the statement's parameters
+        metrics.store_error("issue_cards")
+        return set()
+
+
+def _respond(result: HookResult, body: dict, ctx: HookContext, rulebook: Rulebook, store, settings, service,
+             client: Client = OPEN_CLIENT) -> None:
     fired = [f for f in result.findings if f.evidence and f.fired]
     for f in result.findings:
         if f.evidence and not f.fired:
             result.suppressed.append((f, f"exception: {f.suppressed_by.label}"))
-    keys = {id(f): suppression_key(settings.suppression_secret, body, f) for f in fired}
+    keys = {id(f): suppression_key(settings.suppression_secret, body, f, client.id) for f in fired}
     card_ids = {id(f): str(uuid.uuid4()) for f in fired}
     issued = [IssuedCard(card_ids[id(f)], f.rule.id, service.id, str(body.get("hookInstance")), f.indicator,
-                         f.rule.mode, keys[id(f)], ctx.now) for f in fired]
+                         f.rule.mode, keys[id(f)], ctx.now, client.id) for f in fired]
     if store is not None and issued:
         # order-sign: a card overridden at order-select for the same draft and rule is not raised again
         since = ctx.now - SUPPRESSION_WINDOW if service.hook == "order-sign" else None
-        overridden = store.issue_cards(issued, skip_overridden_since=since)
+        overridden = _issue(store, issued, since)
         for f in [f for f in fired if keys[id(f)] in overridden]:
             result.suppressed.append((f, "overridden for this draft order at order-select"))
         fired = [f for f in fired if keys[id(f)] not in overridden]
