@@ -20,7 +20,7 @@ FROM python:3.11-slim-bookworm
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
-    HOST=0.0.0.0 PORT=8000 \
+    HOST=0.0.0.0 PORT=8000 CDS_REQUIRE_JWT=1 \
     CDS_INSTANCE_DIR=/var/lib/cds-hooks-service
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin cds \
     && mkdir -p /var/lib/cds-hooks-service \

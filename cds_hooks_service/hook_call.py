@@ -11,6 +11,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from urllib.parse import urlsplit
 
 from . import metrics
 from .cards import info_card, markdown_escape, render_card
@@ -18,7 +19,7 @@ from .clients import OPEN_CLIENT, Client
 from .engine import Finding, HookContext, PatientRecord, draft_facts, evaluate_rule, triggered
 from .errors import BadRequest, PreconditionFailed
 from .facts import Normaliser
-from .patient_data import DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather
+from .patient_data import DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather, gaps_note
 from .rulebook import Rulebook
 from .services import CdsService
 from .store import FeedbackStore, IssuedCard
@@ -47,7 +48,23 @@ def validate_request(body: object, service: CdsService, validators) -> dict:
     if not isinstance(body.get("context"), dict):
         raise BadRequest("context must be an object", field="context")
     first_error(validators[service.hook], body["context"], prefix="context")
+    check_fhir_server_url(body.get("fhirServer"))
     return body
+
+
+def check_fhir_server_url(value: object) -> None:
+    """fhirServer, when given, is an http(s) URL with a host that urllib can parse (``http://[::1`` made
+    urlsplit raise ValueError deep in the FHIR client: a 500). Which servers are trusted is fhir_client's."""
+    if value is None:
+        return
+    try:
+        parts = urlsplit(value) if isinstance(value, str) else None
+        valid = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname) and \
+            (parts.port or 0) >= 0
+    except ValueError:  # invalid IPv6 literal, port out of range or not a number
+        valid = False
+    if not valid:
+        raise BadRequest("fhirServer is not a valid http(s) URL", field="fhirServer")
 
 
 def first_error(validator, instance, prefix: str = "") -> None:
@@ -170,10 +187,9 @@ def _respond(result: HookResult, body: dict, ctx: HookContext, rulebook: Ruleboo
             continue  # shadow: evaluated and counted, not shown
         card = render_card(f, now=ctx.now, patient_id=ctx.patient_id, encounter_id=ctx.encounter_id,
                            user_id=ctx.user_id, alternatives=rulebook.alternatives, card_uuid=card_ids[id(f)])
-        gaps = sorted(k for k in f.rule.needs if k in unavailable)
-        if gaps:
-            card["detail"] = card.get("detail", "") + "\n\n_Not checked, could not be read: " + \
-                markdown_escape(", ".join(DATA_LABELS[k] for k in gaps)) + "._"
+        note = gaps_note(f.rule.needs, unavailable)  # data not read, or only partly read
+        if note:
+            card["detail"] = card.get("detail", "") + "\n\n" + note
         cards.append(card)
 
     # A rule that could not see all it needs and did not fire must not pass for "nothing found".
