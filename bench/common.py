@@ -164,6 +164,25 @@ def sign_body(n_resources: int, seed: int, now: datetime) -> dict:
     }
 
 
+def dhe_body(n_resources: int, seed: int, now: datetime, *, drafts: int = 1, triptans: int = 20) -> dict:
+    """An ``order-sign`` with ``drafts`` DHE orders for a patient who was given ``triptans`` sumatriptan doses
+    (the last one 2 h ago: the DHE/triptan 24 h conflict) on top of a ``n_resources`` record."""
+    items = record_items(n_resources, seed) + [
+        {"given": "37418", "text": "sumatriptan 6 mg SC", "route": "SC", "at": f"-{2 + i % 200}h"}
+        for i in range(triptans)]
+    record = [expand_record(item, i, now) for i, item in enumerate(items)]
+    dhe = [expand_draft({"id": f"dhe-{i}", "drug": "3418", "text": "dihydroergotamine 1 mg IV", "route": "IV"}, i, now)
+           for i in range(drafts)]
+    return {
+        "hook": "order-sign",
+        "hookInstance": f"bench-dhe-{n_resources}-{drafts}-{triptans}",
+        "context": {"userId": USER_ID, "patientId": PATIENT_ID, "encounterId": ENCOUNTER_ID,
+                    "draftOrders": {"resourceType": "Bundle", "type": "collection",
+                                    "entry": [{"resource": d} for d in dhe]}},
+        "prefetch": prefetch_for(record),
+    }
+
+
 def count_resources(body: dict) -> int:
     n = 0
     for value in body["prefetch"].values():

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from .terminology import Concept, Terminology, concept
+from .terminology import Concept, DrugMatch, Terminology, concept
 
 MEDICATION_TYPES = ("MedicationRequest", "MedicationAdministration", "MedicationStatement")  # record sources
 # DSTU2 servers (the Sandbox's default) send MedicationOrder drafts; they read the same way.
@@ -204,8 +204,9 @@ class Normaliser:
     def __init__(self, terminology: Terminology):
         self.terminology = terminology
 
-    def medication(self, resource: dict, medications: MedicationIndex, *, source: str | None = None) -> MedicationFact:
-        rtype = resource.get("resourceType", "")
+    def drug(self, resource: dict, medications: MedicationIndex) -> tuple[DrugMatch, list[str], list[Concept]]:
+        """What a medication resource names (its codes, rolled up, or failing that its names), its texts and
+        codings: a few dict look-ups, so a resource no rule can match is dropped before full normalisation."""
         concepts, texts = codeable_concepts(resource.get("medicationCodeableConcept"))
         med_ref = resource.get("medicationReference")
         if isinstance(med_ref, dict):
@@ -223,7 +224,13 @@ class Normaliser:
                 texts += form_texts
             if isinstance(med_ref.get("display"), str):
                 texts.append(med_ref["display"])
-        match = self.terminology.recognise(concepts, texts)
+        return self.terminology.recognise(concepts, texts), texts, concepts
+
+    def medication(self, resource: dict, medications: MedicationIndex, *, source: str | None = None,
+                   drug: tuple[DrugMatch, list[str], list[Concept]] | None = None) -> MedicationFact:
+        """The full medication fact (``drug``: the result of :meth:`drug`, when already looked up)."""
+        rtype = resource.get("resourceType", "")
+        match, texts, concepts = drug or self.drug(resource, medications)
         status = resource.get("status") if isinstance(resource.get("status"), str) else None
         reasons, reason_texts = codeable_concepts(resource.get("reasonCode"))
         return MedicationFact(
@@ -299,8 +306,12 @@ class Normaliser:
         )
 
     @staticmethod
-    def observations(r: dict) -> list[ObservationFact]:
+    def observations(r: dict, relevant: frozenset[Concept] | None = None) -> list[ObservationFact]:
+        """The readings of an Observation (itself and its components); with ``relevant``, only those coded
+        with one of these concepts (the resource is skipped after a look-up of its codes when none is)."""
         if r.get("status") not in _OBS_STATUSES:
+            return []
+        if relevant is not None and relevant.isdisjoint(_observation_codes(r)):
             return []
         time = parse_time(r.get("effectiveDateTime")) or parse_time(
             (r.get("effectivePeriod") or {}).get("end") if isinstance(r.get("effectivePeriod"), dict) else None
@@ -310,13 +321,17 @@ class Normaliser:
         for component in as_list(r.get("component")):
             if isinstance(component, dict):
                 out.append(_observation_fact(ref, component, time))
+        if relevant is not None:
+            out = [o for o in out if not relevant.isdisjoint(o.concepts)]
         return out
 
     @staticmethod
-    def procedure(r: dict) -> ProcedureFact | None:
+    def procedure(r: dict, relevant: frozenset[Concept] | None = None) -> ProcedureFact | None:
         if r.get("status") in ("entered-in-error", "not-done", "preparation"):
             return None
         concepts, texts = codeable_concepts(r.get("code"))
+        if relevant is not None and relevant.isdisjoint(concepts):
+            return None
         period = r.get("performedPeriod") if isinstance(r.get("performedPeriod"), dict) else {}
         return ProcedureFact(
             ref=f"Procedure/{r.get('id', '')}",
@@ -325,6 +340,14 @@ class Normaliser:
             time=parse_time(r.get("performedDateTime")) or parse_time(period.get("end"))
             or parse_time(period.get("start")),
         )
+
+
+def _observation_codes(r: dict) -> list[Concept]:
+    codes, _ = codeable_concepts(r.get("code"))
+    for component in as_list(r.get("component")):
+        if isinstance(component, dict):
+            codes += codeable_concepts(component.get("code"))[0]
+    return codes
 
 
 def _observation_fact(ref: str, r: dict, time: datetime | None) -> ObservationFact:

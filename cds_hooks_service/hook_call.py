@@ -14,9 +14,10 @@ from datetime import datetime, timedelta, timezone
 
 from .cards import info_card, markdown_escape, render_card
 from .clients import OPEN_CLIENT, Client
-from .engine import Finding, HookContext, PatientRecord, draft_facts, evaluate_rule, triggered
+from .engine import Finding, HookContext, draft_facts, evaluate_rule, triggered
 from .errors import BadRequest, PreconditionFailed
 from .facts import Normaliser
+from .index import RecordIndex, RuleConcepts
 from .patient_data import DATA_LABELS, NO_FHIR_SERVER, PatientData, gather
 from .rulebook import Rulebook
 from .services import CdsService
@@ -108,8 +109,7 @@ def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store: 
             "cannot evaluate the safety rules: prefetch lacks " + ", ".join(missing_server)
             + " and the request names no fhirServer to read them from", field="prefetch")
 
-    record = PatientRecord(data.resources, normaliser, medications, frozenset(d.ref for d in drafts),
-                           relevant_conditions=None if trace else rulebook.condition_concepts)
+    record = RecordIndex(data.resources, normaliser, medications, drafts, None if trace else RuleConcepts.of(rulebook))
     result = HookResult({"cards": []}, data=data)
     for rule, draft in candidates:
         finding = evaluate_rule(rule, draft, ctx, record, rulebook, trace=trace)
