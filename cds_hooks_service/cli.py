@@ -105,8 +105,8 @@ def _now(value: str | None):
 def cmd_explain(args) -> int:
     from .errors import ServiceError
     from .explain import format_text, report
-    from .hook_call import call_service, validate_request
-    from .runtime import load_validators
+    from .hook_call import call_service
+    from .request_validation import load_validators, validate_request
     from .services import SERVICE_FOR_HOOK
 
     loaded = _load(args)
@@ -124,7 +124,7 @@ def cmd_explain(args) -> int:
         return 2
     settings.fixed_now = _now(args.now) or settings.fixed_now
     try:
-        validate_request(body, service, load_validators())
+        validate_request(body, service, load_validators(), settings.limits)
         result = call_service(service, body, rulebook=rulebook, store=None, settings=settings, trace=True)
     except ServiceError as exc:
         print(f"the service would answer {exc.status}: {exc.message}")

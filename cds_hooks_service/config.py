@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .facts import parse_time
+from .limits import Limits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +41,7 @@ class Settings:
     instance_dir: Path = REPO_ROOT / "instance"
     admin_token: str | None = None  # GET /admin (rule performance page); unset = page disabled
     metrics_token: str | None = None  # GET /metrics needs it as a Bearer token; unset = open
+    limits: Limits = field(default_factory=Limits)  # per-request bounds (CDS_MAX_DRAFTS, ... see limits.py)
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -70,6 +72,7 @@ class Settings:
             instance_dir=instance_dir,
             admin_token=(env.get("CDS_ADMIN_TOKEN") or None),
             metrics_token=(env.get("CDS_METRICS_TOKEN") or None),
+            limits=Limits.from_env(env),
         )
         for key, value in overrides.items():
             setattr(settings, key, value)

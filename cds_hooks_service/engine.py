@@ -48,10 +48,9 @@ class Finding:
     suppressed_by: Evidence | None = None
     trace: list[dict] = field(default_factory=list)
     excluded_suggestions: frozenset[str] = frozenset()  # left out by their `unless` checks
-
-    @property
-    def fired(self) -> bool:
-        return self.suppressed_by is None
+    # Set once by hook_call.record: fired | excepted | suppressed | shadow | not fired, and why it is not shown.
+    outcome: str = ""
+    reason: str = ""
 
     def matched(self, check_name: str) -> bool:
         return any(e.check == check_name for e in self.evidence + self.cautions)

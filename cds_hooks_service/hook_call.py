@@ -1,72 +1,69 @@
-"""One CDS Hooks service call, from a validated request body to the response.
+"""One CDS Hooks service call, from a validated request body to the response: decide -> record -> render.
 
-validate -> draft orders to facts -> which rules trigger -> gather only the data they need ->
-evaluate -> drop cards overridden earlier for the same draft -> render -> record issued cards.
+decide  drafts to facts; which rules trigger (none: no patient data is read); gather only the data they
+        need; index the record once by concept; evaluate each (rule, draft) within the evaluation deadline
+record  the cards to issue are recorded (client, rule, one-way key: no patient data); the store answers
+        which were overridden at order-select for the same draft. Then every finding gets its one
+        outcome: fired, excepted (and why), suppressed (overridden), shadow, or not fired
+render  cards for the fired findings, most severe first, within the cards and bytes of one response;
+        what could not be read; one "check not completed" card per rule that could not be completed
+
+Nothing here needs Flask or SQLAlchemy: the pharmacists' commands (explain, replay, test) run it as is.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+import orjson
+
 from .cards import info_card, markdown_escape, render_card
 from .clients import OPEN_CLIENT, Client
 from .engine import Finding, HookContext, draft_facts, evaluate_rule, triggered
-from .errors import BadRequest, PreconditionFailed
-from .facts import Normaliser
+from .errors import PreconditionFailed
+from .facts import MedicationFact, Normaliser
 from .index import RecordIndex, RuleConcepts
+from .limits import Limits
 from .patient_data import DATA_LABELS, NO_FHIR_SERVER, PatientData, gather
-from .rulebook import Rulebook
+from .rulebook import Rule, Rulebook
 from .services import CdsService
-from .store import FeedbackStore, IssuedCard
 
-log = logging.getLogger(__name__)
 SUPPRESSION_WINDOW = timedelta(hours=24)  # an override at order-select holds for the same draft this long
+INDICATOR_ORDER = {"critical": 0, "warning": 1, "info": 2}
+LATE = "could not be checked within the time allowed for one request (CDS_EVAL_DEADLINE)"
+
+# The one outcome of each finding.
+FIRED = "fired"  # a card is shown
+EXCEPTED = "excepted"  # an exception of the rule matched (reason: which)
+SUPPRESSED = "suppressed"  # overridden at order-select for the same draft order
+SHADOW = "shadow"  # the rule is in shadow mode: counted, not shown
+NOT_FIRED = "not fired"  # evaluated, no evidence (kept only for the explain trace)
+
+
+@dataclass
+class Decision:
+    """What the rules found for one call, before anything is recorded or shown."""
+
+    ctx: HookContext
+    findings: list[Finding]
+    data: PatientData
+    live: list[tuple[Rule, MedicationFact]]  # the (rule, draft) pairs whose triggers matched
+    not_evaluated: list[tuple[Rule, MedicationFact]] = field(default_factory=list)  # past the deadline
 
 
 @dataclass
 class HookResult:
     response: dict
-    findings: list[Finding] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)  # each with its outcome (and reason)
     data: PatientData | None = None
-    suppressed: list[tuple[Finding, str]] = field(default_factory=list)  # (finding, why not shown)
     not_completed: list[str] = field(default_factory=list)  # ids of rules answered with "Check not completed"
 
-
-def validate_request(body: object, service: CdsService, validators) -> dict:
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    first_error(validators["request"], body)
-    if body["hook"] != service.hook:
-        raise BadRequest(f"service {service.id!r} answers the {service.hook!r} hook, not {body['hook']!r}", field="hook")
-    if not isinstance(body.get("context"), dict):
-        raise BadRequest("context must be an object", field="context")
-    first_error(validators[service.hook], body["context"], prefix="context")
-    return body
-
-
-def first_error(validator, instance, prefix: str = "") -> None:
-    error = next(iter(sorted(validator.iter_errors(instance), key=lambda e: len(e.absolute_path))), None)
-    if error is None:
-        return
-    path = ".".join([prefix] * bool(prefix) + [str(p) for p in error.absolute_path])
-    if error.validator == "required":
-        missing = error.message.split("'")[1] if "'" in error.message else error.message
-        field_name = ".".join(filter(None, [path, missing]))
-        raise BadRequest(f"missing required field {field_name}", field=field_name)
-    if error.validator == "dependentRequired":
-        raise BadRequest("fhirAuthorization requires fhirServer", field="fhirServer")
-    message = error.message if len(error.message) < 200 else error.message[:200] + "…"
-    if error.validator in ("pattern", "type", "const", "enum", "minItems", "minLength", "maxLength"):
-        shown = {"pattern": "is not in the expected format", "type": f"must be of type {error.validator_value}",
-                 "const": f"must be {error.validator_value!r}", "enum": f"must be one of {error.validator_value}",
-                 "minItems": "must not be empty", "minLength": "must not be empty",
-                 "maxLength": "is too long"}[error.validator]
-        message = f"{path or 'body'} {shown}"
-    raise BadRequest(message, field=path or None)
+    def with_outcome(self, *outcomes: str) -> list[Finding]:
+        return [f for f in self.findings if f.outcome in outcomes]
 
 
 def suppression_key(secret: bytes, body: dict, finding: Finding) -> str:
@@ -78,10 +75,25 @@ def suppression_key(secret: bytes, body: dict, finding: Finding) -> str:
     return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
 
 
-def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store: FeedbackStore | None, settings,
+def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store, settings,
                  now: datetime | None = None, trace: bool = False, session=None,
                  client: Client = OPEN_CLIENT) -> HookResult:
+    """``store``: a FeedbackStore, or None to record nothing (the pharmacists' commands)."""
     now = now or settings.fixed_now or datetime.now(timezone.utc)
+    limits = getattr(settings, "limits", None) or Limits()
+    decision = decide(service, body, rulebook=rulebook, settings=settings, limits=limits, now=now, trace=trace,
+                      session=session, client=client)
+    if decision is None:
+        return HookResult({"cards": []})
+    issued = record(decision, body, store=store, secret=settings.suppression_secret, service=service)
+    cards, not_completed = render(decision, issued, rulebook=rulebook, limits=limits)
+    return HookResult({"cards": cards}, decision.findings, decision.data, not_completed)
+
+
+# -- decide ---------------------------------------------------------------------------------------------
+def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, limits: Limits, now: datetime,
+           trace: bool = False, session=None, client: Client = OPEN_CLIENT) -> Decision | None:
+    """The findings of the rules that trigger on the drafts judged, or None when none triggers."""
     context = body["context"]
     normaliser = Normaliser(rulebook.terminology)
     drafts, medications = draft_facts(context.get("draftOrders"), normaliser)
@@ -92,14 +104,30 @@ def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store: 
         targets = drafts
     ctx = HookContext(hook=service.hook, now=now, patient_id=context.get("patientId"),
                       encounter_id=context.get("encounterId"), user_id=context.get("userId"),
-                      drafts=drafts, targets=targets)
+                      drafts=drafts, targets=targets, max_evidence_items=limits.max_evidence_items)
 
     rules = rulebook.for_hook(service.hook)
     live = [(rule, draft) for draft in targets for rule in rules if triggered(rule, draft)]
     candidates = [(rule, draft) for draft in targets for rule in rules] if trace else live
     if not candidates:
-        return HookResult({"cards": []})
+        return None
 
+    data = _gather(live, body, settings, session)
+    record_index = RecordIndex(data.resources, normaliser, medications, drafts,
+                               None if trace else RuleConcepts.of(rulebook))
+    decision = Decision(ctx, [], data, live)
+    deadline = time.monotonic() + limits.eval_deadline
+    for i, (rule, draft) in enumerate(candidates):
+        if time.monotonic() > deadline:
+            decision.not_evaluated = [pair for pair in candidates[i:] if triggered(*pair)]
+            break
+        finding = evaluate_rule(rule, draft, ctx, record_index, rulebook, trace=trace)
+        if finding is not None:
+            decision.findings.append(finding)
+    return decision
+
+
+def _gather(live, body: dict, settings, session) -> PatientData:
     needs = set().union(*(rule.needs for rule, _ in live))
     data = gather(needs, body, budget=settings.time_budget, connect_timeout=settings.fhir_connect_timeout,
                   read_timeout=settings.fhir_read_timeout, session=session)
@@ -108,61 +136,125 @@ def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store: 
         raise PreconditionFailed(
             "cannot evaluate the safety rules: prefetch lacks " + ", ".join(missing_server)
             + " and the request names no fhirServer to read them from", field="prefetch")
-
-    record = RecordIndex(data.resources, normaliser, medications, drafts, None if trace else RuleConcepts.of(rulebook))
-    result = HookResult({"cards": []}, data=data)
-    for rule, draft in candidates:
-        finding = evaluate_rule(rule, draft, ctx, record, rulebook, trace=trace)
-        if finding is not None:
-            result.findings.append(finding)
-    _respond(result, body, ctx, rulebook, store, settings, service)
-    return result
+    return data
 
 
-def _respond(result: HookResult, body: dict, ctx: HookContext, rulebook: Rulebook, store, settings, service) -> None:
-    fired = [f for f in result.findings if f.evidence and f.fired]
-    for f in result.findings:
-        if f.evidence and not f.fired:
-            result.suppressed.append((f, f"exception: {f.suppressed_by.label}"))
-    keys = {id(f): suppression_key(settings.suppression_secret, body, f) for f in fired}
-    card_ids = {id(f): str(uuid.uuid4()) for f in fired}
-    issued = [IssuedCard(card_ids[id(f)], f.rule.id, service.id, str(body.get("hookInstance")), f.indicator,
-                         f.rule.mode, keys[id(f)], ctx.now) for f in fired]
-    if store is not None and issued:
+# -- record ---------------------------------------------------------------------------------------------
+def record(decision: Decision, body: dict, *, store, secret: bytes, service: CdsService) -> dict[int, str]:
+    """Record the cards to issue and give every finding its outcome. Returns card ids by id(finding)."""
+    to_issue = [f for f in decision.findings if f.evidence and f.suppressed_by is None]
+    keys = {id(f): suppression_key(secret, body, f) for f in to_issue}
+    card_ids = {id(f): str(uuid.uuid4()) for f in to_issue}
+    overridden: set[str] = set()
+    if store is not None and to_issue:
+        from .store import IssuedCard  # only with a store (SQLAlchemy): the commands run without one
+
+        ctx = decision.ctx
+        issued = [IssuedCard(card_ids[id(f)], f.rule.id, service.id, str(body.get("hookInstance")), f.indicator,
+                             f.rule.mode, keys[id(f)], ctx.now) for f in to_issue]
         # order-sign: a card overridden at order-select for the same draft and rule is not raised again
         since = ctx.now - SUPPRESSION_WINDOW if service.hook == "order-sign" else None
         overridden = store.issue_cards(issued, skip_overridden_since=since)
-        for f in [f for f in fired if keys[id(f)] in overridden]:
-            result.suppressed.append((f, "overridden for this draft order at order-select"))
-        fired = [f for f in fired if keys[id(f)] not in overridden]
+    for f in decision.findings:
+        f.outcome, f.reason = outcome_of(f, keys.get(id(f)) in overridden)
+    return card_ids
 
-    cards = []
-    unavailable = result.data.unavailable if result.data else {}
-    for f in fired:
-        if f.rule.mode != "active":
-            continue  # shadow: evaluated and counted, not shown
-        card = render_card(f, now=ctx.now, patient_id=ctx.patient_id, encounter_id=ctx.encounter_id,
-                           user_id=ctx.user_id, alternatives=rulebook.alternatives, card_uuid=card_ids[id(f)])
-        gaps = sorted(k for k in f.rule.needs if k in unavailable)
-        if gaps:
-            card["detail"] = card.get("detail", "") + "\n\n_Not checked, could not be read: " + \
-                markdown_escape(", ".join(DATA_LABELS[k] for k in gaps)) + "._"
-        cards.append(card)
 
-    # A rule that could not see all it needs and did not fire must not pass for "nothing found".
-    fired_rules = {f.rule.id for f in fired} | {f.rule.id for f, _ in result.suppressed}
-    not_completed = {}
+def outcome_of(finding: Finding, overridden: bool) -> tuple[str, str]:
+    """The one outcome of a finding, and why it is not shown (empty when it is)."""
+    if not finding.evidence:
+        return NOT_FIRED, ""
+    if finding.suppressed_by is not None:
+        return EXCEPTED, f"exception: {finding.suppressed_by.label}"
+    if overridden:
+        return SUPPRESSED, "overridden for this draft order at order-select"
+    if finding.rule.mode != "active":
+        return SHADOW, "shadow mode: counted, not shown"
+    return FIRED, ""
+
+
+# -- render ---------------------------------------------------------------------------------------------
+def render(decision: Decision, card_ids: dict[int, str], *, rulebook: Rulebook, limits: Limits) -> tuple[list, list]:
+    """The response's cards (bounded) and the ids of the rules answered with "check not completed"."""
+    ctx = decision.ctx
+    unavailable = decision.data.unavailable
+    fired = sorted((f for f in decision.findings if f.outcome == FIRED), key=lambda f: INDICATOR_ORDER[f.indicator])
+    cards = [_finding_card(f, card_ids[id(f)], ctx, rulebook, unavailable) for f in fired[:limits.max_cards]]
+    not_completed = _not_completed(decision, rulebook)
+    cards += [_not_completed_card(rule, reasons) for rule, reasons in not_completed.values()]
+    cards.sort(key=lambda c: INDICATOR_ORDER[c["indicator"]])
+    cards = _bounded(cards, [f.rule.title for f in fired[limits.max_cards:]], limits)
+    return cards, list(not_completed)
+
+
+def _finding_card(f: Finding, card_id: str, ctx: HookContext, rulebook: Rulebook, unavailable: dict) -> dict:
+    card = render_card(f, now=ctx.now, patient_id=ctx.patient_id, encounter_id=ctx.encounter_id,
+                       user_id=ctx.user_id, alternatives=rulebook.alternatives, card_uuid=card_id)
+    more = sum(e.more for e in f.evidence + f.cautions)
+    if more:
+        card["detail"] = card.get("detail", "") + f"\n\n_And {more} more matching record " \
+            f"entr{'y' if more == 1 else 'ies'} not listed._"
+    gaps = sorted(k for k in f.rule.needs if k in unavailable)
+    if gaps:
+        card["detail"] = card.get("detail", "") + "\n\n_Not checked, could not be read: " + \
+            markdown_escape(", ".join(DATA_LABELS[k] for k in gaps)) + "._"
+    return card
+
+
+def _not_completed(decision: Decision, rulebook: Rulebook) -> dict[str, tuple[Rule, list[str]]]:
+    """Rules that must not pass for "nothing found": data they need could not be read and they did not
+    fire, or the evaluation deadline came before they were evaluated for some drafted order."""
+    ctx, unavailable = decision.ctx, decision.data.unavailable
+    answered = {f.rule.id for f in decision.findings if f.evidence}
+    out: dict[str, tuple[Rule, list[str]]] = {}
+    live_rules = {rule.id for rule, _ in decision.live}
     for rule in rulebook.for_hook(ctx.hook):
         gaps = sorted(k for k in rule.needs if k in unavailable)
-        if gaps and rule.id not in fired_rules and rule.mode == "active" and \
-                any(triggered(rule, d) for d in ctx.targets):
-            not_completed[rule.id] = (rule, gaps)
-    result.not_completed = list(not_completed)
-    for rule, gaps in not_completed.values():
-        reasons = "; ".join(f"{DATA_LABELS[k]}: {unavailable[k]}" for k in gaps)
-        cards.append(info_card(f"Check not completed: {rule.title}",
-                               f"The service could not complete **{markdown_escape(rule.title)}** for this order "
-                               f"because some patient data could not be read. {markdown_escape(reasons)}. "
-                               "Check the record by hand before signing."))
-    cards.sort(key=lambda c: {"critical": 0, "warning": 1, "info": 2}[c["indicator"]])
-    result.response = {"cards": cards}
+        if gaps and rule.id not in answered and rule.mode == "active" and rule.id in live_rules:
+            out[rule.id] = (rule, [f"{DATA_LABELS[k]}: {unavailable[k]}" for k in gaps])
+    late: dict[str, int] = {}
+    for rule, _ in decision.not_evaluated:
+        if rule.mode == "active":
+            late[rule.id] = late.get(rule.id, 0) + 1
+    for rule_id, n in late.items():
+        rule = next(r for r, _ in decision.not_evaluated if r.id == rule_id)
+        reasons = out.get(rule_id, (rule, []))[1]
+        out[rule_id] = (rule, reasons + [f"{n} of the drafted orders {LATE}"])
+    return out
+
+
+def _not_completed_card(rule: Rule, reasons: list[str]) -> dict:
+    late = any(r.endswith(LATE) for r in reasons)
+    data = not all(r.endswith(LATE) for r in reasons)
+    why = " and ".join(w for w, on in (("some patient data could not be read", data),
+                                       ("some orders could not be checked in time", late)) if on)
+    return info_card(f"Check not completed: {rule.title}",
+                     f"The service could not complete **{markdown_escape(rule.title)}** for this order because "
+                     f"{why}. {markdown_escape('; '.join(reasons))}. Check the record by hand before signing.")
+
+
+def _bounded(cards: list[dict], not_rendered: list[str], limits: Limits) -> list[dict]:
+    """At most ``max_cards`` cards and ``max_response_bytes`` of them; what is left out is named in one card."""
+    budget = limits.max_response_bytes - 8 * 1024  # room for the card naming what was left out
+    shown, left_out, size = [], [], 0
+    for card in cards:
+        n = len(orjson.dumps(card))
+        if len(shown) < limits.max_cards and size + n <= budget:
+            shown.append(card)
+            size += n
+        else:
+            left_out.append(card)
+    if not left_out and not not_rendered:
+        return shown
+    names: dict[str, int] = {}
+    for title in [c["summary"] if c["indicator"] == "info" else c["source"]["topic"]["display"] for c in left_out] \
+            + not_rendered:
+        names[title] = names.get(title, 0) + 1
+    total = len(left_out) + len(not_rendered)
+    detail = (f"This response holds at most {limits.max_cards} cards and {limits.max_response_bytes // 1024} KiB; "
+              f"{total} more card{'s' if total != 1 else ''} for these orders {'are' if total != 1 else 'is'} not "
+              "shown" + (": " + markdown_escape("; ".join(f"{t} ({n})" for t, n in names.items())) if names else "")
+              + ". Review the orders one by one (or in smaller groups) to see every warning.")
+    shown.append(info_card(f"{total} more card{'s' if total != 1 else ''} not shown (limit per response)", detail,
+                           topic="cards-not-shown"))
+    return shown

@@ -284,7 +284,7 @@ def scenario_file(rule) -> Path:
 def run_scenarios(rulebook, settings, rule_ids: list[str] | None = None) -> tuple[list[ScenarioResult], list[str]]:
     """Run every rule's scenarios on each hook the rule serves. Returns results and problems
     (a rule without scenarios, or without at least one firing and one non-firing scenario)."""
-    from .hook_call import call_service
+    from .hook_call import EXCEPTED, FIRED, SHADOW, SUPPRESSED, call_service
     from .services import SERVICE_FOR_HOOK
     results: list[ScenarioResult] = []
     problems: list[str] = []
@@ -311,8 +311,8 @@ def run_scenarios(rulebook, settings, rule_ids: list[str] | None = None) -> tupl
                                       settings=settings)
                 outcome, indicator = "no-fire", None
                 for f in result.findings:
-                    if f.rule.id == rule.id and f.evidence:
-                        outcome, indicator = ("fire" if f.fired else "suppressed"), f.indicator
+                    if f.rule.id == rule.id and f.outcome in (FIRED, SHADOW, EXCEPTED, SUPPRESSED):
+                        outcome, indicator = ("fire" if f.outcome in (FIRED, SHADOW) else "suppressed"), f.indicator
                         break
                 ok = outcome == sc.expect and (sc.indicator is None or outcome != "fire" or indicator == sc.indicator)
                 msg = "" if ok else (f"expected {sc.expect}" + (f" ({sc.indicator})" if sc.indicator else "")
