@@ -118,7 +118,7 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
     decision = Decision(ctx, [], data, live)
     deadline = time.monotonic() + limits.eval_deadline
     for i, (rule, draft) in enumerate(candidates):
-        if time.monotonic() > deadline:
+        if time.monotonic() >= deadline:
             decision.not_evaluated = [pair for pair in candidates[i:] if triggered(*pair)]
             break
         finding = evaluate_rule(rule, draft, ctx, record_index, rulebook, trace=trace)

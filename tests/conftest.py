@@ -1,18 +1,15 @@
 """Shared pytest fixtures. Fixture modules that start real servers live in tests/plugins/."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+
+from tests.helpers import REPO, SCENARIO_NOW  # noqa: F401 (also imported from here by older test modules)
 
 pytest_plugins = [
     "tests.plugins.postgres",
     "tests.plugins.fhir_server",
     "tests.plugins.fault_server",
 ]
-
-REPO = Path(__file__).resolve().parent.parent
-SCENARIO_NOW = "2026-03-01T12:00:00Z"
 
 
 @pytest.fixture(scope="session")
