@@ -53,3 +53,40 @@ def app(make_app):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+# -- the fast loop: `pytest -m "not slow"` ---------------------------------------------------------------
+# Slow: a test that starts gunicorn, PostgreSQL, a browser or a load generator, builds a wheel, runs a
+# property-based fuzzer (schemathesis/hypothesis) over the HTTP API, or measures scaling. Recognised here
+# from what the test uses, so a new test of that kind is marked without anyone remembering to.
+_SLOW_FIXTURES = {"postgres_url", "fresh_postgres_url", "_postgres_cluster"}
+_SLOW_WORDS = ("GunicornService(", "chromium", "playwright", "wrk", "bdist_wheel", "pip wheel", "schemathesis",
+               "@given(", "hypothesis")
+
+
+def _source(function) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
+
+
+def _uses_slow_parts(item) -> bool:
+    if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "postgresql" in callspec.id:
+        return True
+    functions = [getattr(item, "function", None)]  # the test and the fixtures it uses (e.g. one starting gunicorn)
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
+        functions += [d.func for d in defs if not d.func.__module__.startswith(("_pytest", "pytest"))]
+    return any(word in _source(f) for f in functions if f is not None for word in _SLOW_WORDS)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") is None and _uses_slow_parts(item):
+            item.add_marker(pytest.mark.slow)
