@@ -56,12 +56,15 @@ def client(app):
 
 
 # -- the fast loop: `pytest -m "not slow"` ---------------------------------------------------------------
-# Slow: a test that starts gunicorn, PostgreSQL, a browser or a load generator, builds a wheel, runs a
-# property-based fuzzer (schemathesis/hypothesis) over the HTTP API, or measures scaling. Recognised here
-# from what the test uses, so a new test of that kind is marked without anyone remembering to.
-_SLOW_FIXTURES = {"postgres_url", "fresh_postgres_url", "_postgres_cluster"}
-_SLOW_WORDS = ("GunicornService(", "chromium", "playwright", "wrk", "bdist_wheel", "pip wheel", "schemathesis",
-               "@given(", "hypothesis")
+# Slow: a test that starts a server process (gunicorn, PostgreSQL, the FHIR test servers), a browser, a load
+# generator or other processes, builds a wheel, watches files for changes, runs a property-based fuzzer
+# (schemathesis/hypothesis) over the HTTP API, or measures scaling. Recognised here from the source of the
+# test, of the module-level helpers it names and of its fixtures, so a new test of that kind is marked
+# without anyone remembering to.
+_SLOW_FIXTURES = {"postgres_url", "fresh_postgres_url", "_postgres_cluster", "fhir_server", "open_fhir_server"}
+_SLOW_WORDS = ("GunicornService", "make_server(", "chromium", "playwright", "wrk", "bdist_wheel", "pip wheel", "schemathesis",
+               "@given(", "hypothesis", "subprocess.", "multiprocessing", "Process(", "start_watching",
+               "FaultServer", "fault_server")
 
 
 def _source(function) -> str:
@@ -71,6 +74,19 @@ def _source(function) -> str:
         return inspect.getsource(function)
     except (OSError, TypeError):
         return ""
+
+
+def _sources(function) -> list[str]:
+    """The function's source and that of the module-level functions and classes of its module it names."""
+    import inspect
+
+    out = [_source(function)]
+    code, module = getattr(function, "__code__", None), getattr(function, "__module__", None)
+    for name in (code.co_names if code is not None else ()):
+        obj = getattr(function, "__globals__", {}).get(name)
+        if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module and obj is not function:
+            out.append(_source(obj))
+    return out
 
 
 def _uses_slow_parts(item) -> bool:
@@ -83,7 +99,7 @@ def _uses_slow_parts(item) -> bool:
     info = getattr(item, "_fixtureinfo", None)
     for defs in (info.name2fixturedefs.values() if info is not None else ()):
         functions += [d.func for d in defs if not d.func.__module__.startswith(("_pytest", "pytest"))]
-    return any(word in _source(f) for f in functions if f is not None for word in _SLOW_WORDS)
+    return any(word in text for f in functions if f is not None for text in _sources(f) for word in _SLOW_WORDS)
 
 
 def pytest_collection_modifyitems(config, items):
