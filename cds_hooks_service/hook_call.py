@@ -80,7 +80,7 @@ def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store, 
                  client: Client = OPEN_CLIENT) -> HookResult:
     """``store``: a FeedbackStore, or None to record nothing (the pharmacists' commands)."""
     now = now or settings.fixed_now or datetime.now(timezone.utc)
-    limits = getattr(settings, "limits", None) or Limits()
+    limits = settings.limits
     decision = decide(service, body, rulebook=rulebook, settings=settings, limits=limits, now=now, trace=trace,
                       session=session, client=client)
     if decision is None:

@@ -64,7 +64,7 @@ def client(app):
 _SLOW_FIXTURES = {"postgres_url", "fresh_postgres_url", "_postgres_cluster", "fhir_server", "open_fhir_server"}
 _SLOW_WORDS = ("GunicornService", "make_server(", "chromium", "playwright", "wrk", "bdist_wheel", "pip wheel", "schemathesis",
                "@given(", "hypothesis", "subprocess.", "multiprocessing", "Process(", "start_watching",
-               "FaultServer", "fault_server")
+               "FaultServer", "fault_server", "simple_icd_10_cm")
 
 
 def _source(function) -> str:

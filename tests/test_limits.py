@@ -30,7 +30,8 @@ def _cards(response) -> list[dict]:
     return response.get_json()["cards"]
 
 
-# -- the three hostile bodies of the issue ---------------------------------------------------------------
+# -- the three hostile bodies of the issue (slow: megabytes of JSON built and posted) ---------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("drafts,triptans", [(1000, 1000), (2000, 4000)])
 def test_thousands_of_dhe_drafts_against_thousands_of_triptans_are_refused_naming_the_limit(client, drafts, triptans):
     body = large_body(drafts, triptans, triptans=triptans)
@@ -41,6 +42,7 @@ def test_thousands_of_dhe_drafts_against_thousands_of_triptans_are_refused_namin
     assert str(drafts) in issue["details"]["text"]
 
 
+@pytest.mark.slow
 def test_twelve_thousand_drafts_with_an_empty_record_are_refused_naming_the_limit(client):
     body = _compact_drafts_body(12_000)
     assert len(json.dumps(body)) < 5 * MIB
@@ -48,6 +50,7 @@ def test_twelve_thousand_drafts_with_an_empty_record_are_refused_naming_the_limi
     assert "12000" in issue["details"]["text"] and "at most 100" in issue["details"]["text"]
 
 
+@pytest.mark.slow
 def test_the_largest_accepted_order_set_against_a_large_record_gets_bounded_cards(make_app):
     """100 DHE drafts (the limit) x 2,000 triptan doses: every draft conflicts, every card lists at most 10
     doses and counts the rest, the response holds at most 20 cards + one naming the others, and the call's
