@@ -328,6 +328,30 @@ class BareFlask(Service):
         raise ServiceFailure("the bare Flask app did not answer within 30 s:\n" + self.log_tail())
 
 
+def worker_pids(master: int) -> list[int]:
+    """The gunicorn master's worker processes (from /proc/<master>/task/*/children)."""
+    kids: set[int] = set()
+    for task in Path(f"/proc/{master}/task").glob("*"):
+        try:
+            kids.update(int(x) for x in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            pass
+    return sorted(k for k in kids if Path(f"/proc/{k}").exists())
+
+
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time (ns) used so far by all threads of these processes (/proc/<pid>/task/*/schedstat): the time
+    they ran on a CPU, which the other processes of a loaded machine do not inflate as they do wall time."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
 def run_guarded(run, *args):
     """``run(*args)`` with SIGTERM (and SIGINT, when a shell started the bench with it ignored) raising
     KeyboardInterrupt, so that ``run`` stops its service on the way out.

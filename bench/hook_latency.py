@@ -43,8 +43,8 @@ import requests
 
 # The request bodies and the service process are shared with load.py (bench/common.py).
 from common import (  # noqa: F401  (re-exported: the names this module has always had)
-    FIXED_NOW, LOOPBACK, REPO_ROOT, SIGN_SERVICE, BareFlask, Service, ServiceFailure, count_resources, free_port,
-    record_items, run_guarded, sign_body, template_sign_body)
+    FIXED_NOW, LOOPBACK, REPO_ROOT, SIGN_SERVICE, BareFlask, Service, ServiceFailure, count_resources, cpu_ns,
+    free_port, record_items, run_guarded, sign_body, template_sign_body, worker_pids)
 
 MAX_N = 5000            # hard cap on measured calls per case
 MAX_WARMUP = 500
@@ -119,6 +119,28 @@ class Client:
         return r
 
 
+def measure_cpu(cases, service, floor, n: int) -> dict[str, float]:
+    """Per case, the server's CPU time per call (ms): n calls in a row, the worker's CPU time before and after."""
+    out = {}
+    for name, call in cases:
+        pids = worker_pids((floor if name == "flask_floor" else service).proc.pid)
+        before = cpu_ns(pids)
+        for _ in range(n):
+            call()
+        out[name] = (cpu_ns(pids) - before) / n / 1e6
+    return out
+
+
+def json_loads_cpu_ms(raw: bytes, n: int = 200) -> float:
+    """Median CPU time (ms) of json.loads of the body in this thread."""
+    times = []
+    for _ in range(n):
+        t0 = time.thread_time()
+        json.loads(raw)
+        times.append(time.thread_time() - t0)
+    return statistics.median(times) * 1000.0
+
+
 def check_card(r: requests.Response, case: str) -> int:
     cards = r.json().get("cards")
     if not isinstance(cards, list) or not cards:
@@ -186,6 +208,7 @@ def run(args) -> dict:
                 call()
                 samples[name].append(time.perf_counter() - t0)
         conns_after, reqs_after = client.pool_stats()
+        cpu = measure_cpu(cases, service, floor, args.n) if args.cpu and service is not None else None
         new_conns = conns_after - conns_before
         measured_reqs = reqs_after - reqs_before
         keepalive = {"connections_opened_total": conns_after,
@@ -219,6 +242,19 @@ def run(args) -> dict:
                        "pass": a <= 1.5 * f})
     checks.append({"check": "p95(B) < 50 ms (large)", "value_ms": stats["large"]["p95"], "limit_ms": 50.0,
                    "pass": stats["large"]["p95"] < 50.0})
+    if cpu is not None:  # the same ratios from the server's CPU time per call (robust to a loaded machine)
+        loads_cpu = {case: json_loads_cpu_ms(bodies[case]["raw"], 200 if case != "xlarge" else 30) for case in bodies}
+        a_cpu = cpu["discovery"]
+        for case, name in (("large", "R_B"), ("xlarge", "R_X")):
+            delta = cpu[case] - a_cpu
+            checks.append({"check": f"CPU: {name} = ({case} - discovery) / json.loads <= 3", "value_ms": delta,
+                           "limit_ms": 3 * loads_cpu[case], "ratio_to_json_loads": delta / loads_cpu[case],
+                           "pass": delta <= 3 * loads_cpu[case]})
+        checks.append({"check": "CPU: S <= 2 x A", "value_ms": cpu["small"], "limit_ms": 2 * a_cpu,
+                       "pass": cpu["small"] <= 2 * a_cpu})
+        if "flask_floor" in cpu:
+            checks.append({"check": "CPU: A <= 1.5 x F", "value_ms": a_cpu, "limit_ms": 1.5 * cpu["flask_floor"],
+                           "pass": a_cpu <= 1.5 * cpu["flask_floor"]})
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
@@ -231,6 +267,7 @@ def run(args) -> dict:
                           "json_loads_p50_ms": loads[case][0], "json_loads_iterations": loads[case][1]}
                    for case, b in bodies.items()},
         "latency_ms": stats,
+        "server_cpu_ms_per_call": cpu,
         "keepalive": keepalive,
         "checks": checks,
     }
@@ -259,6 +296,8 @@ def print_report(res: dict) -> None:
         print(f"{label:36} {s['n']:>5} {s['p50']:>8.2f} {s['p95']:>8.2f} {s['p99']:>8.2f} {s['mean']:>8.2f}")
     for case, b in res["bodies"].items():
         print(f"{'json.loads ' + case + ' body':36} {b['json_loads_iterations']:>5} {b['json_loads_p50_ms']:>8.3f}")
+    if res.get("server_cpu_ms_per_call"):
+        print("server CPU per call (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in res["server_cpu_ms_per_call"].items()))
     print()
     for c in res["checks"]:
         extra = f"  ({c['ratio_to_json_loads']:.1f}x json.loads)" if "ratio_to_json_loads" in c else ""
@@ -277,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--xlarge", type=int, default=2000,
                    help="resources in the X prefetch, as the discovery templates ask (2000)")
     p.add_argument("--no-floor", action="store_true", help="do not start the bare Flask app (F)")
+    p.add_argument("--cpu", action="store_true",
+                   help="also measure the server's CPU time per call (n more calls per case, in batches) and "
+                        "the ratios from it: robust to other load on the machine")
     p.add_argument("--seed", type=int, default=20260301)
     p.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
                    help="wall-time cap for the measurement loop; stops early and says so (default 120)")
