@@ -9,7 +9,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from . import call_log, logs, metrics
 from .auth import AuthError, expected_audience
-from .clients import OPEN_CLIENT, Client
+from .clients import OPEN_CLIENT_ID, Client
 from .explain import report as explain_report
 from .facts import parse_time
 from .errors import BadRequest, NotFound, Unauthorized, UnsupportedMediaType
@@ -39,14 +39,14 @@ def authenticate() -> Client:
     """The calling client: its JWT issuer (verified), or the open-mode client."""
     rt = runtime()
     if rt.verifier is None:
-        return OPEN_CLIENT
-    audience = expected_audience(rt.settings.public_url, request.url_root, request.path)
+        return Client(OPEN_CLIENT_ID, rt.settings.fhir_servers)
+    audience = expected_audience(rt.settings.public_url, request.path)  # never from Host / X-Forwarded-*
     try:
         claims = rt.verifier.verify(request.headers.get("Authorization"), audience)
     except AuthError as exc:
         log.info("JWT rejected: %s", exc.reason)  # the reason is for operators; the client gets none
         raise Unauthorized("Unauthorized") from None
-    return Client(claims["iss"])
+    return Client(claims["iss"], rt.verifier.fhir_servers(claims["iss"]))
 
 
 def get_service(service_id: str):

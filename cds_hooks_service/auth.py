@@ -6,7 +6,18 @@ Configuration (read by the app, not here): env ``CDS_JWT_ISSUERS`` names a JSON 
      {"iss": "https://ehr.example.org", "jwks_url": "https://ehr.example.org/.well-known/jwks.json"}]
 
 Each trusted client (``iss``) gives either a static JWK Set (``jwks``) or the one URL its keys are
-fetched from (``jwks_url``); together the two lists are the spec's "allowlist of iss and jku".
+fetched from (``jwks_url``); together the two lists are the spec's "allowlist of iss and jku". An entry
+may also list ``"fhirServers": [base URLs]``: the only FHIR servers calls from that issuer may have the
+service read (fhir_servers.py); without it the issuer's requests must prefetch everything.
+
+Token rules beyond the signature: header ``typ`` must be ``JWT`` (any case; CDS Hooks 2.0 requires it),
+``aud`` must be the configured public URL (``CDS_PUBLIC_URL``) + path (never derived from the request's
+Host or X-Forwarded-* headers), ``exp`` at most ``max_lifetime`` seconds after ``iat``, ``jti`` used once.
+
+JWKS fetches (``jwks_url``): keys are cached 5 minutes; an unknown ``kid`` refetches at most once per
+cooldown (30 s); a failed fetch is remembered for ``failure_ttl`` (30 s) and answered from that memory;
+at most 5 fetches per issuer per minute. A fetch runs outside any lock that other issuers' calls wait on;
+calls of the same issuer wait for the fetch in flight (at most the fetch timeout) instead of fetching too.
 
 ``jku`` handling: a token may carry a ``jku`` header (the URL of the client's JWK Set).
 * Issuer configured with ``jwks_url``: ``jku``, when present, must equal that URL exactly; keys are only
@@ -24,7 +35,9 @@ import ipaddress
 import json
 import math
 import os
+import threading
 import time
+from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -33,11 +46,15 @@ import jwt
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from .fhir_servers import parse_entry_servers
+
 ALLOWED_ALGORITHMS = frozenset(
     {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
 )
 REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "jti")
-_ENTRY_KEYS = {"iss", "jwks", "jwks_url"}
+_ENTRY_KEYS = {"iss", "jwks", "jwks_url", "fhirServers"}
+DEFAULT_MAX_LIFETIME = 300.0  # seconds from iat to exp (CDS_JWT_MAX_LIFETIME)
+MAX_JWKS_BYTES = 256 * 1024
 
 
 class AuthError(Exception):
@@ -48,57 +65,147 @@ class AuthError(Exception):
         self.reason = reason
 
 
-def expected_audience(public_base_url: str | None, request_url_root: str, path: str) -> str:
-    """The URL the client must have put in ``aud``: configured public base URL (env ``CDS_PUBLIC_URL``,
-    e.g. ``https://cds.example.org``) + path, else the request's root URL + path.
+def expected_audience(public_base_url: str, path: str) -> str:
+    """The URL the client must have put in ``aud``: the configured public base URL (env ``CDS_PUBLIC_URL``,
+    e.g. ``https://cds.example.org``) + path. Never the request's own root URL: the Host and X-Forwarded-*
+    headers are the caller's to choose, so a token minted for another service would pass.
 
     One trailing slash is stripped from the base, and ``path`` gets a leading slash, so
-    ``("https://cds.example.org/", ..., "/cds-services/x")`` gives ``https://cds.example.org/cds-services/x``.
-    Behind a proxy, configure the public URL: the request root then says http/127.0.0.1 instead.
+    ``("https://cds.example.org/", "/cds-services/x")`` gives ``https://cds.example.org/cds-services/x``.
     """
-    base = public_base_url or request_url_root
-    if base.endswith("/"):
-        base = base[:-1]
+    if not public_base_url:
+        raise ValueError("no public URL configured (CDS_PUBLIC_URL)")
+    base = public_base_url[:-1] if public_base_url.endswith("/") else public_base_url
     if not path.startswith("/"):
         path = "/" + path
     return base + path
 
 
-class _RequestsJWKClient(jwt.PyJWKClient):
-    """PyJWKClient (JWK Set cache, one refetch on an unknown kid) that fetches with ``requests``:
-    explicit timeout, no redirects, and mockable with ``responses`` in tests."""
+def check_public_url(url: str | None) -> str:
+    """JWT mode needs ``CDS_PUBLIC_URL`` (the ``aud`` every token must carry). Raises a one-line ValueError."""
+    if not url:
+        raise ValueError("CDS_JWT_ISSUERS is set but CDS_PUBLIC_URL is not: set it to the service's public base "
+                         "URL (e.g. https://cds.example.org); JWTs must name it in aud")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"CDS_PUBLIC_URL must be an absolute http(s) URL without query, got {url!r}")
+    return url
 
-    def fetch_data(self) -> Any:
+
+class _JwksSource:
+    """The keys of one ``jwks_url`` issuer: cached, fetched outside the lock, failures remembered, rate-limited.
+
+    The lock guards only the bookkeeping (microseconds); the HTTP fetch runs without it. Each issuer has its
+    own source, so an issuer whose endpoint hangs or fails delays nobody else.
+    """
+
+    def __init__(self, url: str, *, timeout: float, cooldown: float, lifespan: float = 300.0,
+                 failure_ttl: float = 30.0, max_fetches: int = 5, window: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.uri, self.timeout, self.cooldown, self.lifespan = url, timeout, cooldown, lifespan
+        self.failure_ttl, self.max_fetches, self.window, self._clock = failure_ttl, max_fetches, window, clock
+        self._lock = threading.Lock()
+        self._keys: dict[str, jwt.PyJWK] | None = None
+        self._fetched_at = -math.inf  # last successful fetch
+        self._attempted_at = -math.inf  # last fetch, successful or not
+        self._failed_until = -math.inf
+        self._failure = ""
+        self._inflight: threading.Event | None = None
+        self._fetches: deque[float] = deque()
+        self.fetch_count = 0
+        self._session = requests.Session()
+        self._session.trust_env = False  # no proxy variables, no netrc
+
+    def get(self, kid: str, iss: str) -> jwt.PyJWK:
+        waited = False
+        while True:
+            with self._lock:
+                now = self._clock()
+                keys, fresh = self._keys, now - self._fetched_at < self.lifespan
+                if keys is not None and kid in keys and fresh:
+                    return keys[kid]
+                if self._inflight is not None:
+                    if waited:
+                        raise AuthError(f"JWKS of issuer {_show(iss)} still being fetched")
+                    event, mine = self._inflight, False
+                elif now < self._failed_until:  # a failed fetch is remembered: no new fetch
+                    if keys is not None and kid in keys:
+                        return keys[kid]  # stale but known key while the endpoint is down
+                    raise AuthError(f"cannot fetch JWKS of issuer {_show(iss)} (failed {self._failure}; "
+                                    "retried after the failure cache expires)")
+                elif waited or (keys is not None and now - self._attempted_at < self.cooldown):
+                    if keys is not None and kid in keys:
+                        return keys[kid]  # stale: refreshed at most once per cooldown
+                    raise AuthError(f"unknown kid {_show(kid)} for issuer {_show(iss)}")
+                else:
+                    while self._fetches and now - self._fetches[0] > self.window:
+                        self._fetches.popleft()
+                    if len(self._fetches) >= self.max_fetches:
+                        if keys is not None and kid in keys:
+                            return keys[kid]
+                        raise AuthError(f"unknown kid {_show(kid)} for issuer {_show(iss)} "
+                                        f"(JWKS fetch limit of {self.max_fetches} per {self.window:.0f} s reached)")
+                    self._fetches.append(now)
+                    self._attempted_at = now
+                    self._inflight = event = threading.Event()
+                    mine = True
+            if not mine:
+                event.wait(self.timeout + 1.0)
+                waited = True
+                continue
+            try:
+                new_keys, failure = self._fetch(), ""
+            except Exception as exc:  # noqa: BLE001 - whatever happens, the fetch in flight must end
+                new_keys, failure = None, getattr(exc, "reason", type(exc).__name__)
+            with self._lock:
+                now = self._clock()
+                if new_keys is not None:
+                    self._keys, self._fetched_at, self._failed_until = new_keys, now, -math.inf
+                else:
+                    self._failed_until, self._failure = now + self.failure_ttl, failure
+                self._inflight = None
+            event.set()
+            waited = True  # one fetch per call at most; the loop answers from the new state
+
+    def _fetch(self) -> dict[str, jwt.PyJWK]:
+        self.fetch_count += 1
+        deadline = time.monotonic() + self.timeout
         try:
-            resp = requests.get(
-                self.uri,
-                headers={"Accept": "application/json", **self.headers},
-                timeout=self.timeout,
-                allow_redirects=False,
-            )
-            resp.raise_for_status()
-            data = resp.json()
+            with self._session.get(self.uri, headers={"Accept": "application/json"}, timeout=self.timeout,
+                                   allow_redirects=False, stream=True) as resp:
+                resp.raise_for_status()
+                body = bytearray()
+                for chunk in resp.iter_content(16 * 1024):
+                    body += chunk
+                    if len(body) > MAX_JWKS_BYTES:
+                        raise AuthError("JWKS larger than 256 KiB")
+                    if time.monotonic() > deadline:
+                        raise AuthError("JWKS fetch exceeded its timeout")
+            data = json.loads(bytes(body))
         except (requests.RequestException, ValueError) as e:
-            raise jwt.PyJWKClientConnectionError(
-                f"JWKS fetch failed: {type(e).__name__}"
-            ) from None
-        if not isinstance(data, dict):
-            raise jwt.PyJWKClientError("The JWKS endpoint did not return a JSON object")
-        if self.jwk_set_cache is not None:
-            self.jwk_set_cache.put(data)
-        self._last_successful_fetch = time.monotonic()  # PyJWKClient's refetch cooldown
-        return data
+            raise AuthError(type(e).__name__) from None
+        if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+            raise AuthError("not a JWK Set")
+        usable = [k for k in data["keys"] if isinstance(k, dict) and k.get("use", "sig") == "sig"
+                  and isinstance(k.get("kid"), str) and k["kid"] and "d" not in k and k.get("kty") != "oct"]
+        try:
+            keys = jwt.PyJWKSet(usable).keys if usable else []
+        except jwt.PyJWTError:
+            keys = []
+        return {k.key_id: k for k in keys}
 
 
 class _Issuer:
-    def __init__(self, iss: str, keys: dict[str, jwt.PyJWK] | None, client: _RequestsJWKClient | None):
+    def __init__(self, iss: str, keys: dict[str, jwt.PyJWK] | None, source: _JwksSource | None,
+                 fhir_servers: tuple[str, ...] = ()):
         self.iss = iss
         self.keys = keys  # static: kid -> key
-        self.client = client  # jwks_url
+        self.source = source  # jwks_url
+        self.fhir_servers = fhir_servers
 
     @property
     def jwks_url(self) -> str | None:
-        return self.client.uri if self.client else None
+        return self.source.uri if self.source else None
 
     def signing_key(self, kid: str) -> jwt.PyJWK:
         if self.keys is not None:
@@ -106,12 +213,7 @@ class _Issuer:
                 return self.keys[kid]
             except KeyError:
                 raise AuthError(f"unknown kid {_show(kid)} for issuer {_show(self.iss)}") from None
-        try:
-            return self.client.get_signing_key(kid)
-        except jwt.PyJWKClientConnectionError as e:
-            raise AuthError(f"cannot fetch JWKS of issuer {_show(self.iss)}: {e}") from None
-        except jwt.PyJWTError:  # no such kid even after a refetch, or an unusable JWK Set
-            raise AuthError(f"unknown kid {_show(kid)} for issuer {_show(self.iss)}") from None
+        return self.source.get(kid, self.iss)
 
 
 class JwtVerifier:
@@ -142,13 +244,19 @@ class JwtVerifier:
         leeway: int = 30,
         jwks_timeout: float = 2.0,
         jwks_refresh_cooldown: float = 30.0,
+        jwks_failure_ttl: float = 30.0,
+        max_lifetime: float = DEFAULT_MAX_LIFETIME,
         clock: Callable[[], float] = time.time,
     ):
         """``replay_check(jti, exp)`` must record the jti until ``exp`` and return False if it was
         already seen (None = no replay protection). ``jwks_refresh_cooldown``: an unknown kid makes a
         ``jwks_url`` issuer's keys be refetched once, but not more often than this (seconds); fetched
-        sets are cached 5 minutes. ``clock``: seconds since the epoch (tests pin it)."""
-        self._issuers = _parse_issuers(issuers, jwks_timeout, jwks_refresh_cooldown)
+        sets are cached 5 minutes; a failed fetch is remembered ``jwks_failure_ttl`` seconds. ``max_lifetime``:
+        the most seconds ``exp`` may lie after ``iat``. ``clock``: seconds since the epoch (tests pin it)."""
+        if not (isinstance(max_lifetime, (int, float)) and 0 < max_lifetime < math.inf):
+            raise ValueError("the JWT max lifetime (CDS_JWT_MAX_LIFETIME) must be a positive number of seconds")
+        self._issuers = _parse_issuers(issuers, jwks_timeout, jwks_refresh_cooldown, jwks_failure_ttl)
+        self._max_lifetime = max_lifetime
         self._replay_check = replay_check
         self._leeway = leeway
         self._clock = clock
@@ -156,6 +264,11 @@ class JwtVerifier:
     @property
     def issuers(self) -> list[str]:
         return list(self._issuers)
+
+    def fhir_servers(self, iss: str) -> tuple[str, ...]:
+        """The FHIR base URLs the issuer's entry lists (``fhirServers``); empty when none."""
+        issuer = self._issuers.get(iss)
+        return issuer.fhir_servers if issuer else ()
 
     def verify(self, authorization_header: str | None, audience: str) -> dict:
         """Return the verified claims, or raise AuthError."""
@@ -169,8 +282,9 @@ class JwtVerifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:  # rules out "none" and HS*
             raise AuthError(f"alg {_show(alg)} not allowed")
-        if "typ" in header and header["typ"] != "JWT":
-            raise AuthError(f"typ {_show(header['typ'])} is not JWT")
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() != "jwt":  # CDS Hooks 2.0: typ "JWT" is required
+            raise AuthError(f"typ {_show(typ)} is not JWT" if typ is not None else "JWT header has no typ")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise AuthError("JWT header has no kid")
@@ -219,8 +333,11 @@ class JwtVerifier:
         exp = _number(claims, "exp")
         if exp <= now - self._leeway:
             raise AuthError("JWT expired")
-        if _number(claims, "iat") > now + self._leeway:
+        iat = _number(claims, "iat")
+        if iat > now + self._leeway:
             raise AuthError("JWT iat is in the future")
+        if exp - iat > self._max_lifetime:
+            raise AuthError(f"JWT lifetime exp - iat of {exp - iat:.0f} s exceeds the maximum of {self._max_lifetime:.0f} s")
         if "nbf" in claims and _number(claims, "nbf") > now + self._leeway:
             raise AuthError("JWT not yet valid (nbf)")
 
@@ -260,7 +377,7 @@ def _show(value: Any) -> str:
 
 
 def _parse_issuers(
-    issuers: Any, jwks_timeout: float, jwks_refresh_cooldown: float
+    issuers: Any, jwks_timeout: float, jwks_refresh_cooldown: float, jwks_failure_ttl: float = 30.0
 ) -> dict[str, _Issuer]:
     if not isinstance(issuers, list) or not issuers:
         raise ValueError("issuers must be a non-empty JSON list of {iss, jwks | jwks_url} objects")
@@ -275,20 +392,20 @@ def _parse_issuers(
         where = f"entry {i} (iss {iss!r})"
         unknown = sorted(set(entry) - _ENTRY_KEYS)
         if unknown:
-            raise ValueError(f"{where} has unknown keys {unknown}; allowed: iss, jwks, jwks_url")
+            raise ValueError(f"{where} has unknown keys {unknown}; allowed: iss, jwks, jwks_url, fhirServers")
         if iss in result:
             raise ValueError(f"{where}: iss listed twice")
         has_jwks, has_url = "jwks" in entry, "jwks_url" in entry
         if has_jwks == has_url:
             raise ValueError(f"{where} needs exactly one of 'jwks' or 'jwks_url' (has {'both' if has_jwks else 'neither'})")
+        servers = parse_entry_servers(entry["fhirServers"], where) if "fhirServers" in entry else ()
         if has_jwks:
-            result[iss] = _Issuer(iss, _static_keys(entry["jwks"], where), None)
+            result[iss] = _Issuer(iss, _static_keys(entry["jwks"], where), None, servers)
         else:
             url = _check_jwks_url(entry["jwks_url"], where)
-            client = _RequestsJWKClient(
-                url, timeout=jwks_timeout, lifespan=300, cooldown_duration=jwks_refresh_cooldown
-            )
-            result[iss] = _Issuer(iss, None, client)
+            source = _JwksSource(url, timeout=jwks_timeout, cooldown=jwks_refresh_cooldown,
+                                 failure_ttl=jwks_failure_ttl)
+            result[iss] = _Issuer(iss, None, source, servers)
     return result
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .facts import parse_time
 from .limits import Limits
+from .auth import check_public_url
+from .fhir_servers import parse_networks, parse_server_list
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,6 +21,22 @@ def _float(name: str, default: float) -> float:
         return float(value) if value else default
     except ValueError as exc:
         raise ValueError(f"{name} must be a number, got {value!r}") from exc
+
+
+def _positive_int(name: str, default: int) -> int:
+    value = _float(name, default)
+    if value < 1 or value != int(value):
+        raise ValueError(f"{name} must be a whole number of at least 1, got {os.environ.get(name)!r}")
+    return int(value)
+
+
+def _readable_file(name: str) -> str | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    if not os.path.isfile(value) or not os.access(value, os.R_OK):
+        raise ValueError(f"{name} must name a readable file, got {value!r}")
+    return value
 
 
 @dataclass
@@ -42,6 +60,11 @@ class Settings:
     admin_token: str | None = None  # GET /admin (rule performance page); unset = page disabled
     metrics_token: str | None = None  # GET /metrics needs it as a Bearer token; unset = open
     limits: Limits = field(default_factory=Limits)  # per-request bounds (CDS_MAX_DRAFTS, ... see limits.py)
+    fhir_servers: tuple[str, ...] = ()  # open mode: the FHIR base URLs a request may name (CDS_FHIR_SERVERS)
+    fhir_private_networks: tuple = ()  # CIDRs a FHIR server's address may be in (CDS_FHIR_PRIVATE_NETWORKS)
+    fhir_ca_bundle: str | None = None  # CA certificates (PEM file) for the FHIR servers; unset: certifi's bundle
+    fhir_max_concurrency: int = 16  # FHIR reads running at once per process (CDS_FHIR_MAX_CONCURRENCY)
+    jwt_max_lifetime: float = 300.0  # a JWT's exp may be at most this many seconds after its iat
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -73,9 +96,16 @@ class Settings:
             admin_token=(env.get("CDS_ADMIN_TOKEN") or None),
             metrics_token=(env.get("CDS_METRICS_TOKEN") or None),
             limits=Limits.from_env(env),
+            fhir_servers=parse_server_list(env.get("CDS_FHIR_SERVERS")),
+            fhir_private_networks=parse_networks(env.get("CDS_FHIR_PRIVATE_NETWORKS")),
+            fhir_ca_bundle=_readable_file("CDS_FHIR_CA_BUNDLE"),
+            fhir_max_concurrency=_positive_int("CDS_FHIR_MAX_CONCURRENCY", 16),
+            jwt_max_lifetime=_float("CDS_JWT_MAX_LIFETIME", 300.0),
         )
         for key, value in overrides.items():
             setattr(settings, key, value)
+        if settings.jwt_issuers_file:  # JWT mode: aud is checked against CDS_PUBLIC_URL, never the Host header
+            check_public_url(settings.public_url)
         return settings
 
 

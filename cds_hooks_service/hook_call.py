@@ -28,7 +28,7 @@ from .errors import PreconditionFailed
 from .facts import MedicationFact, Normaliser
 from .index import RecordIndex, RuleConcepts
 from .limits import Limits
-from .patient_data import DATA_LABELS, NO_FHIR_SERVER, PatientData, gather
+from .patient_data import DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather
 from .rulebook import Rule, Rulebook
 from .services import CdsService
 
@@ -112,7 +112,7 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
     if not candidates:
         return None
 
-    data = _gather(live, body, settings, session)
+    data = _gather(live, body, settings, session, client)
     record_index = RecordIndex(data.resources, normaliser, medications, drafts,
                                None if trace else RuleConcepts.of(rulebook))
     decision = Decision(ctx, [], data, live)
@@ -127,10 +127,17 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
     return decision
 
 
-def _gather(live, body: dict, settings, session) -> PatientData:
+def _gather(live, body: dict, settings, session, client: Client) -> PatientData:
     needs = set().union(*(rule.needs for rule, _ in live))
     data = gather(needs, body, budget=settings.time_budget, connect_timeout=settings.fhir_connect_timeout,
-                  read_timeout=settings.fhir_read_timeout, session=session)
+                  read_timeout=settings.fhir_read_timeout, session=session, allowed_servers=client.fhir_servers,
+                  private_networks=getattr(settings, "fhir_private_networks", ()),
+                  ca_bundle=getattr(settings, "fhir_ca_bundle", None))
+    untrusted = sorted(k for k, why in data.unavailable.items() if why == UNTRUSTED_FHIR_SERVER)
+    if untrusted:  # as without fhirServer (CDS Hooks 2.0: 412 when the data can be had neither way)
+        raise PreconditionFailed("cannot evaluate the safety rules: prefetch lacks " + ", ".join(untrusted)
+                                 + " and the FHIR server named in fhirServer is not trusted for this client",
+                                 field="fhirServer")
     missing_server = sorted(k for k, why in data.unavailable.items() if why == NO_FHIR_SERVER)
     if missing_server:
         raise PreconditionFailed(

@@ -47,7 +47,8 @@ CHECKS_NOT_COMPLETED = Counter("cds_checks_not_completed", "Rules that could not
 SHADOW_FINDINGS = Counter("cds_shadow_findings", "Findings of rules in shadow mode (counted, no card shown)", ["rule"])
 FHIR_QUERIES = Counter("cds_fhir_queries", "FHIR-server fallback queries, one per prefetch key read", ["key"])
 FHIR_FAILURES = Counter("cds_fhir_failures", "FHIR-server fallback queries that failed, by prefetch key and kind "
-                        "(unavailable: down, timeout, budget, 5xx/429; unauthorized: 401/403; bad_response)",
+                        "(unavailable: down, timeout, budget, 5xx/429; unauthorized: 401/403; bad_response; refused: the server's "
+                        "address is not allowed, see CDS_FHIR_PRIVATE_NETWORKS)",
                         ["key", "reason_class"])
 FEEDBACK_STORED = Counter("cds_feedback_items", "Feedback items recorded (the answer's \"stored\"; an item sent again "
                           "is counted again, kept once in the database)", ["service"])
@@ -84,9 +85,9 @@ def feedback_stored(service_id: str, stored: int) -> None:
 
 
 def _reason_class(error) -> str:
-    from .fhir_client import FhirBadResponse, FhirUnauthorized, FhirUnavailable
+    from .fhir_client import FhirBadResponse, FhirRefused, FhirUnauthorized, FhirUnavailable
 
-    for cls, name in ((FhirUnavailable, "unavailable"), (FhirUnauthorized, "unauthorized"),
+    for cls, name in ((FhirRefused, "refused"), (FhirUnavailable, "unavailable"), (FhirUnauthorized, "unauthorized"),
                       (FhirBadResponse, "bad_response")):
         if isinstance(error, cls):
             return name

@@ -10,9 +10,11 @@ FHIR traffic. What cannot be had is returned in ``unavailable`` with a reason sa
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-from .fhir_client import FhirClient, FhirError, SearchResult
+from .fhir_client import FhirClient, FhirError, SearchResult, plain_reason
+from .fhir_servers import parse_target, trusted_base
 from .services import PREFETCH, render_query
 
 DATA_LABELS = {
@@ -25,6 +27,8 @@ DATA_LABELS = {
     "patient": "patient demographics",
 }
 NO_FHIR_SERVER = "not prefetched, and the request names no fhirServer to read it from"
+UNTRUSTED_FHIR_SERVER = "not prefetched, and the FHIR server named in fhirServer is not trusted for this client"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,8 +59,20 @@ def _from_prefetch(value: dict) -> tuple[list[dict] | None, bool]:
     return None, False
 
 
+def _origin_for_log(url: object) -> str:
+    """scheme://host:port of a caller-supplied URL (no path: it may hold ids), or a placeholder."""
+    try:
+        target = parse_target(url)
+    except ValueError:
+        return "(not an http(s) URL)"
+    return f"{target.scheme}://{target.host}:{target.port}"[:200]
+
+
 def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float, read_timeout: float,
-           session=None) -> PatientData:
+           session=None, allowed_servers: tuple[str, ...] = (), private_networks: tuple = (),
+           resolver=None, ca_bundle: str | None = None) -> PatientData:
+    """``allowed_servers``: the calling client's trusted FHIR base URLs (clients.Client.fhir_servers); a
+    ``fhirServer`` not among them is never contacted (its keys are UNTRUSTED_FHIR_SERVER)."""
     data = PatientData()
     prefetch = body.get("prefetch") if isinstance(body.get("prefetch"), dict) else {}
     context = body.get("context") or {}
@@ -87,9 +103,17 @@ def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float,
         for key in to_fetch:
             data.unavailable[key] = NO_FHIR_SERVER
         return data
+    base = trusted_base(server, allowed_servers)
+    if base is None:
+        log.warning("fhirServer %s is not on this client's FHIR server allowlist: not contacted (%d prefetch "
+                    "key(s) unavailable)", _origin_for_log(server), len(to_fetch))
+        for key in to_fetch:
+            data.unavailable[key] = UNTRUSTED_FHIR_SERVER
+        return data
     auth = body.get("fhirAuthorization") if isinstance(body.get("fhirAuthorization"), dict) else {}
-    client = FhirClient(server, auth.get("access_token"), session=session,
-                        connect_timeout=connect_timeout, read_timeout=read_timeout)
+    client = FhirClient(base, auth.get("access_token"), session=session, connect_timeout=connect_timeout,
+                        read_timeout=read_timeout, private_networks=private_networks, resolver=resolver,
+                        ca_bundle=ca_bundle)
     results = client.fetch_all(to_fetch, budget=budget)
     for key, result in results.items():
         if isinstance(result, SearchResult):
@@ -103,10 +127,13 @@ def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float,
             data.fetched.append(key)
         else:
             data.errors[key] = result
-            reason = result.reason if isinstance(result, FhirError) else "unknown error"
+            # the technical reason is for operators (no URL, token or patient data in it); the client gets words
+            log.warning("FHIR read of prefetch key %s failed: %s (%s)", key, type(result).__name__,
+                        result.reason if isinstance(result, FhirError) else "unknown error")
             if key in partial:
                 data.resources[key] = partial[key]
-                data.unavailable[key] = f"only the first page was prefetched and the rest could not be read ({reason})"
+                data.unavailable[key] = f"only the first page was prefetched and the rest could not be read: " \
+                                        f"{plain_reason(result)}"
             else:
-                data.unavailable[key] = f"the FHIR server could not be read ({reason})"
+                data.unavailable[key] = plain_reason(result)
     return data

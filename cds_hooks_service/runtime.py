@@ -26,7 +26,8 @@ from pathlib import Path
 
 from flask import current_app
 
-from .auth import JwtVerifier
+from . import fhir_transport
+from .auth import JwtVerifier, check_public_url
 from .config import Settings
 from .request_validation import SCHEMA_DIR, load_validators  # noqa: F401 (SCHEMA_DIR: openapi.py)
 from .rulebook import Rulebook, RulebookError, load_rulebook
@@ -135,8 +136,11 @@ class Runtime:
             store = FeedbackStore(settings.database_url)
         self.store = store
         self.verifier = None
+        fhir_transport.configure(settings.fhir_max_concurrency)
         if settings.jwt_issuers_file:
-            self.verifier = JwtVerifier.from_file(settings.jwt_issuers_file, replay_check=store.use_jti)
+            check_public_url(settings.public_url)
+            self.verifier = JwtVerifier.from_file(settings.jwt_issuers_file, replay_check=store.use_jti,
+                                                  max_lifetime=settings.jwt_max_lifetime)
         else:
             log.warning("CDS_JWT_ISSUERS is not set: the service runs in OPEN MODE and accepts calls without a JWT. "
                         "Do not expose it like this outside development.")

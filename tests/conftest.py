@@ -19,14 +19,23 @@ def rulebook():
     return load_rulebook(REPO / "rules", REPO / "cards")
 
 
+def fixture_fhir_servers(request) -> tuple[str, ...]:
+    """The FHIR servers a test uses as fixtures (fhir_server, open_fhir_server, fault_server): the open-mode
+    FHIR server allowlist (CDS_FHIR_SERVERS) of the apps it makes. Other servers must be listed by the test."""
+    names = ("fhir_server", "open_fhir_server", "fault_server")
+    return tuple(request.getfixturevalue(n).base_url for n in names if n in request.fixturenames)
+
+
 @pytest.fixture
-def make_settings(tmp_path):
+def make_settings(tmp_path, request):
     from cds_hooks_service.config import Settings
     from cds_hooks_service.facts import parse_time
 
     def make(**overrides):
         base = dict(database_url=f"sqlite:///{tmp_path / 'store.sqlite3'}", instance_dir=tmp_path,
-                    suppression_secret=b"test-secret", fixed_now=parse_time(SCENARIO_NOW))
+                    suppression_secret=b"test-secret", fixed_now=parse_time(SCENARIO_NOW),
+                    public_url="http://localhost",  # the test client's root: the JWT aud of the tests
+                    fhir_servers=fixture_fhir_servers(request))
         base.update(overrides)
         return Settings(**base)
 

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cds_hooks_service.auth import AuthError, JwtVerifier, expected_audience
+from tests.conftest import REPO
 from tests.sandbox_client import (
     FIXTURES,
     SANDBOX_ISS,
@@ -142,7 +143,8 @@ def test_lowercase_bearer_scheme_accepted(verifier):
 def test_spec_example_token_verifies_against_spec_jwks():
     """The token published in the CDS Hooks 2.0.1 spec, checked at a time inside its lifetime
     (its exp is in 2015; pinning the clock stands in for "exp checking disabled")."""
-    v = JwtVerifier([{"iss": SPEC_ISS, "jwks": SPEC_JWKS}], clock=lambda: 1422568860 - 60)
+    v = JwtVerifier([{"iss": SPEC_ISS, "jwks": SPEC_JWKS}], clock=lambda: 1422568860 - 60,
+                    max_lifetime=4 * 365 * 86400)  # the example's exp is 3.5 years after its iat
     claims = v.verify(f"Bearer {SPEC_TOKEN}", SPEC_AUD)
     assert claims["jti"] == "ee22b021-e1b7-4611-ba5b-8eec6a33ac1e"
     assert claims["tenant"] == "2ddd6c3a-8e9a-44c6-a305-52111ad302a2"
@@ -468,15 +470,129 @@ def test_issuers_sandbox_fixture_is_the_sandbox_allowlist(verifier):
 # --- expected_audience -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
-    "public, root, path, expected",
+    "public, path, expected",
     [
-        ("https://cds.example.org", "http://127.0.0.1:5000/", "/cds-services/x", "https://cds.example.org/cds-services/x"),
-        ("https://cds.example.org/", "http://127.0.0.1:5000/", "/cds-services", "https://cds.example.org/cds-services"),
-        ("https://example.org/cds", "http://127.0.0.1:5000/", "/cds-services/x/feedback",
-         "https://example.org/cds/cds-services/x/feedback"),
-        (None, "http://localhost:5000/", "/cds-services/x", "http://localhost:5000/cds-services/x"),
-        ("", "http://localhost:5000/", "cds-services", "http://localhost:5000/cds-services"),
+        ("https://cds.example.org", "/cds-services/x", "https://cds.example.org/cds-services/x"),
+        ("https://cds.example.org/", "/cds-services", "https://cds.example.org/cds-services"),
+        ("https://example.org/cds", "/cds-services/x/feedback", "https://example.org/cds/cds-services/x/feedback"),
+        ("http://localhost:5000", "cds-services", "http://localhost:5000/cds-services"),
     ],
 )
-def test_expected_audience(public, root, path, expected):
-    assert expected_audience(public, root, path) == expected
+def test_expected_audience(public, path, expected):
+    assert expected_audience(public, path) == expected
+
+
+@pytest.mark.parametrize("public", [None, ""])
+def test_expected_audience_never_falls_back_to_the_request(public):
+    with pytest.raises(ValueError, match="CDS_PUBLIC_URL"):
+        expected_audience(public, "/cds-services/x")
+
+
+# --- typ and lifetime (issue 10 item 4) ----------------------------------------------------------------------
+
+def test_missing_typ_rejected(verifier):
+    token = jwt.encode(sandbox_claims(AUD), sandbox_private_key(), algorithm="ES384",
+                       headers={"kid": SANDBOX_KID, "typ": None})  # PyJWT adds typ JWT unless told otherwise
+    assert "typ" not in jwt.get_unverified_header(token)
+    assert _reject(verifier, f"Bearer {token}").reason == "JWT header has no typ"
+
+
+@pytest.mark.parametrize("typ", ["jwt", "Jwt", "JWT"])
+def test_typ_jwt_in_any_case_accepted(verifier, typ):
+    token = mint_jwt(sandbox_private_key(), "ES384", SANDBOX_KID, sandbox_claims(AUD), extra_headers={"typ": typ})
+    assert verifier.verify(f"Bearer {token}", AUD)
+
+
+@pytest.mark.parametrize("typ", [1, "", "JWS", "application/jwt"])
+def test_typ_not_jwt_rejected(verifier, typ):
+    token = mint_jwt(sandbox_private_key(), "ES384", SANDBOX_KID, sandbox_claims(AUD), extra_headers={"typ": typ})
+    assert "typ" in _reject(verifier, f"Bearer {token}").reason
+
+
+def test_exp_more_than_five_minutes_after_iat_rejected(verifier):
+    now = int(time.time())
+    ok = _sandbox_token(iat=now, exp=now + 300)
+    assert verifier.verify(f"Bearer {ok}", AUD)
+    long = _sandbox_token(iat=now, exp=now + 301)
+    assert "lifetime" in _reject(verifier, f"Bearer {long}").reason
+    forever = _sandbox_token(iat=now, exp=now + 10 * 365 * 86400)  # a stolen token would be good for years
+    assert "lifetime" in _reject(verifier, f"Bearer {forever}").reason
+
+
+def test_max_lifetime_is_configurable(sandbox_jwks):
+    now = int(time.time())
+    v = JwtVerifier([{"iss": SANDBOX_ISS, "jwks": sandbox_jwks}], max_lifetime=60)
+    assert v.verify(f"Bearer {_sandbox_token(iat=now, exp=now + 60)}", AUD)
+    assert "lifetime" in _reject(v, f"Bearer {_sandbox_token(iat=now, exp=now + 120)}").reason
+    for bad in (0, -1, float("inf")):
+        with pytest.raises(ValueError, match="CDS_JWT_MAX_LIFETIME"):
+            JwtVerifier([{"iss": SANDBOX_ISS, "jwks": sandbox_jwks}], max_lifetime=bad)
+
+
+def test_max_lifetime_from_the_environment(monkeypatch):
+    from cds_hooks_service.config import Settings
+    monkeypatch.setenv("CDS_JWT_MAX_LIFETIME", "120")
+    assert Settings.from_env().jwt_max_lifetime == 120
+    monkeypatch.delenv("CDS_JWT_MAX_LIFETIME")
+    assert Settings.from_env().jwt_max_lifetime == 300
+
+
+# --- issuer entries: fhirServers -------------------------------------------------------------------------------
+
+def test_issuer_entry_lists_its_fhir_servers(tmp_path, sandbox_jwks):
+    v = JwtVerifier.from_file(_write(tmp_path, [
+        {"iss": SANDBOX_ISS, "jwks": sandbox_jwks, "fhirServers": ["https://EHR.example.org:443/fhir/", "http://127.0.0.1:8080/r4"]},
+        {"iss": EHR_ISS, "jwks": sandbox_jwks}]))
+    assert v.fhir_servers(SANDBOX_ISS) == ("https://ehr.example.org/fhir", "http://127.0.0.1:8080/r4")
+    assert v.fhir_servers(EHR_ISS) == () and v.fhir_servers("https://unknown.example.org") == ()
+
+
+@pytest.mark.parametrize("servers, message", [
+    ("https://ehr.example.org/fhir", "must be a list"),
+    (["http://ehr.example.org/fhir"], "must use https"),
+    (["https://user:pw@ehr.example.org/fhir"], "user info"),
+    (["ftp://ehr.example.org/fhir"], "http"),
+    (["https://ehr.example.org/fhir?x=1"], "no query"),
+    (["https://[::1"], "URL"),
+])
+def test_issuer_entry_with_bad_fhir_servers_refused(tmp_path, sandbox_jwks, servers, message):
+    with pytest.raises(ValueError, match=message):
+        JwtVerifier.from_file(_write(tmp_path, [{"iss": SANDBOX_ISS, "jwks": sandbox_jwks, "fhirServers": servers}]))
+
+
+# --- the app: aud never from the Host header ------------------------------------------------------------------
+
+ISSUERS = REPO / "tests/fixtures/sandbox/issuers-sandbox.json"
+
+
+def test_jwt_mode_refuses_to_start_without_public_url(make_app):
+    with pytest.raises(ValueError, match="CDS_PUBLIC_URL") as info:
+        make_app(jwt_issuers_file=ISSUERS, public_url=None)
+    assert "\n" not in str(info.value)
+
+
+def test_aud_is_never_taken_from_the_host_header(make_app):
+    """A token minted for another CDS service (its aud) is refused, whatever Host and X-Forwarded-* say."""
+    client = make_app(jwt_issuers_file=ISSUERS, public_url="https://cds.example.org").test_client()
+    path = "/cds-services"
+    for root in ("http://other-cds.example.net", "https://other-cds.example.net"):
+        forged = sandbox_jwt(root + path)  # what the request's own URL would say with these headers
+        r = client.get(path, headers={"Authorization": f"Bearer {forged}", "Host": "other-cds.example.net",
+                                      "X-Forwarded-Proto": "https", "X-Forwarded-Host": "other-cds.example.net"})
+        assert r.status_code == 401
+    good = sandbox_jwt("https://cds.example.org" + path)
+    assert client.get(path, headers={"Authorization": f"Bearer {good}", "Host": "evil.example"}).status_code == 200
+
+
+def test_settings_from_env_refuse_jwt_mode_without_public_url(monkeypatch):
+    from cds_hooks_service.config import Settings
+    monkeypatch.setenv("CDS_JWT_ISSUERS", str(ISSUERS))
+    monkeypatch.delenv("CDS_PUBLIC_URL", raising=False)
+    with pytest.raises(ValueError, match="CDS_PUBLIC_URL") as info:
+        Settings.from_env()
+    assert "\n" not in str(info.value)
+    monkeypatch.setenv("CDS_PUBLIC_URL", "cds.example.org")  # not a URL
+    with pytest.raises(ValueError, match="absolute http"):
+        Settings.from_env()
+    monkeypatch.setenv("CDS_PUBLIC_URL", "https://cds.example.org")
+    assert Settings.from_env().public_url == "https://cds.example.org"

@@ -14,6 +14,11 @@ from cds_hooks_service.fhir_client import (FhirBadResponse, FhirClient, FhirErro
                                            FhirUnavailable, SearchResult)
 
 BASE = "https://ehr.test/fhir"
+PUBLIC_IP = "93.184.216.34"  # ehr.test "resolves" here for the `responses` tests (nothing connects to it)
+
+
+def public_dns(host, port):
+    return [PUBLIC_IP]
 TOKEN = "tok-Zx9q-very-secret-value"
 PID = "pat-4711-secret"
 
@@ -179,7 +184,7 @@ def mock():
 
 @pytest.fixture
 def mclient():
-    return FhirClient(BASE, TOKEN)
+    return FhirClient(BASE, TOKEN, resolver=public_dns)
 
 
 def _bundle(*resources, next_url=None, extra=()):
@@ -207,7 +212,7 @@ def test_sends_accept_and_bearer_and_caps_timeouts(mock, mclient):
 
 def test_no_authorization_header_without_token(mock):
     mock.add("GET", f"{BASE}/Patient/p1", json=_patient("p1"))
-    assert FhirClient(BASE).read("patient", "Patient/p1", deadline=_far())["id"] == "p1"
+    assert FhirClient(BASE, resolver=public_dns).read("patient", "Patient/p1", deadline=_far())["id"] == "p1"
     assert "Authorization" not in mock.calls[0].request.headers
 
 
@@ -314,10 +319,10 @@ def test_page_and_entry_caps(mock):
         return 200, {}, __import__("json").dumps(_bundle(_obs(f"o{n}", PID), next_url=f"Observation?page={n + 1}"))
     mock.add_callback("GET", f"{BASE}/Observation", callback=endless)
     with pytest.raises(FhirBadResponse, match="more than 10 pages"):
-        FhirClient(BASE, TOKEN).search("obs", "Observation?page=0", deadline=_far())
+        FhirClient(BASE, TOKEN, resolver=public_dns).search("obs", "Observation?page=0", deadline=_far())
     assert len(mock.calls) == 10
     with pytest.raises(FhirBadResponse, match="more than 3 entries"):
-        FhirClient(BASE, TOKEN, max_entries=3).search("obs", "Observation?page=0", deadline=_far())
+        FhirClient(BASE, TOKEN, max_entries=3, resolver=public_dns).search("obs", "Observation?page=0", deadline=_far())
 
 
 @pytest.mark.parametrize("foreign", ["https://evil.test/fhir/Observation?page=2",
@@ -379,7 +384,7 @@ def test_fetch_all_never_raises(mock, mclient):
     class Broken(requests.Session):
         def get(self, *a, **kw):
             raise RuntimeError(f"bug with {TOKEN}")
-    out = FhirClient(BASE, TOKEN, session=Broken()).fetch_all({"p": f"Patient/{PID}"}, budget=1)
+    out = FhirClient(BASE, TOKEN, session=Broken(), resolver=public_dns).fetch_all({"p": f"Patient/{PID}"}, budget=1)
     assert type(out["p"]) is FhirError
     _assert_safe(out["p"])
     mock.add("GET", f"{BASE}/Condition", status=500)

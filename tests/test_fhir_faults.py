@@ -11,46 +11,48 @@ The defined answer, for every fault below:
   time budget `CDS_TIME_BUDGET` plus a small margin, whatever the FHIR server does).
 * For each triggered rule that could not see data it needs and did not fire: an **info card**
   "Check not completed: <rule title>", whose detail names each piece of data that could not be read
-  (`patient_data.DATA_LABELS`) with the reason: "<label>: the FHIR server could not be read (<reason>)".
+  (`patient_data.DATA_LABELS`) with the reason in plain words: "<label>: <plain reason>" (below).
   Never `{"cards": []}` when a check could not run.
 * A card that fires on the draft alone (e.g. an opioid whose order reason is migraine, DHE drafted with
   sumatriptan) still goes out, with "_Not checked, could not be read: <labels>._" appended to its detail.
 * A fault on one key names only that key's data; keys no triggered rule needs are not even fetched.
-* The reason names a class of fault only: no access token, no URL, no patient id. The access token from
-  `fhirAuthorization` is sent to the FHIR server as `Authorization: Bearer <token>`, never to another
-  origin, and appears neither in the response nor in the logs.
+* The card names a class of fault in plain words only (`fhir_client.PLAIN_REASONS`): no status code, no exception
+  name (they made the card a port scanner), no access token, no URL, no patient id. The technical reason goes to
+  the service's log (and the kind to `/metrics`). The access token from `fhirAuthorization` is sent to the FHIR
+  server as `Authorization: Bearer <token>`, never to another origin, and appears neither in the response nor in
+  the logs.
 
-| fault on the FHIR server                                   | reason in the card (`fhir_client.py`)      |
-|------------------------------------------------------------|--------------------------------------------|
-| slower than the time budget (no headers)                   | `time budget exhausted` or `timed out`     |
-| body trickles in slower than the time budget               | `time budget exhausted` or `timed out`     |
-| HTTP 500 / 502 / 503 / 429                                 | `HTTP 500` / `HTTP 502` / `HTTP 503` / `HTTP 429` |
-| HTTP 401 / 403 (token refused)                             | `HTTP 401` / `HTTP 403`                    |
-| redirect (302 to a login page; not followed)               | `HTTP 302`                                 |
-| 404 on a search                                            | `HTTP 404`                                 |
-| 200 with an HTML page (e.g. an SSO login)                  | `body is not a FHIR JSON resource`         |
-| 200, JSON cut short (complete HTTP message)                | `body is not a FHIR JSON resource`         |
-| 200, connection cut before Content-Length bytes            | `truncated or undecodable body`            |
-| 200 with an OperationOutcome instead of a Bundle           | `server returned OperationOutcome: <code>` |
-| a single resource instead of a searchset Bundle            | `expected Bundle, got Condition` (etc.)    |
-| a Bundle of Patients for a Condition search (wrong type)   | `expected Condition entries, got Patient`  |
-| more than 2000 matching entries                            | `more than 2000 entries`                   |
-| body larger than 32 MiB                                    | `response body too large`                  |
-| paging loop (next link = the same page)                    | `paging loop: next link already visited`   |
-| endless paging (always a new next page)                    | `more than 10 pages`                       |
-| next link to another origin (not followed, no token sent)  | `next link points to a different server`   |
-| connection refused (nothing listening)                     | `request failed (ConnectionError)`         |
-| connection closed without an answer                        | `request failed (ConnectionError)`         |
-| only the first page was prefetched, the rest fails         | `only the first page was prefetched and the rest could not be read (<reason>)` |
+| fault on the FHIR server                                   | in the card                  | in the log (`fhir_client.py`)              |
+|------------------------------------------------------------|------------------------------|--------------------------------------------|
+| slower than the time budget (no headers)                   | could not be reached         | `time budget exhausted` or `timed out`     |
+| body trickles in slower than the time budget               | could not be reached         | `time budget exhausted` or `timed out`     |
+| HTTP 500 / 502 / 503 / 429                                 | answered with an error       | `HTTP 500` / `HTTP 502` / `HTTP 503` / `HTTP 429` |
+| HTTP 401 / 403 (token refused)                             | answered with an error       | `HTTP 401` / `HTTP 403`                    |
+| redirect (302 to a login page; not followed)               | answered with an error       | `HTTP 302`                                 |
+| 404 on a search                                            | answered with an error       | `HTTP 404`                                 |
+| 200 with an OperationOutcome instead of a Bundle           | answered with an error       | `server returned OperationOutcome: <code>` |
+| 200 with an HTML page (e.g. an SSO login)                  | an answer that could not be used | `body is not a FHIR JSON resource`     |
+| 200, JSON cut short (complete HTTP message)                | an answer that could not be used | `body is not a FHIR JSON resource`     |
+| 200, connection cut before Content-Length bytes            | an answer that could not be used | `truncated or undecodable body`        |
+| a single resource instead of a searchset Bundle            | an answer that could not be used | `expected Bundle, got Condition` (etc.) |
+| a Bundle of Patients for a Condition search (wrong type)   | an answer that could not be used | `expected Condition entries, got Patient` |
+| more than 2000 matching entries                            | an answer that could not be used | `more than 2000 entries`               |
+| body larger than 32 MiB                                    | an answer that could not be used | `response body too large`              |
+| paging loop (next link = the same page)                    | an answer that could not be used | `paging loop: next link already visited` |
+| endless paging (always a new next page)                    | an answer that could not be used | `more than 10 pages`                   |
+| next link to another origin (not followed, no token sent)  | an answer that could not be used | `next link points to a different server` |
+| connection refused (nothing listening)                     | could not be reached         | `request failed (ConnectionError)`         |
+| connection closed without an answer                        | could not be reached         | `request failed (ConnectionError)`         |
+| only the first page was prefetched, the rest fails         | `only the first page was prefetched and the rest could not be read: <plain reason>` | |
 
-The request without `fhirServer` (data neither prefetched nor readable) is the one case answered 412; it is
-tested in test_api.py, not here.
+Every fault server here is on the app's FHIR server allowlist (`fhir_servers`, i.e. CDS_FHIR_SERVERS); a server
+not on it is never contacted (tests/test_ssrf.py). The requests answered 412 (data neither prefetched nor
+readable: no `fhirServer`, or one not trusted for the client) are tested in test_api.py and test_ssrf.py.
 """
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -60,6 +62,7 @@ import pytest
 
 from cds_hooks_service.cards import markdown_escape
 from cds_hooks_service.facts import parse_time
+from cds_hooks_service.fhir_client import PLAIN_REASONS
 from cds_hooks_service.patient_data import DATA_LABELS
 from cds_hooks_service.scenarios import expand_draft, expand_record
 from tests.cds_checks import check_response, topics
@@ -135,15 +138,10 @@ def call(app, body: dict, url: str = SIGN) -> Answer:
     return answer
 
 
-def reason_pattern(label: str, reasons: tuple[str, ...]) -> re.Pattern:
-    alternatives = "|".join(re.escape(markdown_escape(r)) for r in reasons)
-    return re.compile(re.escape(markdown_escape(label)) + r": the FHIR server could not be read \((" + alternatives + r")\)")
-
-
-def assert_names_exactly(text: str, keys: set[str], reasons: tuple[str, ...]) -> None:
-    """`text` gives the reason for every key in `keys` and names no other data."""
+def assert_names_exactly(text: str, keys: set[str], shown: str) -> None:
+    """`text` gives the plain reason for every key in `keys` and names no other data."""
     for key in keys:
-        assert reason_pattern(DATA_LABELS[key], reasons).search(text), (key, reasons, text)
+        assert markdown_escape(f"{DATA_LABELS[key]}: {shown}") in text, (key, shown, text)
     for key in set(DATA_LABELS) - keys:
         assert markdown_escape(DATA_LABELS[key]) not in text, (key, text)
 
@@ -183,7 +181,8 @@ def _capture_all_logs(caplog):
 class Fault:
     id: str
     install: Callable  # (fault_server, make_fault_server) -> fhirServer URL
-    reasons: tuple[str, ...]
+    reasons: tuple[str, ...]  # the technical reason, logged (one of these)
+    shown: str  # what the CDS client reads: plain words (no status codes or exception names)
     reaches_server: bool = True
     slow: bool = False
 
@@ -210,47 +209,49 @@ def _foreign_next(server, make):
     return server.base_url
 
 
+UNREACHED, ERROR, UNUSABLE = PLAIN_REASONS["unavailable"], PLAIN_REASONS["http_error"], PLAIN_REASONS["bad_response"]
+
 OPERATION_OUTCOME = {"resourceType": "OperationOutcome", "issue": [
     {"severity": "error", "code": "processing", "diagnostics": f"Patient/{PATIENT} could not be searched"}]}
 
 FAULTS = [
-    Fault("slow-no-headers", everywhere(fs.slow(5)), ("time budget exhausted", "timed out"), slow=True),
-    Fault("slow-trickling-body", everywhere(fs.trickle(3)), ("time budget exhausted", "timed out"), slow=True),
-    Fault("http-500", everywhere(fs.status(500, b"Internal Server Error")), ("HTTP 500",)),
-    Fault("http-502-html", everywhere(fs.html(502)), ("HTTP 502",)),
-    Fault("http-503-retry-after", everywhere(fs.status(503, headers={"Retry-After": "120"})), ("HTTP 503",)),
-    Fault("http-429", everywhere(fs.status(429, headers={"Retry-After": "1"})), ("HTTP 429",)),
+    Fault("slow-no-headers", everywhere(fs.slow(5)), ("time budget exhausted", "timed out"), UNREACHED, slow=True),
+    Fault("slow-trickling-body", everywhere(fs.trickle(3)), ("time budget exhausted", "timed out"), UNREACHED, slow=True),
+    Fault("http-500", everywhere(fs.status(500, b"Internal Server Error")), ("HTTP 500",), ERROR),
+    Fault("http-502-html", everywhere(fs.html(502)), ("HTTP 502",), ERROR),
+    Fault("http-503-retry-after", everywhere(fs.status(503, headers={"Retry-After": "120"})), ("HTTP 503",), ERROR),
+    Fault("http-429", everywhere(fs.status(429, headers={"Retry-After": "1"})), ("HTTP 429",), ERROR),
     Fault("http-401", everywhere(fs.json_reply({"resourceType": "OperationOutcome", "issue": [
-        {"severity": "error", "code": "login"}]}, 401)), ("HTTP 401",)),
-    Fault("http-403", everywhere(fs.status(403, b"Forbidden")), ("HTTP 403",)),
-    Fault("redirect-302", everywhere(fs.status(302, headers={"Location": "https://sso.example/login"})), ("HTTP 302",)),
-    Fault("http-404-on-search", everywhere(fs.status(404)), ("HTTP 404",)),
-    Fault("html-200", everywhere(fs.html(200)), ("body is not a FHIR JSON resource",)),
-    Fault("json-cut-short", everywhere(fs.truncated(cut_connection_midway=False)), ("body is not a FHIR JSON resource",)),
+        {"severity": "error", "code": "login"}]}, 401)), ("HTTP 401",), ERROR),
+    Fault("http-403", everywhere(fs.status(403, b"Forbidden")), ("HTTP 403",), ERROR),
+    Fault("redirect-302", everywhere(fs.status(302, headers={"Location": "https://sso.example/login"})), ("HTTP 302",), ERROR),
+    Fault("http-404-on-search", everywhere(fs.status(404)), ("HTTP 404",), ERROR),
+    Fault("html-200", everywhere(fs.html(200)), ("body is not a FHIR JSON resource",), UNUSABLE),
+    Fault("json-cut-short", everywhere(fs.truncated(cut_connection_midway=False)), ("body is not a FHIR JSON resource",), UNUSABLE),
     Fault("connection-cut-mid-body", everywhere(fs.truncated(cut_connection_midway=True)),
-          ("truncated or undecodable body",)),
+          ("truncated or undecodable body",), UNUSABLE),
     Fault("operation-outcome-200", everywhere(fs.json_reply(OPERATION_OUTCOME)),
-          ("server returned OperationOutcome: processing",)),
+          ("server returned OperationOutcome: processing",), ERROR),
     Fault("single-resource-not-bundle", everywhere(fs.single_resource),
           tuple(f"expected Bundle, got {t}" for t in ("Condition", "MedicationRequest", "MedicationAdministration",
-                                                        "MedicationStatement", "Observation", "Procedure"))),
+                                                        "MedicationStatement", "Observation", "Procedure")), UNUSABLE),
     Fault("bundle-of-patients", everywhere(fs.wrong_entries("Patient")),
           tuple(f"expected {t} entries, got Patient" for t in (
               "Condition", "MedicationRequest", "MedicationAdministration", "MedicationStatement", "Observation",
-              "Procedure"))),
-    Fault("too-many-entries", everywhere(fs.many_entries(2001)), ("more than 2000 entries",)),
-    Fault("body-over-32-mib", everywhere(fs.huge_body(32 * 1024 * 1024 + 1)), ("response body too large",)),
-    Fault("paging-loop", everywhere(fs.self_next_link), ("paging loop: next link already visited",)),
-    Fault("endless-paging", everywhere(fs.endless_pages), ("more than 10 pages",)),
-    Fault("next-link-foreign-origin", _foreign_next, ("next link points to a different server",)),
-    Fault("connection-refused", _refused, ("request failed (ConnectionError)",), reaches_server=False),
-    Fault("connection-closed-no-answer", everywhere(fs.cut_connection), ("request failed (ConnectionError)",)),
+              "Procedure")), UNUSABLE),
+    Fault("too-many-entries", everywhere(fs.many_entries(2001)), ("more than 2000 entries",), UNUSABLE),
+    Fault("body-over-32-mib", everywhere(fs.huge_body(32 * 1024 * 1024 + 1)), ("response body too large",), UNUSABLE),
+    Fault("paging-loop", everywhere(fs.self_next_link), ("paging loop: next link already visited",), UNUSABLE),
+    Fault("endless-paging", everywhere(fs.endless_pages), ("more than 10 pages",), UNUSABLE),
+    Fault("next-link-foreign-origin", _foreign_next, ("next link points to a different server",), UNUSABLE),
+    Fault("connection-refused", _refused, ("request failed (ConnectionError)",), UNREACHED, reaches_server=False),
+    Fault("connection-closed-no-answer", everywhere(fs.cut_connection), ("request failed (ConnectionError)",), UNREACHED),
 ]
 BY_ID = {f.id: f for f in FAULTS}
 
 
-def _app(make_app, fault: Fault):
-    return make_app(time_budget=SLOW_BUDGET if fault.slow else BUDGET)
+def _app(make_app, fault: Fault, url: str):
+    return make_app(time_budget=SLOW_BUDGET if fault.slow else BUDGET, fhir_servers=(url,))
 
 
 def _assert_in_time(answer: Answer, fault: Fault) -> None:
@@ -270,7 +271,9 @@ def _assert_fault_answer(answer, fault, server, caplog, rule_by_id, expected_rul
         rule = rule_by_id[titles[title]]
         assert card["source"]["topic"]["code"] == "data-unavailable"
         assert "could not be read" in card["detail"] and "Check the record by hand" in card["detail"]
-        assert_names_exactly(card["detail"], set(rule.needs), fault.reasons)
+        assert_names_exactly(card["detail"], set(rule.needs), fault.shown)
+        for word in ("HTTP", "Error", "Exception", "OperationOutcome", "timed out", "budget"):
+            assert word not in card["detail"], (word, card["detail"])  # no status codes, no exception names
         assert_shows_nothing_secret(card["summary"] + card["detail"], server)
     shown = topics(answer.body)
     assert shown.count("data-unavailable") == len(expected_rules)
@@ -282,6 +285,9 @@ def _assert_fault_answer(answer, fault, server, caplog, rule_by_id, expected_rul
     if hasattr(server, "foreign"):
         assert server.foreign.requests == [], "followed a next link to another origin (with the token?)"
     assert_token_not_logged(caplog)
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("cds_hooks_service"))
+    assert any(r in ours for r in fault.reasons), "the technical reason goes to the service's log"
+    assert PATIENT not in ours
 
 
 # ---------------------------------------------------------------- tests
@@ -290,7 +296,7 @@ def _assert_fault_answer(answer, fault, server, caplog, rule_by_id, expected_rul
 def test_fault_order_sign_opioid(fault, fault_server, make_fault_server, make_app, caplog, rule_by_id):
     """IV hydromorphone without an order reason: opioid-in-migraine needs the conditions to decide."""
     url = fault.install(fault_server, make_fault_server)
-    answer = call(_app(make_app, fault), hook_body(url))
+    answer = call(_app(make_app, fault, url), hook_body(url))
     _assert_fault_answer(answer, fault, fault_server, caplog, rule_by_id, [OPIOID_RULE])
     assert len(answer.cards) == 1
     if fault.reaches_server:  # only the data opioid-in-migraine needs is asked for
@@ -302,7 +308,7 @@ def test_fault_order_sign_opioid(fault, fault_server, make_fault_server, make_ap
                                                        "paging-loop", "connection-refused")], ids=lambda f: f.id)
 def test_fault_order_select_opioid(fault, fault_server, make_fault_server, make_app, caplog, rule_by_id):
     url = fault.install(fault_server, make_fault_server)
-    answer = call(_app(make_app, fault), hook_body(url, hook="order-select"), SELECT)
+    answer = call(_app(make_app, fault, url), hook_body(url, hook="order-select"), SELECT)
     _assert_fault_answer(answer, fault, fault_server, caplog, rule_by_id, [OPIOID_RULE])
 
 
@@ -315,7 +321,7 @@ def test_fault_dhe_every_dhe_rule_is_named(fault, hook, fault_server, make_fault
     """DHE triggers four rules needing six kinds of data: one "not completed" card per rule, each naming exactly
     the data that rule needs."""
     url = fault.install(fault_server, make_fault_server)
-    answer = call(_app(make_app, fault), hook_body(url, drafts=(DHE,), hook=hook), SIGN if hook == "order-sign" else SELECT)
+    answer = call(_app(make_app, fault, url), hook_body(url, drafts=(DHE,), hook=hook), SIGN if hook == "order-sign" else SELECT)
     _assert_fault_answer(answer, fault, fault_server, caplog, rule_by_id, DHE_RULES)
     assert len(answer.cards) == 4
     if fault.reaches_server and fault.id != "next-link-foreign-origin":
@@ -331,7 +337,7 @@ def test_card_firing_on_the_draft_alone_still_goes_out_with_a_note(fault, fault_
     """The order's reason is migraine: the opioid card fires without any record, and says what it could not check
     (its exceptions, e.g. cancer or palliative care, need the conditions)."""
     url = fault.install(fault_server, make_fault_server)
-    answer = call(_app(make_app, fault), hook_body(url, drafts=(OPIOID_FOR_MIGRAINE,)))
+    answer = call(_app(make_app, fault, url), hook_body(url, drafts=(OPIOID_FOR_MIGRAINE,)))
     _assert_in_time(answer, fault)
     assert topics(answer.body) == [OPIOID_RULE]
     [card] = answer.cards
@@ -399,7 +405,7 @@ def test_one_failing_key_on_a_real_fhir_server_names_only_that_data(fault_server
     assert sorted(not_completed) == sorted(rule_by_id[r].title for r in
                                            ("dhe-cyp3a4-inhibitor", "dhe-triptan-ergot-24h", "dhe-vasopressor"))
     for card in not_completed.values():
-        assert_names_exactly(card["detail"], {"observations"}, ("HTTP 500",))
+        assert_names_exactly(card["detail"], {"observations"}, ERROR)
         assert patient not in card["detail"] and fhir_server.token not in card["detail"]
     assert {r.authorization for r in fault_server.requests} == {f"Bearer {fhir_server.token}"}
     assert fhir_server.token not in json.dumps(answer.body) and fhir_server.token not in caplog.text
@@ -448,7 +454,7 @@ def test_first_page_prefetched_rest_unreadable(fault_server, make_app, caplog, r
     [card] = answer.cards
     assert card["summary"] == f"Check not completed: {rule_by_id[OPIOID_RULE].title}"
     assert (markdown_escape(DATA_LABELS["conditions"]) + ": only the first page was prefetched and the rest could "
-            "not be read (HTTP 503)") in card["detail"]
+            "not be read: " + markdown_escape(ERROR)) in card["detail"]
     for key in ("medicationAdministrations", "medicationRequests", "medicationStatements"):
         assert markdown_escape(DATA_LABELS[key]) not in card["detail"]
     assert fault_server.requested_types() == {"Condition"}

@@ -61,11 +61,13 @@ def test_a_hook_call_that_fires_a_card(client):
     assert delta("cds_fhir_queries_total", key="conditions") == 0  # all prefetched
 
 
-def test_fhir_fallback_failures_by_kind(client, fhir_server):
+def test_fhir_fallback_failures_by_kind(make_app, fhir_server):
+    closed = f"http://127.0.0.1:{free_port()}/fhir"  # nothing listens there
+    client = make_app(fhir_servers=(closed, fhir_server.base_url)).test_client()
     delta = Delta(client)
     body = request_body(patient="patient-secret-4711")
     body.pop("prefetch")
-    body["fhirServer"] = f"http://127.0.0.1:{free_port()}/fhir"  # nothing listens there
+    body["fhirServer"] = closed
     r = post(client, SIGN, body)
     assert r.status_code == 200
     [card] = r.get_json()["cards"]
