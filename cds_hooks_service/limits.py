@@ -30,7 +30,7 @@ class Limits:
     max_evidence_items: int = 10  # CDS_MAX_EVIDENCE_ITEMS: record entries listed per check on a card
     max_cards: int = 20  # CDS_MAX_CARDS: cards per response (the rest are named in one info card)
     max_response_bytes: int = 1024 * 1024  # CDS_MAX_RESPONSE_BYTES: JSON bytes of the cards of one response
-    eval_deadline: float = 0.5  # CDS_EVAL_DEADLINE: seconds of rule evaluation per request
+    eval_deadline: float = 0.5  # CDS_EVAL_DEADLINE: CPU seconds of rule evaluation per request (the request's thread)
 
     @classmethod
     def from_env(cls, env=None) -> "Limits":
