@@ -8,9 +8,11 @@ card fields are omitted rather than sent empty, as the spec requires.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import uuid
 from datetime import datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from jinja2 import ChainableUndefined
 from jinja2.sandbox import SandboxedEnvironment
@@ -46,9 +48,39 @@ def plain_text(value) -> str:
     return " ".join(_plain(value).replace("<", "‹").replace(">", "›").split())
 
 
+def display_zone() -> ZoneInfo:
+    """The zone card times are shown in: CDS_DISPLAY_TIMEZONE (an IANA name such as Europe/Berlin), default UTC.
+    Settings.from_env calls this so that an unknown name stops the service at start."""
+    name = os.environ.get("CDS_DISPLAY_TIMEZONE", "").strip() or "UTC"
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"CDS_DISPLAY_TIMEZONE must be an IANA time zone such as UTC or America/New_York, "
+                         f"got {name!r}") from exc
+
+
 def _when(value) -> str:
+    """A record time in the display zone, with the zone named: 2026-03-01 09:00 UTC, 2026-03-01 04:00 EST."""
     t = parse_time(value) if isinstance(value, str) else value
-    return t.strftime("%Y-%m-%d %H:%M UTC") if isinstance(t, datetime) else "time not recorded"
+    if not isinstance(t, datetime):
+        return "time not recorded"
+    local = t.astimezone(display_zone())
+    return local.strftime("%Y-%m-%d %H:%M ") + (local.tzname() or str(local.tzinfo))
+
+
+def _in(value, now: datetime | None = None) -> str:
+    """How long until a time: "in 21 h", "in 40 min", "now" (past)."""
+    t = parse_time(value) if isinstance(value, str) else value
+    if not isinstance(t, datetime) or now is None:
+        return ""
+    hours = (t - now).total_seconds() / 3600
+    if hours <= 0:
+        return "now"
+    if hours < 1:
+        return f"in {max(1, int(hours * 60))} min"
+    if hours < 48:
+        return f"in {hours:.0f} h"
+    return f"in {hours / 24:.0f} days"
 
 
 def _ago(value, now: datetime | None = None) -> str:
@@ -95,6 +127,7 @@ def template_context(finding, now: datetime) -> dict:
         "checks": {e.check: _evidence_dict(e) for e in finding.evidence + finding.cautions},
         "now": now,
         "ago": lambda value: _ago(value, now),
+        "from_now": lambda value: _in(value, now),
     }
 
 

@@ -76,6 +76,8 @@ class Settings:
             fixed_now = parse_time(env["CDS_FIXED_NOW"])
             if fixed_now is None:
                 raise ValueError(f"CDS_FIXED_NOW is not an ISO date-time: {env['CDS_FIXED_NOW']!r}")
+        from .cards import display_zone
+        display_zone()  # CDS_DISPLAY_TIMEZONE: an unknown zone stops the service at start
         settings = cls(
             rules_dir=rules_dir,
             cards_dir=Path(env.get("CDS_CARDS_DIR") or rules_dir.parent / "cards"),

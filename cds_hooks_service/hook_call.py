@@ -43,6 +43,9 @@ EXCEPTED = "excepted"  # an exception of the rule matched (reason: which)
 SUPPRESSED = "suppressed"  # overridden at order-select for the same draft order
 SHADOW = "shadow"  # the rule is in shadow mode: counted, not shown
 NOT_FIRED = "not fired"  # evaluated, no evidence (kept only for the explain trace)
+MERGED = "merged"  # the same conflict between two drafted orders is on the other order's card (one card)
+
+MAX_CRITICAL_CARDS = 2  # per response (issue 9 §4); further critical findings are shown as warnings
 
 
 @dataclass
@@ -153,7 +156,8 @@ def _gather(live, body: dict, rulebook: Rulebook, settings, session, client: Cli
 # -- record ---------------------------------------------------------------------------------------------
 def record(decision: Decision, body: dict, *, store, secret: bytes, service: CdsService) -> dict[int, str]:
     """Record the cards to issue and give every finding its outcome. Returns card ids by id(finding)."""
-    to_issue = [f for f in decision.findings if f.evidence and f.suppressed_by is None]
+    mirrors = mirrored_findings(decision.findings)
+    to_issue = [f for f in decision.findings if f.evidence and f.suppressed_by is None and id(f) not in mirrors]
     keys = {id(f): suppression_key(secret, body, f) for f in to_issue}
     card_ids = {id(f): str(uuid.uuid4()) for f in to_issue}
     overridden: set[str] = set()
@@ -168,7 +172,28 @@ def record(decision: Decision, body: dict, *, store, secret: bytes, service: Cds
         overridden = store.issue_cards(issued, skip_overridden_since=since)
     for f in decision.findings:
         f.outcome, f.reason = outcome_of(f, keys.get(id(f)) in overridden)
+        if id(f) in mirrors and f.outcome in (FIRED, SHADOW):
+            f.outcome, f.reason = MERGED, "the same conflict is on the card of the other drafted order"
     return card_ids
+
+
+def mirrored_findings(findings: list[Finding]) -> set[int]:
+    """Findings that repeat an earlier one from the other side: the same rule for drafted order X, found
+    only because of drafted order Y, where Y's finding was found because of X (DHE and sumatriptan drafted
+    together). One conflict between two drafted orders is one card: the first order's."""
+    named: dict[tuple[str, str], set[str]] = {}  # (rule, draft ref) -> the draft refs its evidence names
+    out: set[int] = set()
+    for f in findings:
+        if not f.evidence or f.suppressed_by is not None:
+            continue
+        items = [i for e in f.evidence for i in e.items]
+        refs = {i.get("ref") for i in items}
+        only_drafts = all(i.get("source") == "draft" for i in items) and not any(e.more for e in f.evidence)
+        if only_drafts and refs and all(f.draft.ref in named.get((f.rule.id, r), ()) for r in refs):
+            out.add(id(f))
+            continue
+        named[(f.rule.id, f.draft.ref)] = {i.get("ref") for i in items if i.get("source") == "draft"}
+    return out
 
 
 def outcome_of(finding: Finding, overridden: bool) -> tuple[str, str]:
@@ -186,16 +211,88 @@ def outcome_of(finding: Finding, overridden: bool) -> tuple[str, str]:
 
 # -- render ---------------------------------------------------------------------------------------------
 def render(decision: Decision, card_ids: dict[int, str], *, rulebook: Rulebook, limits: Limits) -> tuple[list, list]:
-    """The response's cards (bounded) and the ids of the rules answered with "check not completed"."""
+    """The response's cards (bounded) and the ids of the rules answered with "check not completed".
+
+    One clear card per problem (issue 9 §4): each rule's finding keeps its own card (own uuid, so feedback,
+    overrides and analytics stay per rule), but for each drafted order the most severe card leads: it names
+    the order's other problems, and a suggestion (same label, or same actions) is offered on one card only,
+    the first. At most MAX_CRITICAL_CARDS critical cards per response; a further critical finding is shown as
+    a warning saying so. At most one "Check not completed" card, naming every check in plain words."""
     ctx = decision.ctx
     unavailable = decision.data.unavailable
-    fired = sorted((f for f in decision.findings if f.outcome == FIRED), key=lambda f: INDICATOR_ORDER[f.indicator])
-    cards = [_finding_card(f, card_ids[id(f)], ctx, rulebook, unavailable) for f in fired[:limits.max_cards]]
+    fired = [f for f in decision.findings if f.outcome == FIRED]
+    lead: dict[str, Finding] = {}
+    for f in sorted(fired, key=lambda f: INDICATOR_ORDER[f.indicator]):
+        lead.setdefault(f.draft.ref, f)
+    fired.sort(key=lambda f: (INDICATOR_ORDER[f.indicator], lead[f.draft.ref] is not f))
+    shown = fired[:limits.max_cards]
+    cards = []
+    offered_labels: set[str] = set()
+    offered_actions: set[tuple] = set()
+    critical = 0
+    merged = [m for m in decision.findings if m.outcome == MERGED]
+    for f in shown:
+        card = _finding_card(f, card_ids[id(f)], ctx, rulebook, unavailable)
+        _add_mirror_suggestions(card, f, merged, ctx, rulebook)
+        first = lead[f.draft.ref]
+        if first is f:
+            others = [g.rule.title for g in shown if g.draft.ref == f.draft.ref and g is not f]
+            if others:
+                card["detail"] = card.get("detail", "") + "\n\n**Also for this order** (separate card" + \
+                    ("s" if len(others) > 1 else "") + "): " + markdown_escape("; ".join(others)) + "."
+        if _offer_once(card, offered_labels, offered_actions) and first is not f:
+            card["detail"] = card.get("detail", "") + "\n\n_The actions for this order are on the card: " + \
+                markdown_escape(first.rule.title) + "._"
+        if card["indicator"] == "critical":
+            critical += 1
+            if critical > MAX_CRITICAL_CARDS:
+                card["indicator"] = "warning"
+                card["detail"] = card.get("detail", "") + "\n\n_A critical finding, shown as a warning only " \
+                    f"because this response already holds {MAX_CRITICAL_CARDS} critical cards._"
+        cards.append(card)
     not_completed = _not_completed(decision, rulebook)
-    cards += [_not_completed_card(rule, reasons) for rule, reasons in not_completed.values()]
+    if not_completed:
+        cards.append(_not_completed_card(list(not_completed.values())))
     cards.sort(key=lambda c: INDICATOR_ORDER[c["indicator"]])
     cards = _bounded(cards, [f.rule.title for f in fired[limits.max_cards:]], limits)
     return cards, list(not_completed)
+
+
+def _add_mirror_suggestions(card: dict, f: Finding, merged: list[Finding], ctx: HookContext,
+                            rulebook: Rulebook) -> None:
+    """The card of a conflict between two drafted orders offers the actions for either order (keep one)."""
+    refs = {i.get("ref") for e in f.evidence for i in e.items if i.get("source") == "draft"}
+    for m in merged:
+        if m.rule is f.rule and m.draft.ref in refs:
+            other = render_card(m, now=ctx.now, patient_id=ctx.patient_id, encounter_id=ctx.encounter_id,
+                                user_id=ctx.user_id, alternatives=rulebook.alternatives, card_uuid=card["uuid"])
+            extra = other.get("suggestions", [])
+            for s in extra:  # at-most-one: only the card's own first choice may be recommended
+                s.pop("isRecommended", None)
+            if extra:
+                card["suggestions"] = card.get("suggestions", []) + extra
+                card["selectionBehavior"] = f.rule.selection_behavior
+
+
+def _offer_once(card: dict, labels: set[str], actions: set[tuple]) -> bool:
+    """Drop the suggestions already offered on an earlier card of the response (same label or same actions).
+    Returns whether any was dropped."""
+    kept, dropped = [], False
+    for s in card.get("suggestions", []):
+        signature = tuple(sorted((a["type"], a.get("resourceId") or orjson.dumps(
+            (a.get("resource") or {}).get("medicationCodeableConcept")).decode()) for a in s.get("actions", [])))
+        if s["label"] in labels or (signature and signature in actions):
+            dropped = True
+            continue
+        labels.add(s["label"])
+        actions.add(signature)
+        kept.append(s)
+    if kept:
+        card["suggestions"] = kept
+    elif "suggestions" in card:
+        del card["suggestions"]
+        card.pop("selectionBehavior", None)
+    return dropped
 
 
 def _finding_card(f: Finding, card_id: str, ctx: HookContext, rulebook: Rulebook, unavailable: dict) -> dict:
@@ -234,14 +331,23 @@ def _not_completed(decision: Decision, rulebook: Rulebook) -> dict[str, tuple[Ru
     return out
 
 
-def _not_completed_card(rule: Rule, reasons: list[str]) -> dict:
-    late = any(r.endswith(LATE) for r in reasons)
-    data = not all(r.endswith(LATE) for r in reasons)
-    why = " and ".join(w for w, on in (("some patient data could not be read", data),
-                                       ("some orders could not be checked in time", late)) if on)
-    return info_card(f"Check not completed: {rule.title}",
-                     f"The service could not complete **{markdown_escape(rule.title)}** for this order because "
-                     f"{why}. {markdown_escape('; '.join(reasons))}. Check the record by hand before signing.")
+def _not_completed_card(items: list[tuple[Rule, list[str]]]) -> dict:
+    """One card for every check that could not be completed: which checks, which data could not be read and
+    why, in plain words (the technical reason is in the log and /metrics)."""
+    titles = list(dict.fromkeys(rule.title for rule, _ in items))
+    reasons = list(dict.fromkeys(r for _, rs in items for r in rs))
+    unread = [r for r in reasons if not r.endswith(LATE)]
+    late = [r for r in reasons if r.endswith(LATE)]
+    summary = f"Check not completed: {titles[0]}" if len(titles) == 1 else \
+        f"Check not completed: {len(titles)} safety checks could not be run in full"
+    detail = ("The service could not complete " + ("this safety check" if len(titles) == 1 else
+                                                     f"these {len(titles)} safety checks")
+              + " for the drafted orders:\n\n" + "\n".join(f"- {markdown_escape(t)}" for t in titles))
+    if unread:
+        detail += "\n\nSome patient data could not be read: " + "; ".join(markdown_escape(r) for r in unread) + "."
+    if late:
+        detail += "\n\nSome orders could not be checked in time: " + "; ".join(markdown_escape(r) for r in late) + "."
+    return info_card(summary, detail + "\n\nCheck the record by hand before signing.")
 
 
 def _bounded(cards: list[dict], not_rendered: list[str], limits: Limits) -> list[dict]:

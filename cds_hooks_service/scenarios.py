@@ -19,7 +19,23 @@ as full FHIR (anything with ``resourceType``) or in a shorthand that expands to 
                                               - procedure: "<code>"     # Procedure (system: snomed by default)
 
 ``expect`` is ``fire`` (a card is shown), ``no-fire`` (the rule does not fire) or ``suppressed``
-(it fires but an exception hides the card); ``indicator`` optionally pins the card's indicator.
+(it fires but an exception hides the card); ``indicator`` optionally pins the finding's indicator.
+
+``card`` (optional, with ``expect: fire``) asserts what the rule's card in the response shows and offers:
+
+  card:
+    indicator: warning          # the card as shown (may be lower than the finding: at most 2 critical cards)
+    offers: [Remove the DHE]    # each is part of the label of a suggestion on this card
+    not_offers: [ketorolac]     # no suggestion label on this card contains it (case-insensitive)
+    says: ["3 h ago"]           # in the summary or detail (case-insensitive)
+    not_says: [ConnectionError]
+    max_detail: 1200            # characters of the detail
+
+``response`` (optional) asserts the whole response: ``cards`` (how many), ``critical`` (how many critical),
+``not_completed`` (how many "Check not completed" cards), ``says`` / ``not_says`` (in any card's text).
+
+Every run also checks the response as a whole (issue 9 §4): no suggestion label on two cards, at most two
+critical cards, at most one "Check not completed" card.
 """
 from __future__ import annotations
 
@@ -60,6 +76,8 @@ class Scenario:
     record: list[dict]
     selections: list[str] | None
     file: Path
+    card: dict | None = None  # what the rule's card must show and offer (see the module doc)
+    response: dict | None = None  # what the whole response must hold
 
     def request(self, hook: str | None = None, *, fhir_server: str | None = None) -> dict:
         """The CDS Hooks request for this scenario, with every record resource prefetched."""
@@ -116,9 +134,83 @@ def load_scenarios(path: Path, rule_id: str) -> list[Scenario]:
             raise ScenarioError(f"{where} ({s['name']}): {exc}") from exc
         if not drafts:
             raise ScenarioError(f"{where} ({s['name']}): needs at least one draft")
+        for key, allowed in (("card", _CARD_KEYS), ("response", _RESPONSE_KEYS)):
+            if s.get(key) is not None and (not isinstance(s[key], dict) or set(s[key]) - allowed):
+                raise ScenarioError(f"{where} ({s['name']}): `{key}` takes {', '.join(sorted(allowed))}")
+        if s.get("card") and s["expect"] != "fire":
+            raise ScenarioError(f"{where} ({s['name']}): `card` needs expect: fire")
         out.append(Scenario(rule_id, s["name"], s["expect"], s.get("indicator"), s.get("hook"), now,
-                            drafts, record, s.get("selections"), path))
+                            drafts, record, s.get("selections"), path, s.get("card"), s.get("response")))
     return out
+
+
+_CARD_KEYS = frozenset({"indicator", "offers", "not_offers", "says", "not_says", "max_detail"})
+_RESPONSE_KEYS = frozenset({"cards", "critical", "not_completed", "says", "not_says"})
+NOT_COMPLETED = "Check not completed"
+
+
+def response_problems(cards: list[dict]) -> list[str]:
+    """What a response breaks of issue 9 §4, whatever the scenario: a suggestion label on two cards, more
+    than two critical cards, more than one "Check not completed" card."""
+    problems = []
+    labels = [s["label"] for c in cards for s in {x["label"]: x for x in c.get("suggestions", [])}.values()]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        problems.append("suggestion on two cards: " + "; ".join(repeated))
+    critical = sum(c["indicator"] == "critical" for c in cards)
+    if critical > 2:
+        problems.append(f"{critical} critical cards (at most 2)")
+    not_completed = sum(c["summary"].startswith(NOT_COMPLETED) for c in cards)
+    if not_completed > 1:
+        problems.append(f"{not_completed} 'Check not completed' cards (at most 1)")
+    return problems
+
+
+def _text(card: dict) -> str:
+    return (card.get("summary", "") + "\n" + card.get("detail", "")).lower()
+
+
+def card_problems(card: dict | None, want: dict) -> list[str]:
+    """What the rule's card does not show or offer of ``want`` (a scenario's ``card``)."""
+    if card is None:
+        return ["no card of this rule in the response"]
+    problems = []
+    labels = [s["label"] for s in card.get("suggestions", [])]
+    if want.get("indicator") and card["indicator"] != want["indicator"]:
+        problems.append(f"card shown as {card['indicator']}, expected {want['indicator']}")
+    for phrase in want.get("offers") or []:
+        if not any(str(phrase).lower() in label.lower() for label in labels):
+            problems.append(f"does not offer {phrase!r} (offers: {'; '.join(labels) or 'nothing'})")
+    for phrase in want.get("not_offers") or []:
+        hit = [label for label in labels if str(phrase).lower() in label.lower()]
+        if hit:
+            problems.append(f"offers {hit[0]!r}")
+    text = _text(card)
+    for phrase in want.get("says") or []:
+        if str(phrase).lower() not in text:
+            problems.append(f"does not say {phrase!r}")
+    for phrase in want.get("not_says") or []:
+        if str(phrase).lower() in text:
+            problems.append(f"says {phrase!r}")
+    if want.get("max_detail") and len(card.get("detail", "")) > int(want["max_detail"]):
+        problems.append(f"detail has {len(card.get('detail', ''))} characters (at most {want['max_detail']})")
+    return problems
+
+
+def whole_response_problems(cards: list[dict], want: dict) -> list[str]:
+    problems = []
+    for key, count in (("cards", len(cards)), ("critical", sum(c["indicator"] == "critical" for c in cards)),
+                       ("not_completed", sum(c["summary"].startswith(NOT_COMPLETED) for c in cards))):
+        if key in want and count != int(want[key]):
+            problems.append(f"{count} {key.replace('_', ' ')} cards in the response, expected {want[key]}")
+    text = "\n".join(_text(c) for c in cards)
+    for phrase in want.get("says") or []:
+        if str(phrase).lower() not in text:
+            problems.append(f"no card says {phrase!r}")
+    for phrase in want.get("not_says") or []:
+        if str(phrase).lower() in text:
+            problems.append(f"a card says {phrase!r}")
+    return problems
 
 
 def _time(value, now: datetime) -> str:
@@ -317,6 +409,16 @@ def run_scenarios(rulebook, settings, rule_ids: list[str] | None = None) -> tupl
                 ok = outcome == sc.expect and (sc.indicator is None or outcome != "fire" or indicator == sc.indicator)
                 msg = "" if ok else (f"expected {sc.expect}" + (f" ({sc.indicator})" if sc.indicator else "")
                                      + f", got {outcome}" + (f" ({indicator})" if indicator else ""))
+                cards = result.response["cards"]
+                problems = response_problems(cards)
+                if ok and sc.card:
+                    card = next((c for c in cards if c["source"].get("topic", {}).get("code") == rule.id), None)
+                    problems += card_problems(card, sc.card)
+                if sc.response:
+                    problems += whole_response_problems(cards, sc.response)
+                if problems:
+                    ok = False
+                    msg = "; ".join(([msg] if msg else []) + problems)
                 results.append(ScenarioResult(sc, hook, outcome, indicator, ok, msg))
     settings.fixed_now = None
     return results, problems
