@@ -203,7 +203,15 @@ def _suggestion(s, finding, card_uuid, patient_id, encounter_id, user_id, altern
     out = {"label": s.label, "uuid": suggestion_uuid(card_uuid, s.id), "actions": actions}
     if s.is_recommended is not None:
         out["isRecommended"] = s.is_recommended
+    if finding.indicator != "critical":
+        unrecommend_cancellation(out)
     return out
+
+
+def unrecommend_cancellation(suggestion: dict) -> None:
+    """Cancelling the order (a suggestion that only deletes) is recommended on critical cards only."""
+    if suggestion.get("isRecommended") and all(a["type"] == "delete" for a in suggestion["actions"]):
+        del suggestion["isRecommended"]
 
 
 def medication_request(alt: dict, draft: dict, patient_id, encounter_id, user_id) -> dict:

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 
 import orjson
 
-from .cards import info_card, markdown_escape, render_card
+from .cards import info_card, markdown_escape, render_card, unrecommend_cancellation
 from .clients import OPEN_CLIENT, Client
 from .engine import Finding, HookContext, draft_facts, evaluate_rule, triggered
 from .errors import PreconditionFailed
@@ -247,6 +247,8 @@ def render(decision: Decision, card_ids: dict[int, str], *, rulebook: Rulebook, 
             critical += 1
             if critical > MAX_CRITICAL_CARDS:
                 card["indicator"] = "warning"
+                for suggestion in card.get("suggestions", []):
+                    unrecommend_cancellation(suggestion)
                 card["detail"] = card.get("detail", "") + "\n\n_A critical finding, shown as a warning only " \
                     f"because this response already holds {MAX_CRITICAL_CARDS} critical cards._"
         cards.append(card)

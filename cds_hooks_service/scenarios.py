@@ -27,6 +27,8 @@ as full FHIR (anything with ``resourceType``) or in a shorthand that expands to 
     indicator: warning          # the card as shown (may be lower than the finding: at most 2 critical cards)
     offers: [Remove the DHE]    # each is part of the label of a suggestion on this card
     not_offers: [ketorolac]     # no suggestion label on this card contains it (case-insensitive)
+    recommends: [Remove]        # a suggestion with isRecommended: true whose label contains it
+    not_recommends: [Cancel]    # no recommended suggestion's label contains it
     says: ["3 h ago"]           # in the summary or detail (case-insensitive)
     not_says: [ConnectionError]
     max_detail: 1200            # characters of the detail
@@ -144,7 +146,8 @@ def load_scenarios(path: Path, rule_id: str) -> list[Scenario]:
     return out
 
 
-_CARD_KEYS = frozenset({"indicator", "offers", "not_offers", "says", "not_says", "max_detail"})
+_CARD_KEYS = frozenset({"indicator", "offers", "not_offers", "recommends", "not_recommends", "says", "not_says",
+                        "max_detail"})
 _RESPONSE_KEYS = frozenset({"cards", "critical", "not_completed", "says", "not_says"})
 NOT_COMPLETED = "Check not completed"
 
@@ -185,6 +188,14 @@ def card_problems(card: dict | None, want: dict) -> list[str]:
         hit = [label for label in labels if str(phrase).lower() in label.lower()]
         if hit:
             problems.append(f"offers {hit[0]!r}")
+    recommended = [s["label"] for s in card.get("suggestions", []) if s.get("isRecommended")]
+    for phrase in want.get("recommends") or []:
+        if not any(str(phrase).lower() in label.lower() for label in recommended):
+            problems.append(f"does not recommend {phrase!r} (recommends: {'; '.join(recommended) or 'nothing'})")
+    for phrase in want.get("not_recommends") or []:
+        hit = [label for label in recommended if str(phrase).lower() in label.lower()]
+        if hit:
+            problems.append(f"recommends {hit[0]!r}")
     text = _text(card)
     for phrase in want.get("says") or []:
         if str(phrase).lower() not in text:
