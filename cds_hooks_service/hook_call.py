@@ -240,7 +240,7 @@ def render(decision: Decision, card_ids: dict[int, str], *, rulebook: Rulebook, 
             if others:
                 card["detail"] = card.get("detail", "") + "\n\n**Also for this order** (separate card" + \
                     ("s" if len(others) > 1 else "") + "): " + markdown_escape("; ".join(others)) + "."
-        if _offer_once(card, offered_labels, offered_actions) and first is not f:
+        if _offer_once(card, offered_labels, offered_actions, f.draft) and first is not f:
             card["detail"] = card.get("detail", "") + "\n\n_The actions for this order are on the card: " + \
                 markdown_escape(first.rule.title) + "._"
         if card["indicator"] == "critical":
@@ -276,16 +276,22 @@ def _add_mirror_suggestions(card: dict, f: Finding, merged: list[Finding], ctx: 
                 card["selectionBehavior"] = f.rule.selection_behavior
 
 
-def _offer_once(card: dict, labels: set[str], actions: set[tuple]) -> bool:
-    """Drop the suggestions already offered on an earlier card of the response (same label or same actions).
-    Returns whether any was dropped."""
+def _offer_once(card: dict, labels: set[str], actions: set[tuple], draft: MedicationFact) -> bool:
+    """Drop the suggestions whose actions an earlier card of the response already offers; a label already
+    used for other actions (the same alternative for another drafted order) names its order. Returns whether
+    any suggestion was dropped."""
     kept, dropped = [], False
     for s in card.get("suggestions", []):
         signature = tuple(sorted((a["type"], a.get("resourceId") or orjson.dumps(
             (a.get("resource") or {}).get("medicationCodeableConcept")).decode()) for a in s.get("actions", [])))
-        if s["label"] in labels or (signature and signature in actions):
+        if signature in actions:
             dropped = True
             continue
+        if s["label"] in labels:  # the same alternative for another drafted order: name the order
+            base = s["label"]
+            s["label"] = f"{base}: {draft.display}"
+            if s["label"] in labels:  # two drafted orders of the same name
+                s["label"] = f"{base}: {draft.display} ({draft.ref.rsplit('/', 1)[-1]})"
         labels.add(s["label"])
         actions.add(signature)
         kept.append(s)
