@@ -120,6 +120,7 @@ def template_context(finding, now: datetime) -> dict:
     return {
         "rule": {"id": finding.rule.id, "title": finding.rule.title, "source": finding.rule.source},
         "indicator": finding.indicator,
+        "possible": getattr(finding, "possible", False),
         "draft": {"display": draft.display, "route": draft.route or "route not stated",
                   "matched_by": draft.matched_by, "names": list(draft.matched_names)},
         "evidence": [_evidence_dict(e) for e in finding.evidence],
@@ -146,6 +147,8 @@ def render_card(finding, *, now: datetime, patient_id: str | None, encounter_id:
         log.exception("card template %s failed; sending the fallback text", rule.card.name)
         summary_text = plain_text(f"{rule.title}: {finding.draft.display}")
         detail = "Reasons: " + markdown_escape("; ".join(e.label for e in finding.evidence)) + "."
+    if getattr(finding, "possible", False) and "possible" not in summary_text.lower():
+        summary_text = "Possible (unconfirmed diagnosis): " + summary_text  # clinical.md §4.0: one level lower
     if len(summary_text) > SUMMARY_MAX:
         summary_text = summary_text[: SUMMARY_MAX - 1].rstrip() + "…"
     if finding.draft.matched_by == "name":

@@ -48,6 +48,7 @@ class Finding:
     suppressed_by: Evidence | None = None
     trace: list[dict] = field(default_factory=list)
     excluded_suggestions: frozenset[str] = frozenset()  # left out by their `unless` checks
+    possible: bool = False  # the level rests on unconfirmed diagnoses only, lowered one step ("possible")
     # Set once by hook_call.record: fired | excepted | suppressed | shadow | not fired, and why it is not shown.
     outcome: str = ""
     reason: str = ""
@@ -318,6 +319,25 @@ def _compare(o: ObservationFact, op: str, value: float | None) -> bool:
     return {">=": o.value >= value, ">": o.value > value, "<=": o.value <= value, "<": o.value < value}[op]
 
 
+_LOWER = {"critical": "warning", "warning": "info", "info": "info"}
+
+
+def _indicator(rule: Rule, evidence: list[Evidence]) -> tuple[str, bool]:
+    """The finding's level: its strongest evidence's. Evidence that is only unconfirmed diagnoses
+    (verificationStatus unconfirmed, provisional, differential) counts one level lower (clinical.md §4.0);
+    ``possible`` says the level was lowered for that."""
+    def level(e: Evidence) -> tuple[str, bool]:
+        own = e.indicator or rule.indicator
+        unconfirmed = bool(e.items) and not e.more and all(
+            i.get("kind") == "condition" and i.get("possible") for i in e.items)
+        return (_LOWER[own], True) if unconfirmed else (own, False)
+
+    levels = [level(e) for e in evidence]
+    top = max((lv for lv, _ in levels), key=INDICATOR_RANK.__getitem__)
+    confirmed_top = any(lv == top and not lowered for lv, lowered in levels)
+    return top, not confirmed_top
+
+
 def triggered(rule: Rule, draft: MedicationFact) -> list[Trigger]:
     return [t for t in rule.triggers
             if not draft.concepts.isdisjoint(t.drafted) and (t.route is None or route_matches(draft.route, t.route))]
@@ -333,13 +353,14 @@ def evaluate_rule(rule: Rule, draft: MedicationFact, ctx: HookContext, record: R
             continue
         suppressed = next((e for e in (ev.check(n) for n in rule.exceptions) if e), None)
         cautions = [e for e in (ev.check(n) for n in rule.cautions) if e]
-        indicator = max((e.indicator or rule.indicator for e in evidence), key=INDICATOR_RANK.__getitem__)
+        indicator, possible = _indicator(rule, evidence)
         for when, adjusted in rule.adjust:
             if any(ev.check(n) for n in when):
-                indicator = adjusted
+                indicator, possible = adjusted, False
                 break
         excluded = frozenset(s.id for s in rule.suggestions if any(ev.check(n) for n in s.unless))
-        return Finding(rule, draft, trig.name, indicator, evidence, cautions, suppressed, ev.trace or [], excluded)
+        return Finding(rule, draft, trig.name, indicator, evidence, cautions, suppressed, ev.trace or [], excluded,
+                       possible=possible)
     if trace and ev.trace is not None:
         return Finding(rule, draft, "", rule.indicator, [], [], None, ev.trace)  # not fired; trace only
     return None
