@@ -421,15 +421,15 @@ def run_scenarios(rulebook, settings, rule_ids: list[str] | None = None) -> tupl
                 msg = "" if ok else (f"expected {sc.expect}" + (f" ({sc.indicator})" if sc.indicator else "")
                                      + f", got {outcome}" + (f" ({indicator})" if indicator else ""))
                 cards = result.response["cards"]
-                problems = response_problems(cards)
+                wrong = response_problems(cards)
                 if ok and sc.card:
                     card = next((c for c in cards if c["source"].get("topic", {}).get("code") == rule.id), None)
-                    problems += card_problems(card, sc.card)
+                    wrong += card_problems(card, sc.card)
                 if sc.response:
-                    problems += whole_response_problems(cards, sc.response)
-                if problems:
+                    wrong += whole_response_problems(cards, sc.response)
+                if wrong:
                     ok = False
-                    msg = "; ".join(([msg] if msg else []) + problems)
+                    msg = "; ".join(([msg] if msg else []) + wrong)
                 results.append(ScenarioResult(sc, hook, outcome, indicator, ok, msg))
     settings.fixed_now = None
     return results, problems
