@@ -9,6 +9,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from . import call_log, logs, metrics
 from .auth import AuthError, expected_audience
+from .cards import OVERRIDE_REASON_SYSTEM, suggestion_uuid
 from .clients import OPEN_CLIENT_ID, Client
 from .explain import report as explain_report
 from .facts import parse_time
@@ -17,6 +18,7 @@ from .hook_call import call_service
 from .request_validation import first_error, validate_request
 from .runtime import runtime
 from .services import SERVICES
+from .store import UnknownCards
 
 log = logging.getLogger(__name__)
 bp = Blueprint("cds", __name__)
@@ -83,7 +85,10 @@ def hook(service_id: str):
 
 @bp.post("/cds-services/<service_id>/feedback")
 def feedback(service_id: str):
-    client = authenticate()  # noqa: F841 (feedback is to be kept per client)
+    """Feedback on cards this service issued to the calling client. A request is stored whole or not at all:
+    one item naming an unknown card, another client's card or a reason its rule does not offer refuses the
+    request (400, one issue per bad item) and nothing of it is stored; items already stored are kept once."""
+    client = authenticate()
     service = get_service(service_id)
     rt = runtime()
     body = read_json()
@@ -94,9 +99,73 @@ def feedback(service_id: str):
         if parse_time(item["outcomeTimestamp"]) is None:
             raise BadRequest(f"feedback.{i}.outcomeTimestamp is not a valid date-time",
                              field=f"feedback.{i}.outcomeTimestamp")
-    stored = rt.store.record_feedback(service.id, body["feedback"])
+    issued = rt.store.issued_to(client.id, service.id, [item["card"] for item in body["feedback"]
+                                                        if "\x00" not in item["card"]])  # NUL: refused below
+    items, problems = checked_feedback(body["feedback"], issued, rt.rulebook)
+    if problems:
+        return refused(problems)
+    try:
+        stored = rt.store.record_feedback(service.id, items, client.id)
+    except UnknownCards as exc:  # issued_to saw them a moment ago: cannot happen unless cards are deleted
+        return refused([(f"feedback.{i}.card", "not-found", "unknown card") for i, item in enumerate(items)
+                        if item["card"] in exc.card_uuids])
     metrics.feedback_stored(service.id, stored)
     return jsonify({"stored": stored})
+
+
+MAX_ISSUES_SHOWN = 20
+
+
+def checked_feedback(items: list[dict], issued: dict[str, str], rulebook) -> tuple[list[dict], list[tuple]]:
+    """The items as stored (override display and suggestion ids from the rule), and their problems as
+    (field, issue code, message). ``issued``: card uuid -> rule id of the cards issued to this client."""
+    out, problems = [], []
+    for i, item in enumerate(items):
+        where = f"feedback.{i}"
+        card = item["card"]
+        if "\x00" in card:
+            problems.append((f"{where}.card", "invalid", "must not contain NUL characters"))
+            continue
+        rule_id = issued.get(card)
+        rule = rulebook.get(rule_id) if rule_id else None
+        if rule_id is None:
+            problems.append((f"{where}.card", "not-found",
+                             f"no card {card!r} was issued by this CDS Service to this client"))
+            continue
+        item = dict(item)
+        coding = (item.get("overrideReason") or {}).get("reason")
+        if coding is not None:
+            offered = {r["code"]: r["display"] for r in (rule.override_reasons if rule else [])}
+            if coding.get("system") != OVERRIDE_REASON_SYSTEM or coding.get("code") not in offered:
+                codes = ", ".join(sorted(offered)) or "none (the rule offers no override reasons)"
+                problems.append((f"{where}.overrideReason.reason", "code-invalid",
+                                 f"not an override reason of card {card!r}; its reasons are system "
+                                 f"{OVERRIDE_REASON_SYSTEM} with code {codes}"))
+                continue
+            item["overrideReason"] = {**item["overrideReason"],
+                                      "reason": {"system": OVERRIDE_REASON_SYSTEM, "code": coding["code"],
+                                                 "display": offered[coding["code"]]}}
+        if item.get("acceptedSuggestions"):
+            offered = {suggestion_uuid(card, s.id) for s in (rule.suggestions if rule else [])}
+            wrong = [s["id"] for s in item["acceptedSuggestions"] if s["id"] not in offered]
+            if wrong:
+                problems.append((f"{where}.acceptedSuggestions", "code-invalid",
+                                 f"{len(wrong)} id(s) are not suggestions of card {card!r}"))
+                continue
+        out.append(item)
+    return out, problems
+
+
+def refused(problems: list[tuple]):
+    """400 naming every bad item (the first MAX_ISSUES_SHOWN); nothing of the request was stored."""
+    issues = [{"severity": "error", "code": code, "details": {"text": f"{field}: {message}"}, "expression": [field]}
+              for field, code, message in problems[:MAX_ISSUES_SHOWN]]
+    more = len(problems) - MAX_ISSUES_SHOWN
+    issues.append({"severity": "information", "code": "informational", "details": {"text": (
+        f"nothing in this request was stored: {len(problems)} item(s) refused"
+        + (f" ({more} more not listed)" if more > 0 else "")
+        + "; send the other items again without them")}})
+    return jsonify({"resourceType": "OperationOutcome", "issue": issues}), 400
 
 
 @bp.get("/healthz")

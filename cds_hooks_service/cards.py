@@ -4,18 +4,32 @@ Card texts come from ``cards/<rule>.yaml`` (a Jinja ``summary`` and a markdown `
 sandboxed Jinja environment. Everything a template prints from patient data is escaped for
 markdown (and HTML, since clients such as the Sandbox render raw HTML in ``detail``). Optional
 card fields are omitted rather than sent empty, as the spec requires.
+
+Templates are written by pharmacists, not programmers, and reloaded into running workers: the sandbox
+bounds what one can do (:class:`CardEnvironment`). It is immutable (a template cannot change the rule
+data it is shown), and every render is limited in time (``RENDER_MAX_SECONDS``), work (loop iterations
+plus calls, ``RENDER_MAX_STEPS``) and output (``RENDER_MAX_CHARS``); no operator, filter or method can
+build a value larger than ``VALUE_MAX_CHARS``. A render over a limit raises :class:`RenderLimitExceeded`:
+at load (``validate``, ``test``, reload) every template is rendered once with example data and such a
+template is refused; at request time the card is sent with the rule's plain text instead (logged).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import re
+import threading
+import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from jinja2 import ChainableUndefined
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2 import ChainableUndefined, Template, nodes
+from jinja2.filters import FILTERS
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.visitor import NodeTransformer
 
 from .facts import as_list, parse_time
 
@@ -103,10 +117,204 @@ def _names(items) -> str:
 
 TEMPLATE_FILTERS = {"when": _when, "names": _names}
 
+# -- render limits ---------------------------------------------------------------------------------------
+RENDER_MAX_SECONDS = 0.25  # wall clock per template render (the shipped cards: a few ms on a loaded machine)
+RENDER_MAX_STEPS = 20_000  # loop iterations + calls (macros, functions, methods) + operators per render
+RENDER_MAX_CHARS = 64 * 1024  # output of one template
+VALUE_MAX_CHARS = 64 * 1024  # largest string or list an operator, filter or method may build
+RANGE_MAX = 10_000  # items of range()
+INT_MAX_BITS = 4096  # largest integer ** or * may build
 
-def _environment(finalize) -> SandboxedEnvironment:
-    env = SandboxedEnvironment(undefined=ChainableUndefined, autoescape=False, finalize=finalize,
-                               trim_blocks=True, lstrip_blocks=True)
+
+class RenderLimitExceeded(Exception):
+    """A card template went over a render limit (time, work, output or value size)."""
+
+
+class RenderTimeExceeded(RenderLimitExceeded):
+    """Over the wall-clock limit (the only limit a stalled machine, not the template, can cause)."""
+
+
+_state = threading.local()  # .budget: the _Budget of the render running on this thread
+
+
+class _Budget:
+    __slots__ = ("deadline", "steps")
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + RENDER_MAX_SECONDS
+        self.steps = 0
+
+
+def _step() -> None:
+    budget = getattr(_state, "budget", None)
+    if budget is None:
+        raise SecurityError("card templates render only through Template.render (with its limits)")
+    budget.steps += 1
+    if budget.steps > RENDER_MAX_STEPS:
+        raise RenderLimitExceeded(f"more than {RENDER_MAX_STEPS} loop iterations and calls")
+    if time.monotonic() > budget.deadline:
+        raise RenderTimeExceeded(f"took longer than {RENDER_MAX_SECONDS:g} s")
+
+
+def _value_size(value) -> int:
+    return len(value) if isinstance(value, (str, list, tuple)) else 0
+
+
+def _check_size(size: int, what: str) -> None:
+    if size > VALUE_MAX_CHARS:
+        raise RenderLimitExceeded(f"{what} would build a value of {size} items (limit {VALUE_MAX_CHARS})")
+
+
+def _counted(iterable):
+    """Every for loop iterates through this (see _Guard): one step per iteration."""
+    for item in iterable:
+        _step()
+        yield item
+
+
+def _capped(value):
+    """Every ``~`` concatenation passes through this (see _Guard)."""
+    _check_size(_value_size(value), "~")
+    return value
+
+
+def _range(*args):
+    r = range(*args)
+    if len(r) > RANGE_MAX:
+        raise RenderLimitExceeded(f"range() of {len(r)} items (limit {RANGE_MAX})")
+    return r
+
+
+_PERCENT_WIDTH = re.compile(r"%[-#0 +]*(?:\*|\d{4,})|%[-#0 +]*\d*\.(?:\*|\d{4,})")
+
+
+def _join(eval_ctx, value, d="", attribute=None):
+    items = list(value)
+    _check_size(sum(len(str(i)) for i in items) + len(str(d)) * max(len(items) - 1, 0), "join")
+    return FILTERS["join"](eval_ctx, items, d, attribute)
+
+
+def _sum(environment, iterable, attribute=None, start=0):
+    items = list(iterable)
+    if isinstance(start, (str, list, tuple)):
+        _check_size(len(start) + sum(_value_size(i) for i in items), "sum")
+    return FILTERS["sum"](environment, items, attribute, start)
+
+
+def _replace(eval_ctx, s, old, new, count=None):
+    s, old, new = str(s), str(old), str(new)
+    hits = len(s) + 1 if not old else s.count(old)
+    if count is not None and count >= 0:
+        hits = min(hits, count)
+    _check_size(len(s) + hits * len(new), "replace")
+    return FILTERS["replace"](eval_ctx, s, old, new, count)
+
+
+_join.jinja_pass_arg = FILTERS["join"].jinja_pass_arg  # type: ignore[attr-defined]
+_sum.jinja_pass_arg = FILTERS["sum"].jinja_pass_arg  # type: ignore[attr-defined]
+_replace.jinja_pass_arg = FILTERS["replace"].jinja_pass_arg  # type: ignore[attr-defined]
+
+# Jinja's filters whose output is bounded by their input; the amplifying ones (center, indent, format,
+# batch, slice, wordwrap, ...) are not available, and join/sum/replace check the size first.
+_SAFE_FILTERS = ("abs", "attr", "capitalize", "count", "d", "default", "dictsort", "first", "float", "groupby",
+                 "int", "items", "last", "length", "list", "lower", "map", "max", "min", "reject", "rejectattr",
+                 "reverse", "round", "select", "selectattr", "sort", "string", "striptags", "title", "trim",
+                 "truncate", "unique", "upper", "wordcount")
+# str methods a template may call (others, e.g. center, ljust, zfill, expandtabs, format, join, can build
+# values of any size)
+_SAFE_STR_METHODS = frozenset((
+    "capitalize", "casefold", "count", "endswith", "find", "index", "isalnum", "isalpha", "isdigit",
+    "islower", "isnumeric", "isspace", "istitle", "isupper", "lower", "lstrip", "partition", "removeprefix",
+    "removesuffix", "rfind", "rindex", "rpartition", "rsplit", "rstrip", "split", "splitlines", "startswith",
+    "strip", "swapcase", "title", "upper"))
+
+
+def _filter(node, name: str):
+    return nodes.Filter(node, name, [], [], None, None, lineno=node.lineno)
+
+
+class _Guard(NodeTransformer):
+    """At compile time: every for loop's iterable goes through _counted, every ``~`` through _capped."""
+
+    def visit_For(self, node):
+        node = self.generic_visit(node)
+        node.iter = _filter(node.iter, "cds_counted")
+        return node
+
+    def visit_Concat(self, node):
+        return _filter(self.generic_visit(node), "cds_capped")
+
+
+class LimitedTemplate(Template):
+    def render(self, *args, **kwargs) -> str:
+        """Render with the limits: output streamed and counted, the clock checked on every chunk."""
+        ctx = self.new_context(dict(*args, **kwargs))
+        previous = getattr(_state, "budget", None)
+        budget = _state.budget = _Budget()
+        try:
+            out, size = [], 0
+            for chunk in self.root_render_func(ctx):
+                size += len(chunk)
+                if size > RENDER_MAX_CHARS:
+                    raise RenderLimitExceeded(f"output longer than {RENDER_MAX_CHARS} characters")
+                if time.monotonic() > budget.deadline:
+                    raise RenderTimeExceeded(f"took longer than {RENDER_MAX_SECONDS:g} s")
+                out.append(chunk)
+            return self.environment.concat(out)  # type: ignore[attr-defined]
+        except Exception:
+            self.environment.handle_exception()
+        finally:
+            _state.budget = previous
+
+
+class CardEnvironment(ImmutableSandboxedEnvironment):
+    """Immutable sandbox with the render limits (module docstring)."""
+
+    template_class = LimitedTemplate
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.globals = {"range": _range, "dict": dict, "namespace": self.globals["namespace"],
+                        "cycler": self.globals["cycler"], "joiner": self.globals["joiner"]}  # no lipsum
+        self.filters = {name: FILTERS[name] for name in _SAFE_FILTERS}
+        self.filters.update({"join": _join, "sum": _sum, "replace": _replace,
+                             "cds_counted": _counted, "cds_capped": _capped})
+
+    def _parse(self, source, name, filename):
+        return _Guard().visit(super()._parse(source, name, filename))
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805,B902 (Jinja's signature)
+        _step()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def call_binop(self, context, operator, left, right):
+        _step()
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and \
+                right * math.log2(abs(left)) > INT_MAX_BITS:
+            raise RenderLimitExceeded(f"** would build an integer over {INT_MAX_BITS} bits")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    _check_size(len(seq) * n, "*")
+            if isinstance(left, int) and isinstance(right, int) and \
+                    left.bit_length() + right.bit_length() > INT_MAX_BITS:
+                raise RenderLimitExceeded(f"* would build an integer over {INT_MAX_BITS} bits")
+        if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+            _check_size(len(left) + len(right), "+")
+        if operator == "%" and isinstance(left, str) and _PERCENT_WIDTH.search(left):
+            raise SecurityError("% format widths and precisions over 999 are not allowed in card templates")
+        return super().call_binop(context, operator, left, right)
+
+    def is_safe_attribute(self, obj, attr, value) -> bool:
+        if isinstance(obj, str) and attr not in _SAFE_STR_METHODS:
+            return False
+        return super().is_safe_attribute(obj, attr, value)
+
+
+def _environment(finalize) -> CardEnvironment:
+    env = CardEnvironment(undefined=ChainableUndefined, autoescape=False, finalize=finalize,
+                          trim_blocks=True, lstrip_blocks=True)
     env.filters.update(TEMPLATE_FILTERS)
     return env
 
@@ -134,6 +342,64 @@ def template_context(finding, now: datetime) -> dict:
     }
 
 
+_recording = threading.local()  # .failures: list of (card name, reason) while template_failures() is active
+
+
+@contextlib.contextmanager
+def template_failures():
+    """Collect, on this thread, the (card name, reason) of renders sent with the rule's plain text instead
+    (``cli test`` reports them as errors)."""
+    previous = getattr(_recording, "failures", None)
+    _recording.failures = found = []
+    try:
+        yield found
+    finally:
+        _recording.failures = previous
+
+
+_EXAMPLE_NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def _example_source(value) -> dict:
+    """A rule's source as templates see it (a dict: the rule file may name it by id from sources.yaml)."""
+    return dict(value) if isinstance(value, dict) else {"id": value, "label": "Example source",
+                                                         "url": "https://example.org/source"}
+
+
+def load_time_problems(template, rule_doc: dict) -> list[str]:
+    """Render ``template`` once with example data made from the rule (every check found, with three items):
+    what went over a render limit or did what the sandbox forbids. Other errors depend on real data and are
+    left to request time (where they fall back to the rule's plain text)."""
+    example = {"display": "Example medication 10 mg", "ingredients": "example", "how": "given",
+               "time": "2026-01-01T00:00:00Z", "until": "2026-01-02T00:00:00Z", "status": "active",
+               "active": True, "route": "oral", "ref": "MedicationRequest/example", "kind": "medication",
+               "code": "0", "system": "http://example.org", "class": "example", "source": "MedicationRequest"}
+    found = [dict(example, ref=f"MedicationRequest/example-{i}") for i in range(3)]
+    checks = {name: {"check": name, "label": (spec or {}).get("label") or name, "indicator": None, "found": found}
+              for name, spec in (rule_doc.get("checks") or {}).items()}
+    context = {
+        "rule": {"id": rule_doc.get("id"), "title": rule_doc.get("title"), "source": _example_source(rule_doc.get("source"))},
+        "indicator": rule_doc.get("indicator", "warning"),
+        "draft": {"display": "Example medication 10 mg", "route": "oral", "matched_by": "code", "names": ["example"]},
+        "evidence": list(checks.values()), "cautions": [], "checks": checks,
+        "now": _EXAMPLE_NOW, "ago": lambda value: _ago(value, _EXAMPLE_NOW),
+        "from_now": lambda value: _in(value, _EXAMPLE_NOW), "possible": False,
+    }
+    for attempt in (1, 2):  # over the time limit twice: not a pause of a loaded machine
+        try:
+            template.render(context)
+        except RenderTimeExceeded as exc:
+            if attempt == 2:
+                return [f"{exc} (rendered with example data)"]
+        except (RenderLimitExceeded, SecurityError) as exc:
+            return [f"{exc} (rendered with example data)"]
+        except Exception:  # noqa: BLE001 - see the docstring
+            return []
+        else:
+            return []
+    return []
+
+
 def _evidence_dict(e) -> dict:
     return {"check": e.check, "label": e.label, "indicator": e.indicator, "found": e.items}
 
@@ -145,8 +411,17 @@ def render_card(finding, *, now: datetime, patient_id: str | None, encounter_id:
     try:
         summary_text = plain_text(rule.card.summary.render(ctx))
         detail = rule.card.detail.render(ctx).strip()
-    except Exception:  # a template error must not hide the warning: fall back to the rule's own words
-        log.exception("card template %s failed; sending the fallback text", rule.card.name)
+    except Exception as exc:  # a template error must not hide the warning: fall back to the rule's own words
+        if isinstance(exc, (RenderLimitExceeded, SecurityError)):
+            log.warning("card template %s refused at render (%s); sending the rule's plain text",
+                        rule.card.name, exc)
+        else:
+            log.exception("card template %s failed; sending the fallback text", rule.card.name)
+        from . import metrics  # here, not at the top: the gunicorn master imports this module, not metrics
+
+        metrics.template_fallback(rule.id)
+        if getattr(_recording, "failures", None) is not None:
+            _recording.failures.append((rule.card.name, f"{type(exc).__name__}: {exc}"))
         summary_text = plain_text(f"{rule.title}: {finding.draft.display}")
         detail = "Reasons: " + markdown_escape("; ".join(e.label for e in finding.evidence)) + "."
     if getattr(finding, "possible", False) and "possible" not in summary_text.lower():

@@ -192,8 +192,13 @@ def cmd_test(args) -> int:
         return EXIT_FAILED
     rulebook, settings = loaded
     _known_rule_ids(args.rule, rulebook)
-    results, problems = run_scenarios(rulebook, settings, args.rule or None,
-                                      progress=lambda it, n: _progress(it, desc="scenarios", unit="rule", total=n))
+    from .cards import template_failures
+
+    with template_failures() as failures:  # a card sent with its rule's plain text is a failed test
+        results, problems = run_scenarios(rulebook, settings, args.rule or None,
+                                          progress=lambda it, n: _progress(it, desc="scenarios", unit="rule", total=n))
+    problems += [f"card {name}.yaml: {why} (scenario data); the card was sent with the rule's plain text"
+                 for name, why in dict.fromkeys(failures)]
     if not results and not problems:
         raise CommandError(f"{rulebook.rules_dir}: no rules with scenarios to run")
     failed = sum(not r.passed for r in results)

@@ -45,6 +45,7 @@ class Settings:
     cards_dir: Path = REPO_ROOT / "cards"
     rules_local_dir: Path | None = None
     rules_poll_seconds: float = 2.0  # how often a running service checks the rule files for changes; 0: SIGHUP only
+    rules_load_timeout: float = 30.0  # the gunicorn master gives up a rule load after this long (0: no limit)
     database_url: str = ""
     jwt_issuers_file: Path | None = None
     public_url: str | None = None
@@ -83,6 +84,7 @@ class Settings:
             cards_dir=Path(env.get("CDS_CARDS_DIR") or rules_dir.parent / "cards"),
             rules_local_dir=Path(env["CDS_RULES_LOCAL_DIR"]) if env.get("CDS_RULES_LOCAL_DIR") else None,
             rules_poll_seconds=_float("CDS_RULES_POLL_SECONDS", 2.0),
+            rules_load_timeout=_float("CDS_RULES_LOAD_TIMEOUT", 30.0),
             database_url=env.get("DATABASE_URL") or f"sqlite:///{instance_dir / 'cds-hooks.sqlite3'}",
             jwt_issuers_file=Path(env["CDS_JWT_ISSUERS"]) if env.get("CDS_JWT_ISSUERS") else None,
             public_url=(env.get("CDS_PUBLIC_URL") or None),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from .patient_data import DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, Pa
 from .rulebook import Rule, Rulebook
 from .services import CdsService
 
+log = logging.getLogger(__name__)
 SUPPRESSION_WINDOW = timedelta(hours=24)  # an override at order-select holds for the same draft this long
 INDICATOR_ORDER = {"critical": 0, "warning": 1, "info": 2}
 LATE = "could not be checked within the time allowed for one request (CDS_EVAL_DEADLINE)"
@@ -70,12 +72,13 @@ class HookResult:
         return [f for f in self.findings if f.outcome in outcomes]
 
 
-def suppression_key(secret: bytes, body: dict, finding: Finding) -> str:
-    """One-way key for (FHIR server, patient, draft order, its drug, rule): no patient data is stored."""
+def suppression_key(secret: bytes, body: dict, finding: Finding, client_id: str = OPEN_CLIENT.id) -> str:
+    """One-way key for (client, FHIR server, patient, draft order, its drug, rule): no patient data is stored.
+    The client is part of it: one client's override never suppresses another client's card."""
     context = body.get("context") or {}
     drug = ",".join(sorted(c[1] for c in finding.draft.concepts))
-    message = "|".join([str(body.get("fhirServer", "")), str(context.get("patientId", "")), finding.draft.ref, drug,
-                        finding.rule.id])
+    message = "|".join([client_id, str(body.get("fhirServer", "")), str(context.get("patientId", "")),
+                        finding.draft.ref, drug, finding.rule.id])
     return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
 
 
@@ -89,7 +92,7 @@ def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store, 
                       session=session, client=client)
     if decision is None:
         return HookResult({"cards": []})
-    issued = record(decision, body, store=store, secret=settings.suppression_secret, service=service)
+    issued = record(decision, body, store=store, secret=settings.suppression_secret, service=service, client=client)
     cards, not_completed = render(decision, issued, rulebook=rulebook, limits=limits)
     return HookResult({"cards": cards}, decision.findings, decision.data, not_completed)
 
@@ -154,11 +157,12 @@ def _gather(live, body: dict, rulebook: Rulebook, settings, session, client: Cli
 
 
 # -- record ---------------------------------------------------------------------------------------------
-def record(decision: Decision, body: dict, *, store, secret: bytes, service: CdsService) -> dict[int, str]:
+def record(decision: Decision, body: dict, *, store, secret: bytes, service: CdsService,
+           client: Client = OPEN_CLIENT) -> dict[int, str]:
     """Record the cards to issue and give every finding its outcome. Returns card ids by id(finding)."""
     mirrors = mirrored_findings(decision.findings)
     to_issue = [f for f in decision.findings if f.evidence and f.suppressed_by is None and id(f) not in mirrors]
-    keys = {id(f): suppression_key(secret, body, f) for f in to_issue}
+    keys = {id(f): suppression_key(secret, body, f, client.id) for f in to_issue}
     card_ids = {id(f): str(uuid.uuid4()) for f in to_issue}
     overridden: set[str] = set()
     if store is not None and to_issue:
@@ -166,10 +170,10 @@ def record(decision: Decision, body: dict, *, store, secret: bytes, service: Cds
 
         ctx = decision.ctx
         issued = [IssuedCard(card_ids[id(f)], f.rule.id, service.id, str(body.get("hookInstance")), f.indicator,
-                             f.rule.mode, keys[id(f)], ctx.now) for f in to_issue]
+                             f.rule.mode, keys[id(f)], ctx.now, client.id) for f in to_issue]
         # order-sign: a card overridden at order-select for the same draft and rule is not raised again
         since = ctx.now - SUPPRESSION_WINDOW if service.hook == "order-sign" else None
-        overridden = store.issue_cards(issued, skip_overridden_since=since)
+        overridden = _issue(store, issued, since)
     for f in decision.findings:
         f.outcome, f.reason = outcome_of(f, keys.get(id(f)) in overridden)
         if id(f) in mirrors and f.outcome in (FIRED, SHADOW):
@@ -194,6 +198,22 @@ def mirrored_findings(findings: list[Finding]) -> set[int]:
             continue
         named[(f.rule.id, f.draft.ref)] = {i.get("ref") for i in items if i.get("source") == "draft"}
     return out
+
+
+def _issue(store, issued: list, since: datetime | None) -> set[str]:
+    """Record the issued cards; the suppression keys overridden since ``since``. A store failure never
+    loses the cards: they are answered unrecorded (no suppression applied), the failure logged and counted."""
+    try:
+        return store.issue_cards(issued, skip_overridden_since=since)
+    except Exception as exc:  # noqa: BLE001 - whatever the store raised, the warnings go out
+        from . import metrics  # the service's (Flask, prometheus): only a running service has a store
+
+        state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+        log.error("feedback store failed on the hook path (%s%s): %d card(s) answered without being recorded; "
+                  "override suppression not applied", type(exc).__name__, f", SQLSTATE {state}" if state else "",
+                  len(issued))  # no message: a driver's message can quote the statement's parameters
+        metrics.store_error("issue_cards")
+        return set()
 
 
 def outcome_of(finding: Finding, overridden: bool) -> tuple[str, str]:

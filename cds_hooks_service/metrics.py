@@ -52,6 +52,10 @@ FHIR_FAILURES = Counter("cds_fhir_failures", "FHIR-server fallback queries that 
                         ["key", "reason_class"])
 FEEDBACK_STORED = Counter("cds_feedback_items", "Feedback items recorded (the answer's \"stored\"; an item sent again "
                           "is counted again, kept once in the database)", ["service"])
+STORE_ERRORS = Counter("cds_store_errors", "Feedback-store failures by operation (issue_cards: a hook call's cards were "
+                       "answered but not recorded)", ["operation"])
+TEMPLATE_FALLBACKS = Counter("cds_card_template_fallbacks", "Card renders that failed or went over a render limit "
+                             "and were sent with the rule's plain text instead", ["rule"])
 
 _hook_duration = {sid: HOOK_DURATION.labels(sid) for sid in [*SERVICES, "unknown"]}  # resolved once; shown from 0
 
@@ -82,6 +86,14 @@ def hook_result(result) -> None:
 def feedback_stored(service_id: str, stored: int) -> None:
     if stored:
         FEEDBACK_STORED.labels(service_label(service_id)).inc(stored)
+
+
+def store_error(operation: str) -> None:
+    STORE_ERRORS.labels(operation).inc()
+
+
+def template_fallback(rule_id: str) -> None:
+    TEMPLATE_FALLBACKS.labels(rule_id).inc()
 
 
 def _reason_class(error) -> str:

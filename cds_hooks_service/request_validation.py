@@ -40,6 +40,8 @@ def validate_request(body: object, service, validators, limits: Limits = Limits(
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     first_error(validators["request"], body)
+    if "\x00" in body["hookInstance"]:  # stored; PostgreSQL text cannot hold NUL
+        raise BadRequest("hookInstance must not contain NUL characters", field="hookInstance")
     if body["hook"] != service.hook:
         raise BadRequest(f"service {service.id!r} answers the {service.hook!r} hook, not {body['hook']!r}", field="hook")
     if not isinstance(body.get("context"), dict):

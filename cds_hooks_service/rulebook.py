@@ -27,7 +27,8 @@ import jsonschema
 import yaml
 from jinja2 import TemplateSyntaxError, nodes
 
-from .cards import DETAIL_ENV, SUMMARY_ENV
+from . import rulefiles
+from .cards import DETAIL_ENV, SUMMARY_ENV, load_time_problems
 from .facts import MEDICATION_TYPES
 from .sources import SOURCES_FILE, URL_IN_TEXT, Sources, load_sources
 
@@ -220,8 +221,7 @@ class Rulebook:
 
 def load_yaml_file(path: Path) -> tuple[object, str]:
     """The one place rule files are read: (parsed document, text). Raises yaml.YAMLError, OSError."""
-    text = path.read_text(encoding="utf-8")
-    return yaml.load(text, Loader=_SAFE_LOADER), text  # noqa: S506 - a safe loader (libyaml's when built)
+    return rulefiles.load_yaml_file(path)  # regular files only, size cap, no anchors/aliases (libyaml when built)
 
 
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -499,8 +499,8 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
         raise RulebookError([RuleProblem(str(rules_dir / "valuesets"), "valuesets", str(exc))]) from exc
     schema_path = rules_dir / "rule.schema.json"
     try:
-        schema = json.loads(schema_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        schema = json.loads(rulefiles.read_rule_text(schema_path))  # a regular file of bounded size
+    except (OSError, ValueError, rulefiles.RuleFileError) as exc:
         raise RulebookError([RuleProblem(str(schema_path), "(file)", f"the rule schema cannot be read: {exc}")]) from exc
     validator = jsonschema.Draft202012Validator(schema)
     sub = lambda name: jsonschema.Draft202012Validator({"$ref": f"#/$defs/{name}", "$defs": schema["$defs"]})  # noqa: E731
@@ -972,6 +972,10 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
                 rule_policies[name] = p
                 if name in shared.policies:
                     used.policies.add(name)
+    for key in ("summary", "detail") if card is not None else ():  # render limits, sandbox: tried with example data
+        for message in load_time_problems(getattr(card, key), doc):
+            problems.add(card.source.located if card.source is not None else str(cards_dir / f"{card_name}.yaml"),
+                         (key,), message)
     if len(problems) > before or card is None:
         return None
     referenced = in_card | {n for t in triggers for n in t.when} | set(exceptions) | set(cautions) \

@@ -31,6 +31,7 @@ from .auth import JwtVerifier, check_public_url
 from .config import Settings
 from .request_validation import load_validators
 from .rulebook import Rulebook, RulebookError, load_rulebook
+from .rulefiles import call_with_deadline
 from .store import FeedbackStore
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,10 @@ def remember_last_good_rules(settings: Settings, *, force: bool = False) -> bool
     current = _last_good if _last_good is not None and _last_good[0] == dirs else None
     if current is not None and current[1] == signature and not force:
         return True
-    try:
-        rulebook = load_rulebook(settings.rules_dir, settings.cards_dir, settings.rules_local_dir)
-    except Exception as exc:  # noqa: BLE001 - any failure: keep what we have
+    try:  # with a deadline (CDS_RULES_LOAD_TIMEOUT): the master must go on forking workers whatever the files hold
+        rulebook = call_with_deadline(settings.rules_load_timeout, load_rulebook, settings.rules_dir,
+                                      settings.cards_dir, settings.rules_local_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure (LoadTimeout included): keep what we have
         log.error("rule files refused (pid %d); %s:\n%s", os.getpid(),
                   "the last good rules stay for new workers" if current else "there are no earlier rules", exc)
         if current is not None:  # remember these files were seen: do not load them again before each fork

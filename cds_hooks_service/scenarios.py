@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import yaml
+from .rulefiles import load_yaml_text, read_rule_text
 
 from .facts import parse_time
 from .terminology import ICD10CM, LOINC, RXNORM, SNOMED
@@ -119,7 +119,7 @@ def prefetch_for(resources: list[dict]) -> dict:
 
 
 def load_scenarios(path: Path, rule_id: str) -> list[Scenario]:
-    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    doc = load_yaml_text(read_rule_text(path)) or {}
     if not isinstance(doc, dict) or not isinstance(doc.get("scenarios"), list):
         raise ScenarioError(f"{path}: needs a list under `scenarios`")
     default_now = parse_time(str(doc.get("now", DEFAULT_NOW)))

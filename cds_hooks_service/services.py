@@ -15,6 +15,7 @@ from urllib.parse import quote
 import yaml
 
 from .facts import IGNORED_MEDICATION_STATUSES
+from .rulefiles import load_yaml_text, read_rule_text
 from .terminology import Concept, concept
 
 # --- Prefetch templates and FHIR-fallback queries, generated from the loaded rules ---------------------
@@ -86,7 +87,7 @@ def observation_panels(rules_dir: Path) -> dict[Concept, frozenset[Concept]]:
     if not path.exists():
         return {}
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        doc = load_yaml_text(read_rule_text(path)) or {}  # regular file, size cap, no anchors/aliases
     except yaml.YAMLError as exc:
         raise ValueError(f"not valid YAML ({getattr(exc, 'problem', exc)})") from exc
     if not isinstance(doc, dict):

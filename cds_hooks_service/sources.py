@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .rulefiles import load_yaml_text, read_rule_text
+
 SOURCES_FILE = "sources.yaml"
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 _HOST = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")
@@ -70,7 +72,7 @@ def load_sources(rules_dir: Path) -> tuple[Sources, list[tuple[str, str]]]:
     if not path.exists():
         return empty, [("(file)", f"{SOURCES_FILE} is missing: rules cite their sources by id from it")]
     try:
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        doc = load_yaml_text(read_rule_text(path))  # regular file, size cap, no anchors/aliases (libyaml if built in)
     except yaml.YAMLError as exc:
         return empty, [("(yaml)", f"not valid YAML: {getattr(exc, 'problem', exc)}")]
     if not isinstance(doc, dict) or not isinstance(doc.get("allowedHosts"), list) \

@@ -12,19 +12,23 @@ SQLAlchemy Core on two backends:
 Tables (created if missing):
 
 ``cds_issued_card``
-    card_uuid PK, rule_id, service_id, hook_instance, indicator, mode
-    ("active" | "shadow"), suppression_key (indexed; opaque HMAC hex), issued_at.
+    card_uuid PK, rule_id, service_id, client_id (the JWT ``iss`` of the client the card was sent to, or
+    "open"), hook_instance, indicator, mode ("active" | "shadow"), suppression_key (indexed; opaque HMAC
+    hex of client, patient, draft order and rule), issued_at.
 ``cds_feedback``
-    id PK, card_uuid (indexed), service_id, rule_id (NULL if the card is
-    unknown), outcome, override_system, override_code, override_display,
-    has_comment, accepted_suggestions (JSON text list of ids),
-    outcome_timestamp, received_at; UNIQUE(card_uuid, outcome, outcome_timestamp).
+    id PK, card_uuid (indexed), service_id, client_id, rule_id, outcome, override_system, override_code,
+    override_display, has_comment, accepted_suggestions (JSON text list of ids),
+    outcome_timestamp, received_at; UNIQUE(card_uuid, outcome, outcome_timestamp). Feedback is stored only
+    for a card issued to the same client (:class:`UnknownCards` otherwise).
 ``cds_override``
     card_uuid PK, suppression_key, issued_at (of the card); index (suppression_key, issued_at). One row per
     card overridden, written with its "overridden" feedback: the hot path's "was this draft's card overridden
     at order-select?" is then an index lookup, however often the same draft order has been seen.
 ``cds_used_jti``
-    jti PK, expires_at.
+    jti PK (the SHA-256 hex of the JWT's jti: fixed width whatever the client sends), expires_at.
+
+Column widths are the request schema's limits (schemas/*.json) or wider, and NUL characters are refused
+before a request reaches the store, so no client input makes PostgreSQL refuse a write.
 
 No patient data and no tokens are stored: the suppression key is an HMAC, and
 the free-text ``userComment`` of an override is reduced to ``has_comment``.
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import threading
@@ -53,10 +58,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.types import TypeDecorator
 
+from .clients import OPEN_CLIENT_ID
+
 UTC = timezone.utc
 _JTI_PURGE_INTERVAL_S = 300
 _JTI_PURGE_GRACE = timedelta(minutes=10)  # keep recently expired ids (clock-skew leeway)
 _IN_CHUNK = 500
+CLIENT_ID_WIDTH = 2048  # a JWT issuer (a URL) from the operator's CDS_JWT_ISSUERS file
+HOOK_INSTANCE_WIDTH = 200  # = schemas/cds-request.json hookInstance maxLength
+CARD_UUID_WIDTH = 64  # = schemas/feedback.json card maxLength (this service's card ids are 36-character UUIDs)
 
 
 def _utc(dt: datetime) -> datetime:
@@ -87,10 +97,11 @@ metadata = MetaData()
 
 issued_card = Table(
     "cds_issued_card", metadata,
-    Column("card_uuid", String(64), primary_key=True),
+    Column("card_uuid", String(CARD_UUID_WIDTH), primary_key=True),
     Column("rule_id", String(200), nullable=False),
     Column("service_id", String(200), nullable=False),
-    Column("hook_instance", String(64), nullable=False),
+    Column("client_id", String(CLIENT_ID_WIDTH), nullable=False, server_default=OPEN_CLIENT_ID),
+    Column("hook_instance", String(HOOK_INSTANCE_WIDTH), nullable=False),
     Column("indicator", String(16), nullable=False),
     Column("mode", String(16), nullable=False),
     Column("suppression_key", String(128), nullable=False, index=True),
@@ -101,9 +112,10 @@ issued_card = Table(
 feedback = Table(
     "cds_feedback", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("card_uuid", String(64), nullable=False, index=True),
+    Column("card_uuid", String(CARD_UUID_WIDTH), nullable=False, index=True),
     Column("service_id", String(200), nullable=False),
-    Column("rule_id", String(200), nullable=True),
+    Column("client_id", String(CLIENT_ID_WIDTH), nullable=False, server_default=OPEN_CLIENT_ID),
+    Column("rule_id", String(200), nullable=True),  # NULL only in rows stored before feedback was checked
     Column("outcome", String(16), nullable=False),
     Column("override_system", String(500)),
     Column("override_code", String(200)),
@@ -118,7 +130,7 @@ feedback = Table(
 
 override = Table(
     "cds_override", metadata,
-    Column("card_uuid", String(64), primary_key=True),
+    Column("card_uuid", String(CARD_UUID_WIDTH), primary_key=True),
     Column("suppression_key", String(128), nullable=False),
     Column("issued_at", UTCDateTime(), nullable=False),
     Index("ix_cds_override_key_issued", "suppression_key", "issued_at"),
@@ -139,8 +151,22 @@ class IssuedCard:
     hook_instance: str
     indicator: str  # info | warning | critical
     mode: str  # "active" (shown) or "shadow" (evaluated, counted, not shown)
-    suppression_key: str  # opaque HMAC hex of (patient, draft order, rule)
+    suppression_key: str  # opaque HMAC hex of (client, FHIR server, patient, draft order, rule)
     issued_at: datetime  # tz-aware UTC
+    client_id: str = OPEN_CLIENT_ID  # the client the card was sent to (JWT iss, or "open")
+
+
+class UnknownCards(ValueError):
+    """Feedback named cards this service did not issue to the calling client (for this service)."""
+
+    def __init__(self, card_uuids: list[str]):
+        self.card_uuids = card_uuids
+        super().__init__(f"{len(card_uuids)} card(s) not issued to this client: nothing stored")
+
+
+def jti_key(jti: str) -> str:
+    """What is stored for a JWT id: its SHA-256 hex (fixed width, no NUL, whatever the client sent)."""
+    return hashlib.sha256(jti.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _parse_ts(value: str) -> datetime:
@@ -174,7 +200,8 @@ class FeedbackStore:
             event.listen(self.engine, "begin", _sqlite_on_begin)
             self._insert = sqlite.insert
         elif self.dialect == "postgresql":
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                                        connect_args={"connect_timeout": 5})
             self._insert = postgresql.insert
         else:
             raise ValueError(f"unsupported database URL scheme: {parsed.drivername}")
@@ -224,13 +251,34 @@ class FeedbackStore:
     @staticmethod
     def _card_row(c: IssuedCard) -> dict:
         return {"card_uuid": c.card_uuid, "rule_id": c.rule_id, "service_id": c.service_id,
-                "hook_instance": c.hook_instance, "indicator": c.indicator, "mode": c.mode,
+                "client_id": c.client_id, "hook_instance": c.hook_instance, "indicator": c.indicator, "mode": c.mode,
                 "suppression_key": c.suppression_key, "issued_at": _utc(c.issued_at)}
 
     def record_cards(self, cards: list[IssuedCard]) -> None:
         self.issue_cards(cards)
 
-    def record_feedback(self, service_id: str, items: list[dict]) -> int:
+    def issued_to(self, client_id: str, service_id: str, card_uuids: Iterable[str]) -> dict[str, str]:
+        """card_uuid -> rule_id of those of ``card_uuids`` this service issued to ``client_id``."""
+        uuids = sorted(set(card_uuids))
+        found: dict[str, str] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(uuids), _IN_CHUNK):
+                q = self._issued_to_q(uuids[i:i + _IN_CHUNK], client_id, service_id)
+                found.update((uuid, rule_id) for uuid, rule_id in conn.execute(q))
+        return found
+
+    @staticmethod
+    def _issued_to_q(uuids: list[str], client_id: str, service_id: str | None, *extra):
+        q = (select(issued_card.c.card_uuid, issued_card.c.rule_id, *extra)
+             .where(issued_card.c.card_uuid.in_(uuids), issued_card.c.client_id == client_id))
+        return q if service_id is None else q.where(issued_card.c.service_id == service_id)
+
+    def record_feedback(self, service_id: str, items: list[dict], client_id: str = OPEN_CLIENT_ID) -> int:
+        """Store feedback items (CDS Hooks 2.0 form) of ``client_id`` in one transaction.
+
+        Every item must name a card issued to ``client_id``; otherwise :class:`UnknownCards` is raised and
+        nothing is stored (the HTTP view also checks, with :meth:`issued_to`, that the card is the service's
+        own). The same item again is kept once."""
         if not items:
             return 0
         now = datetime.now(UTC)
@@ -241,6 +289,7 @@ class FeedbackStore:
             rows.append({
                 "card_uuid": str(item["card"]),
                 "service_id": service_id,
+                "client_id": client_id,
                 "rule_id": None,
                 "outcome": item["outcome"],
                 "override_system": coding.get("system"),
@@ -258,20 +307,23 @@ class FeedbackStore:
         with self._write() as conn:
             cards = {}  # card_uuid -> (rule_id, suppression_key, issued_at)
             for i in range(0, len(uuids), _IN_CHUNK):
-                q = select(issued_card.c.card_uuid, issued_card.c.rule_id, issued_card.c.suppression_key,
-                           issued_card.c.issued_at).where(issued_card.c.card_uuid.in_(uuids[i:i + _IN_CHUNK]))
+                q = self._issued_to_q(uuids[i:i + _IN_CHUNK], client_id, None,
+                                      issued_card.c.suppression_key, issued_card.c.issued_at)
                 cards.update((uuid, rest) for uuid, *rest in conn.execute(q))
+            unknown = [u for u in uuids if u not in cards]
+            if unknown:
+                raise UnknownCards(unknown)
             for r in rows:
-                r["rule_id"] = cards[r["card_uuid"]][0] if r["card_uuid"] in cards else None
+                r["rule_id"] = cards[r["card_uuid"]][0]
             conn.execute(stmt, rows)
             overridden = [{"card_uuid": u, "suppression_key": cards[u][1], "issued_at": cards[u][2]}
-                          for u in sorted({r["card_uuid"] for r in rows if r["outcome"] == "overridden"}) if u in cards]
+                          for u in sorted({r["card_uuid"] for r in rows if r["outcome"] == "overridden"})]
             if overridden:
                 conn.execute(self._insert(override).on_conflict_do_nothing(index_elements=["card_uuid"]), overridden)
         return len(rows)
 
     def use_jti(self, jti: str, expires_at: datetime) -> bool:
-        stmt = self._insert(used_jti).values(jti=jti, expires_at=_utc(expires_at))
+        stmt = self._insert(used_jti).values(jti=jti_key(jti), expires_at=_utc(expires_at))
         stmt = stmt.on_conflict_do_nothing(index_elements=["jti"]).execution_options(
             preserve_rowcount=True)  # rowcount of an INSERT is not kept otherwise
         with self._write() as conn:

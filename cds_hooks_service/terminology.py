@@ -15,6 +15,8 @@ from urllib.parse import quote_plus
 
 import yaml
 
+from .rulefiles import RuleFileError, load_yaml_text, read_rule_text
+
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
@@ -99,8 +101,8 @@ class Terminology:
         titles: dict[str, str] = {}
         for path in sorted(vs_dir.glob("*.json")):
             try:
-                doc = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
+                doc = json.loads(read_rule_text(path))
+            except (OSError, json.JSONDecodeError, RuleFileError) as exc:
                 raise TerminologyError(f"{path}: not readable JSON ({exc})") from exc
             if doc.get("resourceType") != "ValueSet" or not doc.get("id"):
                 raise TerminologyError(f"{path}: not a FHIR ValueSet with an id")
@@ -117,7 +119,7 @@ class Terminology:
         precise: dict[str, str] = {}
         rollup_path = term_dir / "rxnorm-ingredients.json"
         if rollup_path.exists():
-            rollup = json.loads(rollup_path.read_text(encoding="utf-8"))
+            rollup = json.loads(read_rule_text(rollup_path))
             for code, item in (rollup.get("products") or {}).items():
                 products[code] = Product(frozenset((RXNORM, i) for i in item.get("ingredients", [])),
                                          item.get("doseForm"), item.get("display"))
@@ -129,9 +131,8 @@ class Terminology:
         names_path = term_dir / "drug-names.yaml"
         if names_path.exists():
             try:
-                # libyaml's safe loader when built in: same safe subset, ~10x faster than the pure-Python one
-                doc = yaml.load(names_path.read_text(encoding="utf-8"),
-                                Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+                # regular file, size cap, no anchors/aliases; libyaml when built in (rulefiles.load_yaml_text)
+                doc = load_yaml_text(read_rule_text(names_path)) or {}
                 _load_drug_names(doc, valuesets, products, names, ingredient_names, name_refs)
             except (yaml.YAMLError, TypeError, KeyError, AttributeError, ValueError) as exc:
                 raise TerminologyError(f"{names_path}: {exc}") from exc

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -10,9 +11,11 @@ import requests
 from sqlalchemy import func, select
 from werkzeug.serving import make_server
 
-from cds_hooks_service.store import FeedbackStore
+from cds_hooks_service.cards import OVERRIDE_REASON_SYSTEM
+from cds_hooks_service.store import FeedbackStore, IssuedCard
 
 CLIENTS, ITEMS = 20, 50
+RULE, SERVICE = "opioid-in-migraine", "migraine-med-safety-sign"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -22,19 +25,25 @@ def store_url(request, tmp_path):
     return request.getfixturevalue("fresh_postgres_url")
 
 
-def test_concurrent_feedback_is_all_stored(make_app, store_url):
+def test_concurrent_feedback_is_all_stored(make_app, store_url, rulebook):
     app = make_app(database_url=store_url)
+    reasons = [r["code"] for r in rulebook.get(RULE).override_reasons]
+    now = datetime.now(timezone.utc)
+    cards = [[IssuedCard(str(uuid.uuid4()), RULE, SERVICE, "h", "warning", "active", uuid.uuid4().hex, now)
+              for _ in range(ITEMS)] for _ in range(CLIENTS)]  # feedback is taken only for cards issued
+    app.extensions["cds"].store.record_cards([c for batch in cards for c in batch])
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{server.server_port}/cds-services/migraine-med-safety-sign/feedback"
+    url = f"http://127.0.0.1:{server.server_port}/cds-services/{SERVICE}/feedback"
 
     def client(n: int) -> list[int]:
         statuses = []
         with requests.Session() as session:
-            for i in range(ITEMS):
-                item = {"card": str(uuid.uuid4()), "outcome": "overridden",
-                        "overrideReason": {"reason": {"system": "urn:test", "code": f"reason-{i % 3}"}},
+            for i, card in enumerate(cards[n]):
+                item = {"card": card.card_uuid, "outcome": "overridden",
+                        "overrideReason": {"reason": {"system": OVERRIDE_REASON_SYSTEM,
+                                                      "code": reasons[i % len(reasons)]}},
                         "outcomeTimestamp": "2026-03-01T12:00:00Z"}
                 statuses.append(session.post(url, json={"feedback": [item]}, timeout=30).status_code)
         return statuses

@@ -147,13 +147,14 @@ EXAMPLES = sorted((REPO / "fhir_examples").glob("*/*.order-*.json"))
 def test_every_example_request_and_its_cards_conform(api):
     """Real cards (random requests never trigger a rule), then feedback on them."""
     operation = api[HOOK_URL]["POST"]
-    cards = []
+    cards, service_of = [], {}
     for path in EXAMPLES:
         body = json.loads(path.read_text())
         case = operation.Case(path_parameters={"id": SERVICE_FOR_HOOK[body["hook"]].id}, body=body)
         response = case.call_and_validate(checks=CHECKS)
         assert response.status_code == 200, (path, response.text[:300])
         cards += response.json()["cards"]
+        service_of.update((c["uuid"], SERVICE_FOR_HOOK[body["hook"]].id) for c in response.json()["cards"])
     assert {card["indicator"] for card in cards} == {"info", "warning", "critical"}
     assert any("suggestions" in card for card in cards) and any("links" in card for card in cards)
     card = next(c for c in cards if "suggestions" in c)
@@ -163,8 +164,8 @@ def test_every_example_request_and_its_cards_conform(api):
         {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-03-01T12:01:00.5+01:00",
          "overrideReason": {"reason": card["overrideReasons"][0], "userComment": "no"}},
     ]}
-    case = api[HOOK_URL + "/feedback"]["POST"].Case(path_parameters={"id": "migraine-med-safety-sign"},
-                                                    body=feedback)
+    case = api[HOOK_URL + "/feedback"]["POST"].Case(path_parameters={"id": service_of[card["uuid"]]},
+                                                    body=feedback)  # feedback goes to the card's service
     assert case.call_and_validate(checks=CHECKS).json() == {"stored": 2}
 
 

@@ -337,3 +337,48 @@ def test_gunicorn_sighup_reloads_every_worker_without_restarts(rules):
     finally:
         client.stop.set()
         service.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_gunicorn_master_and_workers_survive_a_fifo_and_an_alias_bomb(rules):
+    """Issue 10.8: a FIFO named *.yaml hung the loader (the master, on SIGHUP, stopped managing workers) and a
+    1 KB alias bomb exhausted memory in every worker and the master. Both are refused at once: the workers keep
+    serving, and a worker replaced afterwards starts on the last good rules."""
+    service = GunicornService(rules, dict(CDS_RULES_DIR=str(rules / "rules"), CDS_CARDS_DIR=str(rules / "cards"),
+                                          CDS_FIXED_NOW=SCENARIO_NOW, CDS_RULES_POLL_SECONDS="0"),
+                              workers=2, threads=2, args=("--no-control-socket",), wait_for_workers=True)
+    fifo = rules / "rules" / "zz-fifo.yaml"
+    try:
+        service.start()
+        log = service.log
+        assert wait_for(lambda: log().count("Booting worker") >= 2, timeout=10)
+        workers = service.worker_pids()
+        os.mkfifo(fifo)
+        (rules / "rules" / "bomb.yaml").write_text(
+            "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+                f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(9)))
+        service.proc.send_signal(signal.SIGHUP)
+        # the master refused the files (it logs first), then each worker did
+        assert wait_for(lambda: log().count("rule reload refused") >= 2, timeout=15), service.log_tail()
+        assert "zz-fifo.yaml" in log() and "bomb.yaml" in log()
+        r = requests.post(service.base_url + SIGN, data=json.dumps(BODY), timeout=5,
+                          headers={"Content-Type": "application/json"})
+        assert r.status_code == 200 and r.json()["cards"], r.text
+        # the master still manages its workers: a killed worker is replaced, and starts on the last good rules
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(lambda: len(service.worker_pids() - workers) == 1 and len(service.worker_pids()) == 2,
+                        timeout=15, step=0.05), service.log_tail()
+        assert wait_for(lambda: "refused at start" in log(), timeout=10), service.log_tail()
+        for _ in range(6):
+            r = requests.post(service.base_url + SIGN, data=json.dumps(BODY), timeout=5,
+                              headers={"Content-Type": "application/json", "Connection": "close"})
+            assert r.status_code == 200 and r.json()["cards"], r.text
+        assert service.proc.poll() is None
+    finally:
+        if fifo.exists():  # unblock an old loader stuck on it, so the service can stop
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        service.stop()

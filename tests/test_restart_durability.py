@@ -97,16 +97,18 @@ class FeedbackClient(threading.Thread):
             time.sleep(0.02)
         return None
 
-    def _item(self, card: str) -> dict:
+    def _item(self, shown: dict) -> dict:
+        """An item the service takes: that card's own override reasons and suggestion ids."""
+        card = shown["uuid"]
         self._seq += 1
         n = self.index * 1_000_000 + self._seq  # unique per item, across clients
         ts = EPOCH + timedelta(microseconds=n)
         if self._seq % 2:
             return {"card": card, "outcome": "overridden", "outcomeTimestamp": ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                    "overrideReason": {"reason": {"system": "urn:test", "code": f"r{self._seq % 3}"},
+                    "overrideReason": {"reason": shown["overrideReasons"][self._seq % 3],
                                        "userComment": "not stored"}}
         return {"card": card, "outcome": "accepted", "outcomeTimestamp": ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                "acceptedSuggestions": [{"id": "replace-prochlorperazine"}]}
+                "acceptedSuggestions": [{"id": shown["suggestions"][0]["uuid"]}]}
 
     def run(self) -> None:
         try:
@@ -125,7 +127,7 @@ class FeedbackClient(threading.Thread):
                     card = cards[0]["uuid"]
                     self.cards.append(card)
                     for batch in (1, 2, 3):
-                        items = [self._item(card) for _ in range(batch)]
+                        items = [self._item(cards[0]) for _ in range(batch)]
                         r = self._post(session, SIGN + "/feedback", {"feedback": items})
                         if r is None:
                             return

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import MetaData, func, select
 
-from cds_hooks_service.store import FeedbackStore, IssuedCard, feedback, override
+from cds_hooks_service.store import FeedbackStore, IssuedCard, UnknownCards, feedback, issued_card, override, used_jti
 
 UTC = timezone.utc
 T0 = datetime(2025, 3, 10, 9, 0, tzinfo=UTC)
@@ -17,11 +17,12 @@ SNOMED = "http://snomed.info/sct"
 LOCAL = "https://example.org/cds/override-reasons"
 
 
-def card(rule="opioid-mme", *, mode="active", key=None, at=T0, uid=None, service="med-safety"):
+def card(rule="opioid-mme", *, mode="active", key=None, at=T0, uid=None, service="med-safety", client="open",
+         hook_instance=None):
     return IssuedCard(
         card_uuid=uid or str(uuid.uuid4()), rule_id=rule, service_id=service,
-        hook_instance=str(uuid.uuid4()), indicator="warning", mode=mode,
-        suppression_key=key or uuid.uuid4().hex, issued_at=at)
+        hook_instance=hook_instance or str(uuid.uuid4()), indicator="warning", mode=mode,
+        suppression_key=key or uuid.uuid4().hex, issued_at=at, client_id=client)
 
 
 def fb(card_uuid, outcome="accepted", *, at=T0, code=None, system=LOCAL, display=None,
@@ -70,29 +71,70 @@ def test_ping_and_reopen_existing_schema(store, store_url):
     again.close()
 
 
-def test_record_cards_and_feedback_known_and_unknown(store):
-    c = card("dhe-triptan-24h")
-    store.record_cards([c])
+def test_record_cards_and_feedback(store):
+    c, c2 = card("dhe-triptan-24h"), card("dhe-triptan-24h")
+    store.record_cards([c, c2])
     store.record_cards([])  # no-op
     store.record_cards([c])  # re-recording the same card is harmless
-    unknown = str(uuid.uuid4())
     n = store.record_feedback("med-safety", [
         fb(c.card_uuid, "accepted", suggestions=["s-1", "s-2"]),
-        fb(unknown, "overridden", code="benefit-outweighs-risk", display="Benefit outweighs risk"),
+        fb(c2.card_uuid, "overridden", code="benefit-outweighs-risk", display="Benefit outweighs risk"),
     ])
     assert n == 2
     rows = feedback_rows(store)
     assert len(rows) == 2
-    known, unk = rows
+    known, over = rows
     assert known["card_uuid"] == c.card_uuid and known["rule_id"] == "dhe-triptan-24h"
-    assert known["outcome"] == "accepted" and known["service_id"] == "med-safety"
+    assert known["outcome"] == "accepted" and known["service_id"] == "med-safety" and known["client_id"] == "open"
     assert known["accepted_suggestions"] == '["s-1", "s-2"]'
     assert known["outcome_timestamp"] == T0 and known["outcome_timestamp"].tzinfo is not None
     assert known["received_at"].tzinfo is not None
-    assert unk["rule_id"] is None and unk["outcome"] == "overridden"
-    assert (unk["override_system"], unk["override_code"], unk["override_display"]) == (
+    assert over["rule_id"] == "dhe-triptan-24h" and over["outcome"] == "overridden"
+    assert (over["override_system"], over["override_code"], over["override_display"]) == (
         LOCAL, "benefit-outweighs-risk", "Benefit outweighs risk")
     assert store.record_feedback("med-safety", []) == 0
+
+
+def test_feedback_only_for_cards_issued_to_that_client(store):
+    """Issue 10.2: feedback on a card never issued, or issued to another client, is refused whole: nothing of
+    the batch is stored, and the override index is untouched. (The HTTP view also requires the card to be the
+    service's own, through issued_to.)"""
+    mine, theirs, other_service = card(client="iss-a"), card(client="iss-b"), card(client="iss-a", service="other")
+    store.record_cards([mine, theirs, other_service])
+    assert store.issued_to("iss-a", "med-safety", [other_service.card_uuid]) == {}
+    for bad in (str(uuid.uuid4()), theirs.card_uuid):
+        with pytest.raises(UnknownCards) as caught:
+            store.record_feedback("med-safety", [fb(mine.card_uuid, "overridden", code="x"),
+                                                 fb(bad, "overridden", code="x")], client_id="iss-a")
+        assert caught.value.card_uuids == [bad]
+    assert count_feedback(store) == 0
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(override)).scalar_one() == 0
+    assert store.record_feedback("med-safety", [fb(mine.card_uuid, "overridden", code="x")], client_id="iss-a") == 1
+    assert store.issued_to("iss-a", "med-safety", [mine.card_uuid, theirs.card_uuid, "nope"]) == {
+        mine.card_uuid: "opioid-mme"}
+    assert feedback_rows(store)[0]["client_id"] == "iss-a"
+
+
+def test_client_and_long_hook_instance_are_stored_in_full(store):
+    """Issue 10.9: columns as wide as the request schema allows (hookInstance maxLength 200; PostgreSQL
+    refused the old varchar(64) with an error, and the hook call answered 500)."""
+    issuer = "https://ehr.example.org/" + "i" * 1000
+    c = card(client=issuer, hook_instance="h" * 200)
+    store.record_cards([c])
+    with store.engine.connect() as conn:
+        row = conn.execute(select(issued_card).where(issued_card.c.card_uuid == c.card_uuid)).one()
+    assert row.hook_instance == "h" * 200 and row.client_id == issuer
+
+
+def test_any_jti_is_stored_at_a_fixed_width(store):
+    """Issue 10.9: a jti longer than the column (or holding NUL) is a replay check like any other, not a 500."""
+    exp = datetime.now(UTC) + timedelta(minutes=5)
+    for jti in ("j" * 5000, "nul\x00in-jti"):
+        assert store.use_jti(jti, exp) is True
+        assert store.use_jti(jti, exp) is False
+    with store.engine.connect() as conn:
+        assert {len(j) for j in conn.execute(select(used_jti.c.jti)).scalars()} == {64}
 
 
 def test_feedback_is_idempotent(store):
@@ -112,11 +154,11 @@ def test_feedback_is_idempotent(store):
 
 def test_user_comment_never_stored(store, store_url, tmp_path):
     secret = "Pt Jane Q. Doe MRN 4471-22 says ketamine helped"
-    c = card()
-    store.record_cards([c])
+    c, c2 = card(), card()
+    store.record_cards([c, c2])
     store.record_feedback("med-safety", [
         fb(c.card_uuid, "overridden", code="patient-preference", comment=secret),
-        fb(str(uuid.uuid4()), "overridden", comment="  "),  # blank comment, no reason
+        fb(c2.card_uuid, "overridden", comment="  "),  # blank comment, no reason
     ])
     rows = feedback_rows(store)
     assert [r["has_comment"] for r in rows] == [True, False]
@@ -221,7 +263,6 @@ def test_stats_on_known_dataset(store):
         fb(a[3].card_uuid, "overridden", code="r2", system=SNOMED, display="Two"),
         fb(a[4].card_uuid, "overridden"),  # no reason given
         fb(old.card_uuid, "overridden", code="r3"),
-        fb(str(uuid.uuid4()), "overridden", code="r9"),  # unknown card: not in stats
     ])
     stats = store.stats(since=d1 - timedelta(days=1))
     assert [s["rule_id"] for s in stats] == ["A", "B"]
