@@ -250,6 +250,7 @@ def render(decision: Decision, card_ids: dict[int, str], *, rulebook: Rulebook, 
     offered_labels: set[str] = set()
     offered_actions: set[tuple] = set()
     critical = 0
+    lead_summary: dict[str, str] = {}
     merged = [m for m in decision.findings if m.outcome == MERGED]
     for f in shown:
         card = _finding_card(f, card_ids[id(f)], ctx, rulebook, unavailable)
@@ -260,9 +261,11 @@ def render(decision: Decision, card_ids: dict[int, str], *, rulebook: Rulebook, 
             if others:
                 card["detail"] = card.get("detail", "") + "\n\n**Also for this order** (separate card" + \
                     ("s" if len(others) > 1 else "") + "): " + markdown_escape("; ".join(others)) + "."
+        if first is f:
+            lead_summary[f.draft.ref] = card["summary"]
         if _offer_once(card, offered_labels, offered_actions, f.draft) and first is not f:
-            card["detail"] = card.get("detail", "") + "\n\n_The actions for this order are on the card: " + \
-                markdown_escape(first.rule.title) + "._"
+            card["detail"] = card.get("detail", "") + "\n\n_The actions for this order are on the card \u201c" + \
+                markdown_escape(lead_summary.get(f.draft.ref, first.rule.title)) + "\u201d._"
         if card["indicator"] == "critical":
             critical += 1
             if critical > MAX_CRITICAL_CARDS:
