@@ -6,8 +6,10 @@ decide  drafts to facts; which rules trigger (none: no patient data is read); ga
 record  the cards to issue are recorded (client, rule, one-way key: no patient data); the store answers
         which were overridden at order-select for the same draft. Then every finding gets its one
         outcome: fired, excepted (and why), suppressed (overridden), shadow, or not fired
-render  cards for the fired findings, most severe first, within the cards and bytes of one response;
-        what could not be read; one "check not completed" card per rule that could not be completed
+render  cards for the fired findings, most severe first, within the cards and bytes of one response: per
+        drafted order a lead card holding the actions (each suggestion once per response), at most two
+        critical cards, one card per conflict between two drafted orders; what could not be read; one
+        "check not completed" card naming every rule that could not be completed
 
 Nothing here needs Flask or SQLAlchemy: the pharmacists' commands (explain, replay, test) run it as is.
 """
