@@ -23,21 +23,23 @@ def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
     # the pharmacists' commands (which import the clinical core, e.g. hook_call, from this package)
     from flask import Flask, request
     from flask_cors import CORS
-    from werkzeug.exceptions import ClientDisconnected, HTTPException
+    from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestTimeout
 
-    from . import call_log, logs, metrics
+    from . import call_log, logs, metrics, serving
     from .admin import bp as admin_bp
     from .api import bp
     from .openapi import bp as openapi_bp
     from .runtime import Runtime
 
-    settings = settings or Settings.from_env()
+    settings = (settings or Settings.from_env()).check()  # ConfigError: one line naming the fix
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.wsgi_app = serving.BodyDeadline(app.wsgi_app, settings.body_timeout)  # 408 for a body that trickles
     app.json.sort_keys = False
     app.extensions["cds"] = Runtime(settings, **runtime_parts)
     # Browser clients (the CDS Hooks Sandbox) preflight every call; the preflight carries no JWT.
-    CORS(app, resources={r"/cds-services*": {"origins": settings.cors_origins.split(",")}},
+    # CDS_CORS_ORIGINS (default: the public Sandbox's origin); "*" is refused outside open mode (config.py).
+    CORS(app, resources={r"/cds-services*": {"origins": settings.cors_origin_list()}},
          allow_headers=["Authorization", "Content-Type"], methods=["GET", "POST", "OPTIONS"], max_age=600)
     logs.init_app(app)  # first: its before_request starts the request's correlation ids
     metrics.init_app(app)  # GET /metrics
@@ -52,13 +54,14 @@ def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
         # kept-alive connection: gunicorn drains at most 64 KiB of an unread body after the response and
         # otherwise closes the connection it announced as keep-alive. Read the rest here (the stream is
         # bounded by MAX_CONTENT_LENGTH; a body over the limit is answered 413 and its connection closed
-        # by gunicorn.conf.py's pre_request).
+        # by serving.pre_request). The drain ends at the body deadline (serving.BodyDeadline,
+        # CDS_BODY_TIMEOUT): a client that trickles its body gets its answer then, and gunicorn closes.
         if request.content_length and request.content_length <= settings.max_body_bytes:
             stream = request.stream
             try:
                 while stream.read(1 << 16):
                     pass
-            except ClientDisconnected:  # the client is gone: nothing to keep alive
+            except (ClientDisconnected, RequestTimeout):  # gone, or too slow: nothing to keep alive
                 pass
         return response
 
@@ -71,7 +74,7 @@ def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
         messages = {404: "no such endpoint; CDS Services are listed at GET /cds-services",
                     405: f"method {getattr(exc, 'valid_methods', None) and 'not allowed; allowed: ' + ', '.join(exc.valid_methods) or 'not allowed'}",
                     413: f"request body larger than the limit of {settings.max_body_bytes} bytes"}
-        code = {404: "not-found", 405: "not-supported", 413: "too-costly"}.get(exc.code, "invalid")
+        code = {404: "not-found", 405: "not-supported", 408: "timeout", 413: "too-costly"}.get(exc.code, "invalid")
         response = error_response(exc.code or 500, messages.get(exc.code, exc.description or exc.name), code)
         if exc.code == 405 and getattr(exc, "valid_methods", None):
             response.headers["Allow"] = ", ".join(exc.valid_methods)

@@ -25,12 +25,13 @@ import re
 import secrets
 from datetime import date, datetime, timedelta, timezone
 
-from flask import Blueprint, Response, abort, jsonify, make_response, render_template, request
+from flask import Blueprint, Response, abort, current_app, jsonify, make_response, render_template, request
 
 from . import analytics
 from .analytics import Window
 from .cards import suggestion_uuid
 from .errors import BadRequest, NotFound, error_response
+from .ratelimit import FailureLimiter
 from .runtime import runtime
 from .services import SERVICES
 
@@ -73,12 +74,32 @@ def _authorised(token: str) -> bool:
     return hmac.compare_digest(hashlib.sha256(presented).digest(), hashlib.sha256(token.encode("utf-8")).digest())
 
 
+# Failed admin logins per client address: 10 a minute, then 429 until the oldest failure is a minute old.
+ADMIN_FAILURES_PER_MINUTE = 10
+
+
+def _failures() -> FailureLimiter:
+    """This app's limiter (one per app, so per worker process)."""
+    limiter = current_app.extensions.get("cds.admin_failures")
+    if limiter is None:
+        limiter = current_app.extensions["cds.admin_failures"] = FailureLimiter(ADMIN_FAILURES_PER_MINUTE, 60.0)
+    return limiter
+
+
 @bp.before_request
 def _guard():
     token = runtime().settings.admin_token
     if not token:
         abort(404)  # page disabled: answered like any unknown URL
+    client = request.remote_addr or "unknown"
+    wait = _failures().blocked(client)
+    if wait:
+        response = error_response(429, "too many failed admin logins from this address; try again later",
+                                  "throttled")
+        response.headers["Retry-After"] = str(math.ceil(wait))
+        return _no_store(response)
     if not _authorised(token):
+        _failures().failed(client)
         response = error_response(401, "admin credentials required: HTTP Basic (password = admin token) "
                                        "or 'Authorization: Bearer <admin token>'", "login")
         response.headers["WWW-Authenticate"] = f'Basic realm="{REALM}", charset="UTF-8"'

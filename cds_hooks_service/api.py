@@ -168,9 +168,19 @@ def refused(problems: list[tuple]):
     return jsonify({"resourceType": "OperationOutcome", "issue": issues}), 400
 
 
+@bp.get("/livez")
+def livez():
+    """Liveness: the process answers. Checks nothing else (a database blip must not restart the service)."""
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
 @bp.get("/healthz")
-def healthz():
+def readyz():
+    """Readiness: rules loaded and the store reachable; 503 otherwise (take the instance out of rotation)."""
     rt = runtime()
-    ok = rt.store.ping()
-    body = {"status": "ok" if ok else "degraded", "rules": len(rt.rulebook.rules), "store": "ok" if ok else "down"}
+    rules = len(rt.rulebook.rules) if rt.rulebook is not None else 0
+    store_ok = rt.store.ping()
+    ok = store_ok and rules > 0
+    body = {"status": "ok" if ok else "degraded", "rules": rules, "store": "ok" if store_ok else "down"}
     return jsonify(body), (200 if ok else 503)

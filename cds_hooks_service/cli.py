@@ -133,16 +133,27 @@ def _load(args):
 
 
 def cmd_serve(args) -> int:
-    from gunicorn.app.wsgiapp import WSGIApplication
+    from .serving import StartupError, startup_check
 
-    os.environ.setdefault("PORT", str(args.port))
-    os.environ.setdefault("HOST", args.host)
-    sys.argv = ["gunicorn", "--config", str(REPO_ROOT / "gunicorn.conf.py"),
-                "--bind", f"{args.host}:{args.port}", "cds_hooks_service:create_app()"]
+    os.environ["PORT"] = str(args.port)
+    os.environ["HOST"] = args.host
+    if args.reuse_port:
+        os.environ["GUNICORN_REUSE_PORT"] = "1"
+    try:  # the same check runs again in gunicorn's master; here it is one plain line and exit status 2
+        startup_check([(args.host, args.port)], reuse_port=os.environ.get("GUNICORN_REUSE_PORT") == "1")
+    except StartupError as exc:
+        print(f"error: cannot start: {exc}", file=sys.stderr)
+        return 2
+    # gunicorn in a fresh interpreter (this process, replaced): its config patches gevent in before anything
+    # imports urllib3, which this process already has (see serving.patch_for_gevent)
+    argv = [sys.executable, "-m", "gunicorn", "--config", str(REPO_ROOT / "gunicorn.conf.py"),
+            "--bind", f"{args.host}:{args.port}"]
     if args.workers:
-        sys.argv[3:3] = ["--workers", str(args.workers)]
-    WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]").run()
-    return 0
+        argv += ["--workers", str(args.workers)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [*argv, "cds_hooks_service:create_app()"])
+    return 0  # not reached
 
 
 @_guarded
@@ -348,10 +359,20 @@ def cmd_stats(args) -> int:
     print(f"{'rule':36} {'mode':7} {'issued':>7} {'accepted':>9} {'overridden':>11} {'override %':>10}")
     for r in rows:
         rate = f"{100 * r['override_rate']:.0f}%" if r["override_rate"] is not None else "-"
-        print(f"{r['rule_id']:36} {r['mode']:7} {r['issued']:>7} {r['accepted']:>9} {r['overridden']:>11} {rate:>10}")
+        print(f"{_printable(r['rule_id']):36} {_printable(r['mode']):7} {r['issued']:>7} {r['accepted']:>9} "
+              f"{r['overridden']:>11} {rate:>10}")
         for reason in r["top_override_reasons"]:
-            print(f"    {reason['count']:>5} x {reason.get('display') or reason['code']}")
+            print(f"    {reason['count']:>5} x {_printable(reason.get('display') or reason['code'])}")
     return 0
+
+
+def _printable(value: object) -> str:
+    """Stored text (clients send it) made safe for a terminal: control and format characters (ESC, CR,
+    bidi overrides, ...) shown as Python escapes, e.g. \\x1b, instead of acting on the terminal."""
+    import unicodedata
+
+    return "".join(ch if unicodedata.category(ch)[0] not in "CZ" or ch == " " else ascii(ch)[1:-1]
+                   for ch in str(value))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     p.add_argument("--workers", type=int, help="worker processes (default: WEB_CONCURRENCY or 2)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="SO_REUSEPORT: let several servers share the port on purpose (default: refuse a port in use)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("validate", help="validate the rule files")
     _rules_args(p)

@@ -1,6 +1,7 @@
 """Configuration, read once from environment variables (all listed in the README)."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -13,6 +14,12 @@ from .auth import check_public_url
 from .fhir_servers import parse_networks, parse_server_list
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SANDBOX_ORIGIN = "https://sandbox.cds-hooks.org"  # the public CDS Hooks Sandbox (a browser client)
+MIN_TOKEN_LENGTH = 32  # CDS_ADMIN_TOKEN, CDS_METRICS_TOKEN
+
+
+class ConfigError(ValueError):
+    """A setting the service refuses to start with; the message is one line naming the fix."""
 
 
 def _float(name: str, default: float) -> float:
@@ -53,19 +60,64 @@ class Settings:
     time_budget: float = 1.5  # seconds for all FHIR fallback queries of one hook call
     fhir_connect_timeout: float = 0.5
     fhir_read_timeout: float = 1.0
-    cors_origins: str = "*"
+    cors_origins: str = SANDBOX_ORIGIN  # comma-separated; "*" only in open mode
     suppression_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     fixed_now: datetime | None = None  # demos and tests only
     debug_trace: bool = False
     instance_dir: Path = REPO_ROOT / "instance"
     admin_token: str | None = None  # GET /admin (rule performance page); unset = page disabled
-    metrics_token: str | None = None  # GET /metrics needs it as a Bearer token; unset = open
+    metrics_token: str | None = None  # GET /metrics needs it as a Bearer token; unset = loopback clients only
+    # Where the service listens (hosts of the bound addresses; set by serving.py from the server's real bind,
+    # CDS_LISTEN_HOSTS under another WSGI server). Empty = unknown, treated as reachable from the network.
+    listen_hosts: tuple[str, ...] = ()
+    allow_open_mode: bool = False  # CDS_ALLOW_OPEN_MODE=1: open mode (no JWT) also off loopback
+    require_jwt: bool = False  # CDS_REQUIRE_JWT=1 (the Procfile): refuse to start without CDS_JWT_ISSUERS
+    body_timeout: float = 10.0  # seconds from the request's start for its whole body to arrive (then 408)
     limits: Limits = field(default_factory=Limits)  # per-request bounds (CDS_MAX_DRAFTS, ... see limits.py)
     fhir_servers: tuple[str, ...] = ()  # open mode: the FHIR base URLs a request may name (CDS_FHIR_SERVERS)
     fhir_private_networks: tuple = ()  # CIDRs a FHIR server's address may be in (CDS_FHIR_PRIVATE_NETWORKS)
     fhir_ca_bundle: str | None = None  # CA certificates (PEM file) for the FHIR servers; unset: certifi's bundle
     fhir_max_concurrency: int = 16  # FHIR reads running at once per process (CDS_FHIR_MAX_CONCURRENCY)
     jwt_max_lifetime: float = 300.0  # a JWT's exp may be at most this many seconds after its iat
+
+    @property
+    def open_mode(self) -> bool:
+        return self.jwt_issuers_file is None
+
+    @property
+    def loopback_only(self) -> bool:
+        """True when every address the service listens on is a loopback address."""
+        return bool(self.listen_hosts) and all(is_loopback_host(h) for h in self.listen_hosts)
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.replace(",", " ").split() if o.strip()]
+
+    def startup_problem(self) -> str | None:
+        """The first reason this configuration must not serve (one line), or None."""
+        where = ", ".join(self.listen_hosts) or "an address not known to the service (set CDS_LISTEN_HOSTS)"
+        if self.require_jwt and self.open_mode:
+            return ("CDS_JWT_ISSUERS is required here (CDS_REQUIRE_JWT=1, as under the Procfile): "
+                    "set it to the JSON file of trusted issuers")
+        if self.open_mode and not self.loopback_only and not self.allow_open_mode:
+            return (f"open mode (CDS_JWT_ISSUERS unset: calls without a JWT are accepted) is allowed on loopback "
+                    f"only, but the service listens on {where}: set CDS_JWT_ISSUERS, listen on 127.0.0.1, "
+                    f"or set CDS_ALLOW_OPEN_MODE=1")
+        if "*" in self.cors_origin_list() and not self.open_mode:
+            return ("CDS_CORS_ORIGINS='*' is allowed in open mode only: list the browser origins that may call "
+                    f"the service (the CDS Hooks Sandbox is {SANDBOX_ORIGIN})")
+        for name, token in (("CDS_ADMIN_TOKEN", self.admin_token), ("CDS_METRICS_TOKEN", self.metrics_token)):
+            if token is not None and len(token) < MIN_TOKEN_LENGTH:
+                return (f"{name} is {len(token)} characters long; use at least {MIN_TOKEN_LENGTH} "
+                        f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        if self.body_timeout <= 0:
+            return f"CDS_BODY_TIMEOUT must be a positive number of seconds, got {self.body_timeout}"
+        return None
+
+    def check(self) -> "Settings":
+        problem = self.startup_problem()
+        if problem:
+            raise ConfigError(problem)
+        return self
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -92,7 +144,7 @@ class Settings:
             time_budget=_float("CDS_TIME_BUDGET", 1.5),
             fhir_connect_timeout=_float("CDS_FHIR_CONNECT_TIMEOUT", 0.5),
             fhir_read_timeout=_float("CDS_FHIR_READ_TIMEOUT", 1.0),
-            cors_origins=env.get("CDS_CORS_ORIGINS", "*"),
+            cors_origins=env.get("CDS_CORS_ORIGINS") or SANDBOX_ORIGIN,
             suppression_secret=_secret(env.get("CDS_SUPPRESSION_SECRET"), instance_dir),
             fixed_now=fixed_now,
             debug_trace=env.get("CDS_DEBUG_TRACE", "").lower() in ("1", "true", "yes"),
@@ -100,6 +152,10 @@ class Settings:
             admin_token=(env.get("CDS_ADMIN_TOKEN") or None),
             metrics_token=(env.get("CDS_METRICS_TOKEN") or None),
             limits=Limits.from_env(env),
+            listen_hosts=tuple(h for h in env.get("CDS_LISTEN_HOSTS", "").replace(",", " ").split()),
+            allow_open_mode=_flag("CDS_ALLOW_OPEN_MODE"),
+            require_jwt=_flag("CDS_REQUIRE_JWT"),
+            body_timeout=_float("CDS_BODY_TIMEOUT", 10.0),
             fhir_servers=parse_server_list(env.get("CDS_FHIR_SERVERS")),
             fhir_private_networks=parse_networks(env.get("CDS_FHIR_PRIVATE_NETWORKS")),
             fhir_ca_bundle=_readable_file("CDS_FHIR_CA_BUNDLE"),
@@ -111,6 +167,26 @@ class Settings:
         if settings.jwt_issuers_file:  # JWT mode: aud is checked against CDS_PUBLIC_URL, never the Host header
             check_public_url(settings.public_url)
         return settings
+
+
+def _flag(name: str) -> bool:
+    value = (os.environ.get(name) or "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ConfigError(f"{name} must be 1 or 0, got {value!r}")
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost (an address the service listens on; brackets allowed)."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _secret(value: str | None, instance_dir: Path) -> bytes:

@@ -32,7 +32,7 @@ from .errors import PreconditionFailed
 from .facts import MedicationFact, Normaliser
 from .index import RecordIndex, RuleConcepts
 from .limits import Limits
-from .patient_data import DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather
+from .patient_data import DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather, gaps_note
 from .rulebook import Rule, Rulebook
 from .services import CdsService
 
@@ -335,10 +335,9 @@ def _finding_card(f: Finding, card_id: str, ctx: HookContext, rulebook: Rulebook
     if more:
         card["detail"] = card.get("detail", "") + f"\n\n_And {more} more matching record " \
             f"entr{'y' if more == 1 else 'ies'} not listed._"
-    gaps = sorted(k for k in f.rule.needs if k in unavailable)
-    if gaps:
-        card["detail"] = card.get("detail", "") + "\n\n_Not checked, could not be read: " + \
-            markdown_escape(", ".join(DATA_LABELS[k] for k in gaps)) + "._"
+    note = gaps_note(f.rule.needs, unavailable)  # data not read, or only partly read
+    if note:
+        card["detail"] = card.get("detail", "") + "\n\n" + note
     return card
 
 

@@ -11,8 +11,9 @@ has no hookInstance), ``hookInstance`` is the ``requestId``. Lines outside a req
 Caveat: context variables do not follow work handed to a thread pool (fhir_client's fetch threads);
 those threads do not log today.
 
-Format: ``CDS_LOG_FORMAT=json`` (default) or ``text``, applied by gunicorn.conf.py to gunicorn's error log
-handlers (see ``configure_handlers``); JSON fields: time (ISO 8601, UTC), level, logger, message,
+Format: ``CDS_LOG_FORMAT=auto`` (default: ``text`` when the handler writes to a terminal, ``json`` otherwise),
+``json`` or ``text``, applied by serving.py to the server's error log handlers (see ``configure_handlers``);
+text keeps the server's own human-readable format. JSON fields: time (ISO 8601, UTC), level, logger, message,
 hookInstance, requestId, service, pid, plus any ``extra=`` fields of the call. Never log patient data or
 tokens: ids of the request (hookInstance, requestId), codes, counts and the service's own reasons only.
 """
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from flask import Flask, request
 
 REQUEST_ID_HEADER = "X-Request-Id"
-LOG_FORMATS = ("json", "text")
+LOG_FORMATS = ("auto", "json", "text")
 JSON_FIELDS = ["levelname", "name", "message", "hookInstance", "requestId", "service", "process"]
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")  # a caller's id we repeat in logs and headers
 
@@ -101,20 +102,26 @@ def json_formatter() -> logging.Formatter:
                          timestamp="time", defaults={"time": None})
 
 
-def log_format() -> str:
-    value = (os.environ.get("CDS_LOG_FORMAT") or "json").strip().lower()
+def log_format(stream=None) -> str:
+    """``json`` or ``text`` for a handler writing to ``stream``: CDS_LOG_FORMAT, where ``auto`` (the default)
+    means text on a terminal and JSON otherwise (files, pipes, container log collectors)."""
+    value = (os.environ.get("CDS_LOG_FORMAT") or "auto").strip().lower()
     if value not in LOG_FORMATS:
         raise ValueError(f"CDS_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
+    if value == "auto":
+        try:
+            return "text" if stream is not None and stream.isatty() else "json"
+        except (AttributeError, ValueError):  # no isatty, or closed
+            return "json"
     return value
 
 
 def configure_handlers(handlers, fmt: str | None = None) -> None:
     """Correlation fields on every record these handlers emit; in json format, one JSON object per line."""
-    fmt = fmt or log_format()
     for handler in handlers:
         if not any(isinstance(f, CorrelationFilter) for f in handler.filters):
             handler.addFilter(CorrelationFilter())
-        if fmt == "json":
+        if (fmt or log_format(getattr(handler, "stream", None))) == "json":
             handler.setFormatter(json_formatter())
 
 

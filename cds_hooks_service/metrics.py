@@ -10,8 +10,9 @@ workers start; prometheus_client then keeps each worker's values in files there 
 (answered by any worker) adds up all workers, including those that have exited. Elsewhere (tests,
 ``flask run``) ``/metrics`` shows this process's registry.
 
-Access: open, like ``/healthz``, unless ``CDS_METRICS_TOKEN`` is set; then it needs
-``Authorization: Bearer <token>``. It never needs the CDS Hooks JWT.
+Access: with ``CDS_METRICS_TOKEN`` set, ``Authorization: Bearer <token>``. Without it, only a service that
+listens on loopback alone answers, and only to a loopback client whose request came through no proxy
+(no ``Forwarded``/``X-Forwarded-For``): everyone else gets 403 naming the setting. Never the CDS Hooks JWT.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Histogram, 
                                values)
 from prometheus_client.exposition import choose_encoder
 
+from .config import is_loopback_host
 from .errors import error_response
 from .hook_call import SHADOW
 from .services import SERVICES
@@ -123,12 +125,16 @@ def _count_response(response):
 
 @bp.get("/metrics")
 def metrics():
-    token = current_app.extensions["cds"].settings.metrics_token
+    settings = current_app.extensions["cds"].settings
+    token = settings.metrics_token
     if token:
         scheme, _, presented = (request.headers.get("Authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
             return error_response(401, "metrics credentials required: 'Authorization: Bearer <CDS_METRICS_TOKEN>'",
                                   "login")
+    elif not _local_request(settings):
+        return error_response(403, "/metrics is answered to loopback clients only; set CDS_METRICS_TOKEN to "
+                                   "scrape it from elsewhere", "forbidden")
     if MULTIPROCESS_DIR:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=MULTIPROCESS_DIR)
@@ -138,6 +144,13 @@ def metrics():
     response = Response(encoder(registry), content_type=content_type)
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+def _local_request(settings) -> bool:
+    """A loopback client of a service that listens on loopback only, not relayed by a proxy."""
+    if not settings.loopback_only or request.headers.get("Forwarded") or request.headers.get("X-Forwarded-For"):
+        return False
+    return is_loopback_host(request.remote_addr or "")
 
 
 def init_app(app: Flask) -> None:

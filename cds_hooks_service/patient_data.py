@@ -1,19 +1,31 @@
 """Gather the patient data the triggered rules need: prefetch as sent, then the FHIR server.
 
 Per CDS Hooks 2.0, for each prefetch key:
-  * a resource or Bundle      -> used (Bundle: ``search.mode == match`` entries; a next page is fetched)
+  * a resource or Bundle      -> used (Bundle: ``search.mode == match`` entries; a ``next`` link is followed)
   * ``null``                  -> the client has no data: an empty list, not re-queried
   * an OperationOutcome       -> the client failed to prefetch: treated as absent
   * absent                    -> searched on ``fhirServer`` (Bearer token when ``fhirAuthorization`` is given)
 Only the keys that the triggered rules need are resolved, so an order no rule cares about costs no
 FHIR traffic. What cannot be had is returned in ``unavailable`` with a reason safe to show.
+
+Long records. A prefetched searchset with a ``next`` link (CDS Hooks 2.0: "a CDS Client MAY paginate
+prefetch results") is continued from that link on ``fhirServer``, not re-run from the start: the first page
+is kept and not read twice, and the client's own paging (its sort, its snapshot of the search) is followed
+to the end. The link is checked as every next link is (fhir_client._next_url: same scheme, host and port
+as the trusted ``fhirServer``, below its base path); a link elsewhere is refused, nothing is sent there, and
+the answer says only the first page could be read. Every search, whether continued or run here, stops at
+MAX_PAGES pages, MAX_ENTRIES resources, MAX_SEARCH_BYTES bytes or the hook call's time budget; what was
+read before is used (the queries ask for newest first where the type allows it, services.DATA_QUERIES, so
+that is the newest part of the record), and the key is listed in ``unavailable`` as "only partly read", so
+a rule that does not fire says "Check not completed" and a card that fires says what it could not check.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 
-from .fhir_client import FhirClient, FhirError, SearchResult, plain_reason
+from .cards import markdown_escape
+from .fhir_client import Continuation, FhirClient, FhirError, FhirUnavailable, SearchResult, plain_reason
 from .fhir_servers import parse_target, trusted_base
 from .services import render_query
 
@@ -28,6 +40,16 @@ DATA_LABELS = {
 }
 NO_FHIR_SERVER = "not prefetched, and the request names no fhirServer to read it from"
 UNTRUSTED_FHIR_SERVER = "not prefetched, and the FHIR server named in fhirServer is not trusted for this client"
+FIRST_PAGE_ONLY = "only the first page was prefetched and the rest could not be read"
+PARTLY_READ = "only partly read"
+# Per search (each data key): a record longer than this is read in part and said so (tests/test_long_records.py
+# reads 5,000 conditions, 5 pages of 1000; twice that is allowed, and 50 pages leave room for a server that pages
+# at 200). The byte cap bounds one search's pages together (one page is also capped at
+# fhir_client.MAX_BODY_BYTES); 10,000 resources of 1-3 KB are 10-30 MB. Memory per hook call is bounded by
+# (data keys, at most 6) x these caps, and by the process's bounded FHIR pool (fhir_transport) across calls.
+MAX_PAGES = 50
+MAX_ENTRIES = 10_000
+MAX_SEARCH_BYTES = 32 * 1024 * 1024
 log = logging.getLogger(__name__)
 
 
@@ -39,8 +61,23 @@ class PatientData:
     errors: dict[str, Exception] = field(default_factory=dict)  # key -> why the FHIR server could not give it
 
 
-def _from_prefetch(value: dict) -> tuple[list[dict] | None, bool]:
-    """(resources, complete). resources None: the value is unusable (an error)."""
+def is_partly_read(reason: str) -> bool:
+    """An ``unavailable`` reason for data of which a part was read and is used (a long record cut short)."""
+    return reason.startswith((PARTLY_READ, FIRST_PAGE_ONLY))
+
+
+def gaps_note(keys, unavailable: dict[str, str]) -> str | None:
+    """The line a card that fired adds for the data its rule needs that was not read whole, or None."""
+    unread = sorted(k for k in keys if k in unavailable and not is_partly_read(unavailable[k]))
+    partly = sorted(k for k in keys if k in unavailable and is_partly_read(unavailable[k]))
+    parts = [f"{lead}: " + markdown_escape(", ".join(DATA_LABELS[k] for k in group))
+             for lead, group in (("Not checked, could not be read", unread),
+                                 ("Only partly read, the record is longer", partly)) if group]
+    return "_" + "; ".join(parts) + "._" if parts else None
+
+
+def _from_prefetch(value: dict) -> tuple[list[dict] | None, str | None]:
+    """(resources, the Bundle's next link or None). resources None: the value is unusable (an error)."""
     rtype = value.get("resourceType")
     if rtype == "OperationOutcome":
         return None, False
@@ -52,11 +89,26 @@ def _from_prefetch(value: dict) -> tuple[list[dict] | None, bool]:
             mode = (entry.get("search") or {}).get("mode") if isinstance(entry.get("search"), dict) else None
             if mode in (None, "match") and entry["resource"].get("resourceType") != "OperationOutcome":
                 out.append(entry["resource"])
-        has_next = any(isinstance(link, dict) and link.get("relation") == "next" for link in value.get("link") or [])
-        return out, not has_next
+        links = value.get("link") if isinstance(value.get("link"), list) else []
+        nxt = next((ln.get("url") for ln in links if isinstance(ln, dict) and ln.get("relation") == "next"), None)
+        return out, (nxt if isinstance(nxt, str) else "") if nxt is not None else None
     if isinstance(rtype, str):
-        return [value], True
-    return None, False
+        return [value], None
+    return None, None
+
+
+def partly_read(result: SearchResult, prefetched_first_page: bool = False) -> str:
+    """Plain words for a search that stopped before its end (no exception names, status codes or URLs)."""
+    n = len(result.resources)
+    which = "none" if not n else f"the newest {n:,}" if result.sorted_newest_first else f"{n:,}"
+    if result.incomplete == "time budget exhausted":
+        why = "the rest did not arrive in the time allowed"
+    elif (result.incomplete or "").startswith("more than "):  # a page, entry or byte cap
+        why = "the rest is beyond what the service reads in one call"
+    else:  # a later page failed (timed out, server unavailable)
+        why = "the rest could not be read: " + plain_reason(FhirUnavailable(result.key, result.incomplete or ""))
+    first = "the first page was prefetched; " if prefetched_first_page else ""
+    return f"{PARTLY_READ} ({first}{which} read, {why})"
 
 
 def _origin_for_log(url: object) -> str:
@@ -77,7 +129,7 @@ def gather(keys: set[str], body: dict, *, templates: dict[str, str], budget: flo
     data = PatientData()
     prefetch = body.get("prefetch") if isinstance(body.get("prefetch"), dict) else {}
     context = body.get("context") or {}
-    to_fetch: dict[str, str] = {}
+    to_fetch: dict[str, str | Continuation] = {}
     partial: dict[str, list[dict]] = {}
     for key in sorted(keys):
         if key in prefetch:
@@ -85,12 +137,16 @@ def gather(keys: set[str], body: dict, *, templates: dict[str, str], budget: flo
             if value is None:
                 data.resources[key] = []
                 continue
-            resources, complete = _from_prefetch(value)
-            if resources is not None and complete:
+            resources, next_link = _from_prefetch(value) if isinstance(value, dict) else (None, None)
+            if resources is not None and next_link is None:
                 data.resources[key] = resources
                 continue
-            if resources is not None:
-                partial[key] = resources  # a first page: fetch the whole search instead
+            if resources is not None:  # a first page: the rest is read from its next link (below)
+                partial[key] = resources
+                rtype = templates[key].split("?")[0].strip("/")
+                to_fetch[key] = Continuation(rtype, next_link, tuple(resources),
+                                             sorted_newest_first="_sort=-" in templates[key])
+                continue
         query = render_query(templates[key], context)
         if query is None:
             data.unavailable[key] = "the hook context lacks the patient id needed to search for it"
@@ -99,27 +155,43 @@ def gather(keys: set[str], body: dict, *, templates: dict[str, str], budget: flo
     if not to_fetch:
         return data
 
+    def first_page_only(key: str, why: str) -> None:  # a prefetched first page is used, and said to be only that
+        data.resources[key] = partial[key]
+        data.unavailable[key] = f"{FIRST_PAGE_ONLY}: {why}"
+
     server = body.get("fhirServer")
     if not isinstance(server, str) or not server:
         for key in to_fetch:
-            data.unavailable[key] = NO_FHIR_SERVER
+            if key in partial:  # not a 412: the first page is evaluated, the answer says the rest was not read
+                first_page_only(key, "the request names no fhirServer")
+            else:
+                data.unavailable[key] = NO_FHIR_SERVER
         return data
     base = trusted_base(server, allowed_servers)
     if base is None:
         log.warning("fhirServer %s is not on this client's FHIR server allowlist: not contacted (%d prefetch "
                     "key(s) unavailable)", _origin_for_log(server), len(to_fetch))
         for key in to_fetch:
-            data.unavailable[key] = UNTRUSTED_FHIR_SERVER
+            if key in partial:
+                first_page_only(key, "the FHIR server named in fhirServer is not trusted for this client")
+            else:
+                data.unavailable[key] = UNTRUSTED_FHIR_SERVER
         return data
     auth = body.get("fhirAuthorization") if isinstance(body.get("fhirAuthorization"), dict) else {}
     client = FhirClient(base, auth.get("access_token"), session=session, connect_timeout=connect_timeout,
                         read_timeout=read_timeout, private_networks=private_networks, resolver=resolver,
-                        ca_bundle=ca_bundle)
+                        ca_bundle=ca_bundle, max_pages=MAX_PAGES, max_entries=MAX_ENTRIES,
+                        max_bytes=MAX_SEARCH_BYTES)
     results = client.fetch_all(to_fetch, budget=budget)
     for key, result in results.items():
         if isinstance(result, SearchResult):
             data.resources[key] = result.resources
             data.fetched.append(key)
+            if result.incomplete:
+                # technical reason and sizes for operators (no patient data); the client gets words
+                log.warning("FHIR read of prefetch key %s stopped before the end: %s (%d resources, %d pages)",
+                            key, result.incomplete, len(result.resources), result.pages)
+                data.unavailable[key] = partly_read(result, key in partial)
         elif isinstance(result, dict):
             data.resources[key] = [result]
             data.fetched.append(key)
@@ -132,9 +204,7 @@ def gather(keys: set[str], body: dict, *, templates: dict[str, str], budget: flo
             log.warning("FHIR read of prefetch key %s failed: %s (%s)", key, type(result).__name__,
                         result.reason if isinstance(result, FhirError) else "unknown error")
             if key in partial:
-                data.resources[key] = partial[key]
-                data.unavailable[key] = f"only the first page was prefetched and the rest could not be read: " \
-                                        f"{plain_reason(result)}"
+                first_page_only(key, plain_reason(result))
             else:
                 data.unavailable[key] = plain_reason(result)
     return data

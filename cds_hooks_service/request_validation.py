@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jsonschema
 
@@ -48,7 +49,23 @@ def validate_request(body: object, service, validators, limits: Limits = Limits(
         raise BadRequest("context must be an object", field="context")
     check_draft_count(body["context"], limits)  # before the context schema walks every draft
     first_error(validators[service.hook], body["context"], prefix="context")
+    check_fhir_server_url(body.get("fhirServer"))
     return body
+
+
+def check_fhir_server_url(value: object) -> None:
+    """fhirServer, when given, is an http(s) URL with a host that urllib can parse (``http://[::1`` made
+    urlsplit raise ValueError deep in the FHIR client: a 500). Which servers are trusted is fhir_client's."""
+    if value is None:
+        return
+    try:
+        parts = urlsplit(value) if isinstance(value, str) else None
+        valid = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname) and \
+            (parts.port or 0) >= 0
+    except ValueError:  # invalid IPv6 literal, port out of range or not a number
+        valid = False
+    if not valid:
+        raise BadRequest("fhirServer is not a valid http(s) URL", field="fhirServer")
 
 
 def check_draft_count(context: dict, limits: Limits) -> None:

@@ -1080,19 +1080,28 @@ def _template_line(located: Located, key: str, lineno: int) -> int | None:
     return line + lineno - (0 if block else 1)
 
 
+def _uncounted(node: nodes.Node) -> nodes.Node:
+    """The loop's own iterable, without the loop counter the card sandbox wraps around it (cards.py)."""
+    return node.node if isinstance(node, nodes.Filter) and node.name == "cds_counted" else node
+
+
 def template_check_names(ast: nodes.Template, var: str = "checks") -> list[tuple[str, int]]:
     """(name, template line) for every ``checks['name']``, ``checks.get('name')`` and ``checks[v]`` where v
     runs over (or is set to) a literal list of names; ``var="policy"`` finds ``policy['name']`` the same way."""
     literal_lists: dict[str, list[str]] = {}
     for node in ast.find_all((nodes.For, nodes.Assign)):
         target, value = (node.target, node.iter) if isinstance(node, nodes.For) else (node.target, node.node)
+        value = _uncounted(value)
         if isinstance(target, nodes.Name) and isinstance(value, (nodes.List, nodes.Tuple)):
             names = [item.value for item in value.items if isinstance(item, nodes.Const) and isinstance(item.value, str)]
             literal_lists.setdefault(target.name, []).extend(names)
+        elif isinstance(target, nodes.Name) and isinstance(value, nodes.Const) and isinstance(value.value, (list, tuple)):
+            literal_lists.setdefault(target.name, []).extend(v for v in value.value if isinstance(v, str))
     # A name set to a list and then looped over: for name in given (given = ['a', 'b']).
     for node in ast.find_all(nodes.For):
-        if isinstance(node.target, nodes.Name) and isinstance(node.iter, nodes.Name) and node.iter.name in literal_lists:
-            literal_lists.setdefault(node.target.name, []).extend(literal_lists[node.iter.name])
+        iterable = _uncounted(node.iter)
+        if isinstance(node.target, nodes.Name) and isinstance(iterable, nodes.Name) and iterable.name in literal_lists:
+            literal_lists.setdefault(node.target.name, []).extend(literal_lists[iterable.name])
     out = []
     for node in ast.find_all(nodes.Getitem):
         if isinstance(node.node, nodes.Name) and node.node.name == var:

@@ -122,6 +122,9 @@ class Runtime:
         self._poll_interval: float | None = None
         self._watcher: threading.Thread | None = None
         self._watcher_lock = threading.Lock()
+        # How a reload runs the (CPU-bound, ~0.5 s) rule loading: here, or on a native thread so that a gevent
+        # worker keeps serving meanwhile (serving.start_worker sets it).
+        self.run_blocking = lambda fn, *args: fn(*args)
         if rulebook is None:
             try:
                 rulebook = load_rulebook(settings.rules_dir, settings.cards_dir, settings.rules_local_dir)
@@ -155,7 +158,8 @@ class Runtime:
         """Load the rule files again; keep the current rules if the new ones do not validate."""
         with self._reload_lock:
             try:
-                new = load_rulebook(self.settings.rules_dir, self.settings.cards_dir, self.settings.rules_local_dir)
+                new = self.run_blocking(load_rulebook, self.settings.rules_dir, self.settings.cards_dir,
+                                        self.settings.rules_local_dir)
             except RulebookError as exc:
                 log.error("rule reload refused (pid %d), previous rules keep serving:\n%s", os.getpid(), exc)
                 return False, str(exc)

@@ -35,7 +35,8 @@ def make_settings(tmp_path, request):
         base = dict(database_url=f"sqlite:///{tmp_path / 'store.sqlite3'}", instance_dir=tmp_path,
                     suppression_secret=b"test-secret", fixed_now=parse_time(SCENARIO_NOW),
                     public_url="http://localhost",  # the test client's root: the JWT aud of the tests
-                    fhir_servers=fixture_fhir_servers(request))
+                    fhir_servers=fixture_fhir_servers(request),
+                    listen_hosts=("127.0.0.1",))  # a loopback service: open mode allowed
         base.update(overrides)
         return Settings(**base)
 

@@ -124,14 +124,14 @@ def test_token_protects_metrics_and_the_cds_jwt_is_never_needed(make_app):
     scrape(secured)  # open by default, no JWT
 
     client = make_app(jwt_issuers_file=REPO / "tests/fixtures/sandbox/issuers-sandbox.json",
-                      metrics_token="s3cret-metrics-token").test_client()
-    for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0LW1ldHJpY3MtdG9rZW4="},
-                   {"Authorization": "Bearer s3cret-metrics-tokenX"}):
+                      metrics_token="s3cret-metrics-token-of-32-characters").test_client()
+    for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0LW1ldHJpY3MtdG9rZW4tb2YtMzItY2hhcmFjdGVycw=="},
+                   {"Authorization": "Bearer s3cret-metrics-token-of-32-charactersX"}):
         r = client.get("/metrics", headers=header)
         assert r.status_code == 401 and r.get_json()["resourceType"] == "OperationOutcome"
         assert r.headers["WWW-Authenticate"] == "Bearer"
         assert "cds_" not in r.get_data(as_text=True)
-    assert "cds_http_responses_total" in str(scrape(client, Authorization="Bearer s3cret-metrics-token"))
+    assert "cds_http_responses_total" in str(scrape(client, Authorization="Bearer s3cret-metrics-token-of-32-characters"))
 
 
 def test_several_apps_in_one_process_share_the_metrics(make_app):
@@ -145,7 +145,7 @@ def test_several_apps_in_one_process_share_the_metrics(make_app):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_gunicorn_metrics_add_up_all_workers(tmp_path):
     started = time.monotonic()
-    token = "metrics-token-for-the-test"
+    token = "metrics-token-for-the-test-32-characters"
     service = GunicornService(tmp_path, dict(CDS_FIXED_NOW=SCENARIO_NOW, CDS_METRICS_TOKEN=token, CDS_LOG_FORMAT="json",
                                              TMPDIR=str(tmp_path)),
                               workers=2, threads=2, access_log_format="%(p)s %(U)s %(s)s",
@@ -221,4 +221,4 @@ def test_gunicorn_metrics_add_up_all_workers(tmp_path):
         os.close(in_use)
     assert not metrics_dir.exists(), "the master's metrics directory was not removed"
     print(f"gunicorn metrics test: {sent} hook calls, {scrapes} scrapes, {time.monotonic() - started:.1f}s")
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 90  # a guard against hanging; speed is measured in bench/

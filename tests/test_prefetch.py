@@ -46,7 +46,7 @@ def test_templates_stay_within_the_cds_hooks_2_0_prefetch_subset(rulebook):
         assert params["patient"] == "{{context.patientId}}"
         tokens = [t.split("}}")[0] for t in template.split("{{")[1:]]
         assert tokens == ["context.patientId"]
-        assert params.get("_sort") in (None, "-date")
+        assert params.get("_sort") in (None, "-date", "-authoredon", "-effective-time", "-effective")
         assert len(render_query(template, {"patientId": "p" * 64})) <= MAX_QUERY_CHARS
 
 

@@ -269,7 +269,7 @@ def test_gunicorn_sighup_reloads_every_worker_without_restarts(rules):
         break_yaml(rules)
         mark_a = len(client.results)
         proc.send_signal(signal.SIGHUP)
-        assert wait_for(lambda: log().count("rule reload refused") >= 3, timeout=5), log()
+        assert wait_for(lambda: log().count("rule reload refused") >= 3, timeout=20), log()
         time.sleep(0.3)
         assert service.worker_pids() == workers, "workers were restarted"
         after_a = client.since(mark_a)
@@ -285,7 +285,7 @@ def test_gunicorn_sighup_reloads_every_worker_without_restarts(rules):
         def all_new():
             recent = client.since(mark_b)[-30:]
             return len(recent) == 30 and all(s == NEW_SUMMARY for _, _, s in recent)
-        assert wait_for(all_new, timeout=8), client.since(mark_b)[-30:]
+        assert wait_for(all_new, timeout=20), client.since(mark_b)[-30:]
         assert service.worker_pids() == workers, "workers were restarted"
         assert log().count("rules reloaded") >= 3
 
@@ -293,13 +293,13 @@ def test_gunicorn_sighup_reloads_every_worker_without_restarts(rules):
         # with the master's last good rules instead of failing to boot (which would halt gunicorn)
         break_yaml(rules)
         proc.send_signal(signal.SIGHUP)
-        assert wait_for(lambda: log().count("rule reload refused") >= 6, timeout=5), log()
+        assert wait_for(lambda: log().count("rule reload refused") >= 6, timeout=20), log()
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGTERM)  # graceful, like a max_requests restart
         assert wait_for(lambda: len(service.worker_pids() - workers) == 1 and len(service.worker_pids()) == 3,
-                        timeout=10, step=0.05), log()
+                        timeout=20, step=0.05), log()
         [replacement] = service.worker_pids() - workers
-        assert wait_for(lambda: "refused at start" in log(), timeout=10), log()
+        assert wait_for(lambda: "refused at start" in log(), timeout=20), log()
         mark_c = len(client.results)
         assert wait_for(lambda: len(client.results) >= mark_c + 30, timeout=5)
         assert wait_for(lambda: f"<{replacement}> n=" in service.access_log(), timeout=5), \
@@ -333,7 +333,7 @@ def test_gunicorn_sighup_reloads_every_worker_without_restarts(rules):
         assert replacement in served and all(s == NEW_SUMMARY for _, s in served[replacement])
         print(f"gunicorn reload test: {len(results)} answers, all 200, by worker "
               f"{ {p: len(a) for p, a in served.items()} }, {time.monotonic() - started:.1f}s")
-        assert time.monotonic() - started < 30
+        assert time.monotonic() - started < 90  # a guard against hanging; speed is measured in bench/
     finally:
         client.stop.set()
         service.stop()

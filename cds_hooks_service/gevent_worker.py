@@ -1,0 +1,99 @@
+"""The gunicorn worker class of the service: gunicorn's gevent worker, stopping promptly.
+
+gevent gives every connection its own greenlet, so a client sending its headers or body slowly holds a
+greenlet, not one of a few threads (serving.py explains the choice). Stock gunicorn's gevent worker,
+when told to stop, waits for every open connection, including kept-alive ones that are idle between
+requests, until each times out (``keepalive``): a restart took up to that long for nothing. This worker
+closes the connections that are idle between requests as soon as it stops; a request being handled is
+finished and answered with "Connection: close" as before.
+"""
+from __future__ import annotations
+
+import socket
+import time
+import warnings
+
+import gevent
+from gevent.event import Event
+from gevent.monkey import MonkeyPatchWarning
+from gevent.pool import Pool
+from gevent.server import StreamServer
+from gunicorn.sock import ssl_context
+from gunicorn.workers.ggevent import GeventWorker as _GunicornGeventWorker
+
+POLL = 0.1  # seconds between the main loop's checks (gunicorn's: 1)
+
+
+class GeventWorker(_GunicornGeventWorker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._idle: set = set()  # client sockets between two requests (or before their first)
+        self._stopping: Event | None = None
+
+    def run(self):
+        """gunicorn's GeventWorker.run (no server_class), waiting on an event instead of sleeping 1 s."""
+        from functools import partial
+
+        self._stopping = Event()
+        ssl_args = {"ssl_context": ssl_context(self.cfg)} if self.cfg.is_ssl else {}
+        servers = []
+        for s in self.sockets:
+            s.setblocking(1)
+            server = StreamServer(s, handle=partial(self.handle, s), spawn=Pool(self.worker_connections), **ssl_args)
+            if self.cfg.workers > 1:
+                server.max_accept = 1
+            server.start()
+            servers.append(server)
+        while self.alive:
+            self.notify()
+            self._stopping.wait(1.0)
+        try:
+            for server in servers:  # stop accepting
+                server.close()
+            deadline = time.time() + self.cfg.graceful_timeout
+            while time.time() <= deadline:  # the requests under way finish
+                if all(server.pool.free_count() == server.pool.size for server in servers):
+                    return
+                self.notify()
+                gevent.sleep(POLL)
+            self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
+            for server in servers:
+                server.stop(timeout=1)
+        except Exception:  # noqa: BLE001 - as gunicorn: the worker exits anyway
+            pass
+
+    def patch(self):
+        with warnings.catch_warnings():  # the master patched first (serving.patch_for_gevent): expected
+            warnings.simplefilter("ignore", MonkeyPatchWarning)
+            super().patch()
+
+    def handle(self, listener, client, addr):
+        self._idle.add(client)
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            self._idle.discard(client)
+
+    def handle_request(self, listener_name, req, sock, addr):
+        self._idle.discard(sock)
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            if self.alive:
+                self._idle.add(sock)
+
+    def handle_exit(self, sig, frame):
+        super().handle_exit(sig, frame)  # alive = False: stop accepting, finish what is under way
+        gevent.spawn(self._close_idle)  # not in the signal handler itself
+
+    def _close_idle(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()  # the main loop stops waiting
+        for sock in list(self._idle):
+            # On the OS socket: its greenlet then reads the end of the stream and finishes quietly (gevent's
+            # own shutdown() would cancel the wait with EBADF, logged by gunicorn as a socket error).
+            raw = getattr(sock, "_sock", sock)
+            try:
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
