@@ -11,8 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from .facts import (DRAFT_TYPES, MEDICATION_TYPES, MedicationFact, MedicationIndex, Normaliser, ObservationFact,
-                    route_matches)
+from .facts import (DRAFT_TYPES, MEDICATION_TYPES, NEGATIVE_INTERPRETATIONS, POSITIVE_INTERPRETATIONS, MedicationFact,
+                    MedicationIndex, Normaliser, ObservationFact, route_matches)
 from .index import RecordIndex
 from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger
 
@@ -171,13 +171,18 @@ class Evaluation:
                 break
             if skip and m.source == "draft" and m.ref == ref:
                 continue
-            until = m.time + timedelta(seconds=c.within) if (c.within and m.time and m.source != "draft") else None
+            exposure = m.exposure
+            until = exposure + timedelta(seconds=c.within) if (c.within and exposure and m.source != "draft") else None
+            # A course whose stated end is past and later than its order/dose time is shown by its end.
+            ended = m.source != "draft" and exposure is not None and exposure is not m.time and exposure <= self.ctx.now
             items.append({
                 "kind": "medication", "display": m.display, "source": m.source,
-                "how": {"draft": "ordered now", "MedicationAdministration": "given",
-                        "MedicationStatement": "taking", "MedicationRequest": "ordered"}.get(m.source, "ordered"),
+                "how": "course ended" if ended else {
+                    "draft": "ordered now", "MedicationAdministration": "given", "MedicationStatement": "taking",
+                    "MedicationRequest": "ordered"}.get(m.source, "ordered"),
                 "ingredients": self.terminology.ingredient_label(m.concepts & c.valueset) or m.display,
-                "status": m.status or "unknown", "active": m.active, "time": _when(m.time), "until": _when(until),
+                "status": m.status or "unknown", "active": m.active, "time": _when(exposure if ended else m.time),
+                "until": _when(until), "ordered": _when(m.time), "course_end": _when(m.course_end),
                 "route": m.route, "matched_by": m.matched_by, "ref": m.ref,
             })
         note = f"{total} qualifying of {considered} in the value sets" if considered else "none in the value sets"
@@ -193,7 +198,7 @@ class Evaluation:
             if routes is not None and not route_matches(m.route, routes):
                 return False
             is_draft = m.source == "draft"
-            in_window = c.within is not None and self._in_window(c, m.time)
+            in_window = c.within is not None and self._in_window(c, m.exposure)
             return is_draft or in_window or (active_wanted and m.active) or (c.within is None and not active_wanted)
 
         draft_refs, considered_draft_refs = Counter(), Counter()
@@ -210,7 +215,7 @@ class Evaluation:
                 considered += 1
                 if qualifies(m):
                     qualifying.append(m)
-        qualifying.sort(key=lambda m: _when(m.time) or "", reverse=True)  # newest first
+        qualifying.sort(key=lambda m: _when(m.exposure) or "", reverse=True)  # newest first
         return _Found(qualifying, considered, draft_refs, considered_draft_refs)
 
     def _medicationClasses(self, c: Check):
@@ -225,7 +230,7 @@ class Evaluation:
         for order, (cls, vs) in enumerate(c.classes.items()):
             for m in self.record.medications.matching(vs):
                 if (m.source in sources or (m.source == "MedicationOrder" and "MedicationRequest" in sources)) \
-                        and self._in_window(c, m.time):
+                        and self._in_window(c, m.exposure):
                     firsts.append((self.record.medications.position(m), order, cls, m, vs))
                     break
         firsts.sort(key=lambda f: f[:2])
@@ -264,16 +269,16 @@ class Evaluation:
         return items, len(found.facts), f"{len(found.facts)} qualifying procedures"
 
     def _orderReason(self, c: Check):
-        reasons = self.draft.reasons
+        reasons, reason_texts = self.record.reasons_of(self.draft)
         hits = [r for r in reasons if r in c.valueset]
         if c.spec.get("match", "any") == "none":
             ok = bool(reasons) and not hits
             items = []
             if ok:
-                display = self.draft.reason_texts[0] if self.draft.reason_texts else reasons[0][1]
+                display = reason_texts[0] if reason_texts else reasons[0][1]
                 items = [{"kind": "reason", "display": display, "system": reasons[0][0], "code": reasons[0][1]}]
             return items, len(items), ("the order's reason is outside the value sets" if ok else "no other reason given")
-        items = [{"kind": "reason", "display": (self.draft.reason_texts or (code,))[0], "system": system, "code": code}
+        items = [{"kind": "reason", "display": (reason_texts or (code,))[0], "system": system, "code": code}
                  for system, code in hits]
         return items[:self.limit], len(items), ("the order's reason is in the value sets" if items else
                                                 f"{len(reasons)} order reasons, none in the value sets")
@@ -310,9 +315,11 @@ class Evaluation:
 
 def _compare(o: ObservationFact, op: str, value: float | None) -> bool:
     if op == "positive":
-        text = o.value_text or ""
-        return ("positive" in text or "detected" in text or text.strip() in ("pos", "p")) and "not detected" not in text \
-            and "negative" not in text
+        text = (o.value_text or "").strip()
+        if "negative" in text or "not detected" in text or text in ("neg", "n") or o.interpretation & NEGATIVE_INTERPRETATIONS:
+            return False
+        return "positive" in text or "detected" in text or text in ("pos", "p") \
+            or bool(o.interpretation & POSITIVE_INTERPRETATIONS)
     if o.value is None or value is None:
         return False
     return {">=": o.value >= value, ">": o.value > value, "<=": o.value <= value, "<": o.value < value}[op]
