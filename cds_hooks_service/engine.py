@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from .facts import (DRAFT_TYPES, MEDICATION_TYPES, NEGATIVE_INTERPRETATIONS, POSITIVE_INTERPRETATIONS, MedicationFact,
-                    MedicationIndex, Normaliser, ObservationFact, route_matches)
+                    MedicationIndex, Normaliser, ObservationFact, milli_iu_per_ml, route_matches)
 from .index import RecordIndex
 from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger
 
@@ -315,6 +315,12 @@ class Evaluation:
 
 def _compare(o: ObservationFact, op: str, value: float | None) -> bool:
     if op == "positive":
+        # A quantitative result in international units per volume is judged by the check's threshold
+        # (``value``, in mIU/mL = IU/L: a local-policy number in the rule file), whatever its flag says;
+        # a qualitative one by its coded/text result or its interpretation code.
+        quantity = milli_iu_per_ml(o.value, o.unit)
+        if value is not None and quantity is not None:
+            return quantity >= value
         text = (o.value_text or "").strip()
         if "negative" in text or "not detected" in text or text in ("neg", "n") or o.interpretation & NEGATIVE_INTERPRETATIONS:
             return False

@@ -31,6 +31,18 @@ INTERPRETATION_SYSTEMS = frozenset({"http://terminology.hl7.org/CodeSystem/v3-Ob
 # negative with NEG, ND (not detected) or N (normal), whatever else the result says.
 POSITIVE_INTERPRETATIONS = frozenset({"POS", "DET", "A", "AA", "H", "HH", "HU"})
 NEGATIVE_INTERPRETATIONS = frozenset({"NEG", "ND", "N"})
+# International units per volume, as factors to mIU/mL (1 mIU/mL = 1 IU/L); the bracketed UCUM spellings too.
+_MILLI_IU_PER_ML = {"miu/ml": 1.0, "iu/l": 1.0, "mu/ml": 1.0, "u/l": 1.0, "iu/ml": 1000.0, "u/ml": 1000.0}
+
+
+def milli_iu_per_ml(value: float | None, unit: str | None) -> float | None:
+    """A quantity in international units per volume as mIU/mL (= IU/L); None for other or unstated units."""
+    if value is None or not isinstance(unit, str):
+        return None
+    factor = _MILLI_IU_PER_ML.get(unit.replace("[", "").replace("]", "").replace(" ", "").lower())
+    return value * factor if factor is not None else None
+
+
 _OBS_STATUSES = frozenset({"final", "amended", "corrected", "preliminary", "registered"})
 
 # Route classes from SNOMED CT route codes (FHIR R4 "SNOMED CT Route Codes" value set), text and dose forms.

@@ -472,6 +472,21 @@ VALUESETS: dict[str, dict] = {
         "description": "eGFR (CKD-EPI, CKD-EPI 2021, MDRD) observations.",
         "include": [{"set": "observation_loinc", "codes": ["62238-1", "98979-8", "48642-3", "48643-1"]}],
     },
+    "obs-bilirubin-total": {
+        "title": "Bilirubin, total (serum or plasma)",
+        "description": "Total bilirubin, mass per volume (Child-Pugh score).",
+        "include": [{"set": "observation_loinc", "codes": ["1975-2"]}],
+    },
+    "obs-albumin": {
+        "title": "Albumin (serum or plasma)",
+        "description": "Albumin, mass per volume (Child-Pugh score).",
+        "include": [{"set": "observation_loinc", "codes": ["1751-7"]}],
+    },
+    "obs-inr": {
+        "title": "INR",
+        "description": "International normalised ratio (Child-Pugh score).",
+        "include": [{"set": "observation_loinc", "codes": ["6301-6", "34714-6"]}],
+    },
     "obs-pregnancy-test": {
         "title": "Pregnancy test (hCG)",
         "description": "hCG / pregnancy test observations (VSAC Pregnancy Test plus urine/serum hCG codes). "
