@@ -60,7 +60,8 @@ def get_service(service_id: str):
 @bp.get("/cds-services")
 def discovery():
     authenticate()
-    return jsonify({"services": [s.discovery() for s in SERVICES.values()]})
+    prefetch = runtime().rulebook.prefetch  # generated from the loaded rules
+    return jsonify({"services": [s.discovery(prefetch) for s in SERVICES.values()]})
 
 
 @bp.post("/cds-services/<service_id>")

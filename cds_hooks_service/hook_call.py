@@ -132,8 +132,9 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
 
 def _gather(live, body: dict, settings, session, client: Client) -> PatientData:
     needs = set().union(*(rule.needs for rule, _ in live))
-    data = gather(needs, body, budget=settings.time_budget, connect_timeout=settings.fhir_connect_timeout,
-                  read_timeout=settings.fhir_read_timeout, session=session, allowed_servers=client.fhir_servers,
+    data = gather(needs, body, templates=rulebook.prefetch, budget=settings.time_budget,
+                  connect_timeout=settings.fhir_connect_timeout, read_timeout=settings.fhir_read_timeout,
+                  session=session, allowed_servers=client.fhir_servers,
                   private_networks=getattr(settings, "fhir_private_networks", ()),
                   ca_bundle=getattr(settings, "fhir_ca_bundle", None))
     untrusted = sorted(k for k, why in data.unavailable.items() if why == UNTRUSTED_FHIR_SERVER)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .fhir_client import FhirClient, FhirError, SearchResult, plain_reason
 from .fhir_servers import parse_target, trusted_base
-from .services import PREFETCH, render_query
+from .services import render_query
 
 DATA_LABELS = {
     "conditions": "conditions (problem list and diagnoses)",
@@ -68,10 +68,11 @@ def _origin_for_log(url: object) -> str:
     return f"{target.scheme}://{target.host}:{target.port}"[:200]
 
 
-def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float, read_timeout: float,
-           session=None, allowed_servers: tuple[str, ...] = (), private_networks: tuple = (),
+def gather(keys: set[str], body: dict, *, templates: dict[str, str], budget: float, connect_timeout: float,
+           read_timeout: float, session=None, allowed_servers: tuple[str, ...] = (), private_networks: tuple = (),
            resolver=None, ca_bundle: str | None = None) -> PatientData:
-    """``allowed_servers``: the calling client's trusted FHIR base URLs (clients.Client.fhir_servers); a
+    """``templates``: data key -> query template generated from the loaded rules (Rulebook.prefetch).
+    ``allowed_servers``: the calling client's trusted FHIR base URLs (clients.Client.fhir_servers); a
     ``fhirServer`` not among them is never contacted (its keys are UNTRUSTED_FHIR_SERVER)."""
     data = PatientData()
     prefetch = body.get("prefetch") if isinstance(body.get("prefetch"), dict) else {}
@@ -90,7 +91,7 @@ def gather(keys: set[str], body: dict, *, budget: float, connect_timeout: float,
                 continue
             if resources is not None:
                 partial[key] = resources  # a first page: fetch the whole search instead
-        query = render_query(PREFETCH[key], context)
+        query = render_query(templates[key], context)
         if query is None:
             data.unavailable[key] = "the hook context lacks the patient id needed to search for it"
         else:

@@ -22,6 +22,7 @@ from jinja2 import TemplateSyntaxError
 
 from .cards import DETAIL_ENV, SUMMARY_ENV
 from .facts import MEDICATION_TYPES
+from .sources import SOURCES_FILE, URL_IN_TEXT, Sources, load_sources
 
 from .terminology import Concept, Terminology, TerminologyError
 
@@ -139,12 +140,20 @@ class Rulebook:
     terminology: Terminology
     alternatives: dict[str, dict]
     rules_dir: Path
+    sources: Sources = field(default_factory=lambda: Sources(frozenset(), {}))
 
     @cached_property
     def condition_concepts(self) -> frozenset[Concept]:
         """Every concept a condition check of any rule can match: other conditions need no facts."""
         return frozenset().union(*(c.valueset for r in self.rules for c in r.checks.values()
                                    if c.kind == "condition"))
+
+    @cached_property
+    def prefetch(self) -> dict[str, str]:
+        """Data key -> FHIR query template, generated from these rules: the discovery prefetch templates
+        and the queries run on fhirServer when a key was not prefetched (services.prefetch_templates)."""
+        from .services import prefetch_templates
+        return prefetch_templates(self)
 
     def for_hook(self, hook: str) -> list[Rule]:
         return [r for r in self.rules if r.enabled and hook in r.hooks]
@@ -205,12 +214,14 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
     schema = json.loads((rules_dir / "rule.schema.json").read_text(encoding="utf-8"))
     validator = jsonschema.Draft202012Validator(schema)
     alternatives = _load_alternatives(rules_dir / "alternatives.yaml", problems)
+    sources, source_problems = load_sources(rules_dir)
+    problems += [RuleProblem(str(rules_dir / SOURCES_FILE), f, m) for f, m in source_problems]
     overrides = _load_overrides(local_dir, problems) if local_dir else {}
 
     rules: list[Rule] = []
     seen: dict[str, Path] = {}
     for path in sorted(rules_dir.glob("*.yaml")):
-        if path.name == "alternatives.yaml" or path.name.endswith(".tests.yaml"):
+        if path.name in ("alternatives.yaml", SOURCES_FILE) or path.name.endswith(".tests.yaml"):
             continue
         try:
             doc, text = load_yaml_file(path)
@@ -239,14 +250,23 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
             problems.append(RuleProblem(str(path), "id", f"duplicate id, also in {seen[doc['id']]}"))
             continue
         seen[doc["id"]] = path
-        rule = _compile_rule(doc, text, path, terminology, alternatives, cards_dir, problems)
+        rule = _compile_rule(doc, text, path, terminology, alternatives, cards_dir, problems, sources)
         if rule:
             rules.append(rule)
     for rule_id, (_, override_path) in overrides.items():
         problems.append(RuleProblem(str(override_path), "id", f"overrides unknown rule {rule_id!r}"))
     if problems:
         raise RulebookError(problems)
-    return Rulebook(rules, terminology, alternatives, rules_dir)
+    rulebook = Rulebook(rules, terminology, alternatives, rules_dir, sources)
+    from .services import PANELS_FILE, prefetch_problems  # the generated queries must fetch what the rules read
+    try:
+        data_problems = prefetch_problems(rulebook, rulebook.prefetch)
+    except ValueError as exc:
+        raise RulebookError([RuleProblem(str(rules_dir / PANELS_FILE), "(file)", str(exc))]) from exc
+    if data_problems:
+        raise RulebookError([RuleProblem(str(next(r.path for r in rules if r.id == rule_id)), where, message)
+                             for rule_id, where, message in data_problems])
+    return rulebook
 
 
 def _load_alternatives(path: Path, problems: list[RuleProblem]) -> dict[str, dict]:
@@ -278,7 +298,7 @@ def _load_overrides(local_dir: Path, problems: list[RuleProblem]) -> dict[str, t
 
 
 def _compile_rule(doc: dict, text: str, path: Path, terminology: Terminology, alternatives: dict,
-                  cards_dir: Path, problems: list[RuleProblem]) -> Rule | None:
+                  cards_dir: Path, problems: list[RuleProblem], library: Sources) -> Rule | None:
     before = len(problems)
     file = str(path)
 
@@ -365,6 +385,15 @@ def _compile_rule(doc: dict, text: str, path: Path, terminology: Terminology, al
     if len({s.id for s in suggestions}) != len(suggestions):
         problem("suggestions", "suggestion ids must be unique within a rule")
 
+    cited = {}
+    for where, source_id in [("source", doc["source"])] + [(f"references.{i}", r)
+                                                           for i, r in enumerate(doc.get("references") or [])]:
+        found = library.get(source_id)
+        if found is None:
+            problem(where, f"unknown source id {source_id!r}; sources are listed in rules/{SOURCES_FILE}: "
+                    f"{', '.join(sorted(library.by_id)) or 'none loaded'}", where.split(".")[0])
+        else:
+            cited[where] = {"id": found.id, "label": found.title, "url": found.url}
     card = _load_card(cards_dir, doc.get("card") or doc["id"], problems)
     if len(problems) > before or card is None:
         return None
@@ -372,8 +401,8 @@ def _compile_rule(doc: dict, text: str, path: Path, terminology: Terminology, al
     return Rule(
         id=doc["id"], title=doc["title"], version=doc["version"], enabled=doc.get("enabled", True),
         mode=doc.get("mode", "active"), hooks=frozenset(doc["hooks"]), indicator=doc["indicator"],
-        source=doc["source"], references=doc.get("references") or [], triggers=triggers, checks=checks,
-        exceptions=exceptions, cautions=cautions, adjust=adjust, card=card,
+        source=cited["source"], references=[v for k, v in cited.items() if k != "source"],
+        triggers=triggers, checks=checks, exceptions=exceptions, cautions=cautions, adjust=adjust, card=card,
         selection_behavior=doc.get("selectionBehavior", "at-most-one"), suggestions=suggestions,
         override_reasons=doc.get("overrideReasons") or [], path=path, needs=needs, raw=doc,
     )
@@ -422,6 +451,11 @@ def _load_card(cards_dir: Path, name: str, problems: list[RuleProblem]) -> CardT
     if not isinstance(doc, dict) or not isinstance(doc.get("summary"), str) or not isinstance(doc.get("detail"), str):
         problems.append(RuleProblem(str(path), "(top level)", "a card template needs summary and detail strings"))
         return None
+    for key in ("summary", "detail"):
+        for url in URL_IN_TEXT.findall(doc[key]):
+            problems.append(RuleProblem(str(path), key, f"a card template may not contain a link ({url}); cite a "
+                                        f"source id in the rule's source/references (rules/{SOURCES_FILE})",
+                                        _line_of(text, key)))
     compiled = {}
     for key, env in (("summary", SUMMARY_ENV), ("detail", DETAIL_ENV)):
         try:

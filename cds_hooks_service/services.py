@@ -7,24 +7,229 @@ lists, ``_sort`` and ``_count``) and first-level context tokens.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote
 
-# Data key -> FHIR query template. The keys are the prefetch keys and the data keys rules need.
-_BP_AND_LABS = ",".join("http://loinc.org|" + code for code in (
-    "8480-6", "8462-4", "85354-9",  # systolic, diastolic, BP panel
-    "62238-1", "98979-8", "48642-3", "48643-1",  # eGFR
-    "2106-3", "2118-8", "21198-7",  # hCG (pregnancy tests)
-))
-PREFETCH = {
-    "patient": "Patient/{{context.patientId}}",
-    "conditions": "Condition?patient={{context.patientId}}&_count=200",
-    "medicationRequests": "MedicationRequest?patient={{context.patientId}}&_count=200",
-    "medicationAdministrations": "MedicationAdministration?patient={{context.patientId}}&_count=200",
-    "medicationStatements": "MedicationStatement?patient={{context.patientId}}&_count=200",
-    "observations": f"Observation?patient={{{{context.patientId}}}}&code={_BP_AND_LABS}&_sort=-date&_count=100",
-    "procedures": "Procedure?patient={{context.patientId}}&_sort=-date&_count=100",
+import yaml
+
+from .facts import IGNORED_MEDICATION_STATUSES
+from .terminology import Concept, concept
+
+# --- Prefetch templates and FHIR-fallback queries, generated from the loaded rules ---------------------
+# The data keys are the engine's (rulebook.DATA_KEYS): which keys a rule needs follows from the kinds
+# of its checks (and a medication check's `sources`). Per key the query asks for one resource type of
+# the patient, newest first where the type has a date search parameter, without the statuses the
+# engine never reads. Only observations are filtered by code: their value sets are short LOINC lists
+# (about 35 codes), whereas condition, procedure and medication value sets run to hundreds of codes and
+# records carry product codes that only roll up to a value set's ingredients here, so a code filter
+# there would lose matches.
+#
+# Why codes and not `category=laboratory` for observations: blood pressure is `vital-signs`, a
+# point-of-care urine hCG is often filed without a category or as `exam`/`survey`, and a category
+# query returns every lab of a long record, so the few results a rule needs could fall outside the
+# pages read. An explicit code list (OR-joined tokens, allowed by CDS Hooks 2.0) asks for exactly what
+# the rules read; `validate` refuses a rule set whose code list would make the query longer than
+# MAX_QUERY_CHARS.
+DATA_QUERIES = {  # key -> (resource type, newest-first sort or None, page size)
+    "conditions": ("Condition", None, 200),
+    "medicationRequests": ("MedicationRequest", None, 200),
+    "medicationAdministrations": ("MedicationAdministration", None, 200),
+    "medicationStatements": ("MedicationStatement", None, 200),
+    "observations": ("Observation", "-date", 100),
+    "procedures": ("Procedure", "-date", 100),
 }
+# FHIR R4 status codes (required bindings) of the filtered types, and those the engine never reads
+# (facts.py): cancelled/entered-in-error/draft... orders, not-done procedures, cancelled results.
+R4_STATUSES = {
+    "MedicationRequest": ("active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft",
+                          "unknown"),
+    "MedicationAdministration": ("in-progress", "not-done", "on-hold", "completed", "entered-in-error", "stopped",
+                                 "unknown"),
+    "MedicationStatement": ("active", "completed", "entered-in-error", "intended", "stopped", "on-hold", "unknown",
+                            "not-taken"),
+    "Observation": ("registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error",
+                    "unknown"),
+    "Procedure": ("preparation", "in-progress", "not-done", "on-hold", "stopped", "completed", "entered-in-error",
+                  "unknown"),
+}
+UNREAD_STATUSES = {
+    "MedicationRequest": IGNORED_MEDICATION_STATUSES,
+    "MedicationAdministration": IGNORED_MEDICATION_STATUSES,
+    "MedicationStatement": IGNORED_MEDICATION_STATUSES,
+    "Observation": frozenset({"cancelled", "entered-in-error", "unknown"}),
+    "Procedure": frozenset({"entered-in-error", "not-done", "preparation"}),
+}
+MAX_QUERY_CHARS = 2000  # a rendered query (with a 64-character patient id) must fit in a conservative URL
+PANELS_FILE = Path("terminology") / "observation-panels.yaml"
+_TOKEN_SPECIAL = re.compile(r"([\\,$|])")
+
+
+def read_statuses(resource_type: str) -> tuple[str, ...]:
+    """The statuses of a resource type that the engine reads (the query's status filter)."""
+    return tuple(s for s in R4_STATUSES[resource_type] if s not in UNREAD_STATUSES[resource_type])
+
+
+def _escape(text: str) -> str:
+    return _TOKEN_SPECIAL.sub(lambda m: "\\" + m.group(1), text)
+
+
+def _token(system: str, code: str) -> str:
+    """A FHIR search token system|code, with the search-syntax specials (\\ , $ |) escaped."""
+    return f"{_escape(system)}|{_escape(code)}"
+
+
+def observation_panels(rules_dir: Path) -> dict[Concept, frozenset[Concept]]:
+    """Panel concept -> the component concepts it carries (rules/terminology/observation-panels.yaml)."""
+    path = Path(rules_dir) / PANELS_FILE
+    if not path.exists():
+        return {}
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if not isinstance(doc, dict):
+        raise ValueError("must map '<system>|<panel code>' to a list of component codes")
+    out: dict[Concept, frozenset[Concept]] = {}
+    for panel, components in doc.items():
+        system, _, code = str(panel).rpartition("|")
+        key = concept(system, code)
+        if not key or not system or not isinstance(components, list):
+            raise ValueError(f"{panel!r}: write '<system>|<panel code>': [component codes]")
+        out[key] = frozenset(c for c in (concept(system, str(x)) for x in components) if c)
+    return out
+
+
+def _observation_valuesets(rule) -> list[str]:
+    names = []
+    for check in rule.checks.values():
+        if check.kind == "observation":
+            for item in check.spec.get("any") or []:
+                names += [n for n in item.get("valueSets") or [] if n not in names]
+    return names
+
+
+def _observation_concepts(rulebook) -> set[Concept]:
+    wanted: set[Concept] = set()
+    for rule in _live_rules(rulebook):
+        for name in _observation_valuesets(rule):
+            wanted |= rulebook.terminology.valuesets.get(name, frozenset())
+    panels = observation_panels(rulebook.rules_dir)
+    wanted |= {panel for panel, components in panels.items() if components & wanted}
+    return wanted
+
+
+def _live_rules(rulebook) -> list:
+    return [r for r in rulebook.rules if r.enabled]
+
+
+def prefetch_templates(rulebook) -> dict[str, str]:
+    """Data key -> FHIR query template (prefetch template, and the fallback query) for the loaded rules."""
+    keys = set().union(*(r.needs for r in _live_rules(rulebook))) if rulebook.rules else set()
+    out: dict[str, str] = {}
+    for key in sorted(keys):
+        if key not in DATA_QUERIES:  # a data key without a query: prefetch_problems names it, validate fails
+            continue
+        rtype, sort, count = DATA_QUERIES[key]
+        params = ["patient={{context.patientId}}"]
+        if rtype in R4_STATUSES:
+            params.append("status=" + ",".join(read_statuses(rtype)))
+        if key == "observations":
+            codes = sorted(_observation_concepts(rulebook))
+            if codes:
+                params.append("code=" + ",".join(_token(system, code) for system, code in codes))
+        if sort:
+            params.append(f"_sort={sort}")
+        params.append(f"_count={count}")
+        out[key] = f"{rtype}?" + "&".join(params)
+    return out
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    parts, cur, i = [], "", 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            cur += text[i:i + 2]
+            i += 2
+            continue
+        if text[i] == sep:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += text[i]
+        i += 1
+    return parts + [cur]
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: m.group(1), text)
+
+
+def parse_template(template: str) -> tuple[str, dict[str, str]]:
+    """(resource type, {parameter: value}) of a search template (read templates: no parameters)."""
+    path, _, query = template.partition("?")
+    params = {}
+    for part in query.split("&") if query else []:
+        name, _, value = part.partition("=")
+        params[name] = value
+    return path, params
+
+
+def fetched_concepts(template: str) -> set[Concept] | None:
+    """The codes a template's `code` parameter asks for; None when it does not filter by code."""
+    _, params = parse_template(template)
+    if "code" not in params:
+        return None
+    out = set()
+    for token in _split_unescaped(params["code"], ","):
+        pieces = _split_unescaped(token, "|")
+        if len(pieces) == 2:
+            c = concept(_unescape(pieces[0]), _unescape(pieces[1]))
+            if c:
+                out.add(c)
+    return out
+
+
+def prefetch_problems(rulebook, templates: dict[str, str]) -> list[tuple[str, str, str]]:
+    """Why a value set the rules use would not be fetched by ``templates``: (rule id, field, message)."""
+    problems: list[tuple[str, str, str]] = []
+    panels = observation_panels(rulebook.rules_dir)
+    for rule in _live_rules(rulebook):
+        for check in rule.checks.values():
+            for key in sorted(check.needs):
+                template = templates.get(key)
+                if template is None:
+                    problems.append((rule.id, f"checks.{check.name}", f"needs {key}, which no prefetch template asks for"))
+                    continue
+                rtype, params = parse_template(template)
+                if key in DATA_QUERIES and rtype != DATA_QUERIES[key][0]:
+                    problems.append((rule.id, f"checks.{check.name}", f"{key} must be a {DATA_QUERIES[key][0]} search"))
+                if "status" in params and rtype in R4_STATUSES:
+                    missing = set(read_statuses(rtype)) - set(params["status"].split(","))
+                    if missing:
+                        problems.append((rule.id, f"checks.{check.name}",
+                                         f"the {key} query leaves out statuses the rule reads: {', '.join(sorted(missing))}"))
+                length = len(render_query(template, {"patientId": "x" * 64}) or template)
+                if length > MAX_QUERY_CHARS:
+                    problems.append((rule.id, f"checks.{check.name}",
+                                     f"the {key} query would be {length} characters (limit {MAX_QUERY_CHARS}): "
+                                     "use fewer codes in the value sets it reads"))
+            if check.kind != "observation" or "observations" not in templates:
+                continue
+            asked = fetched_concepts(templates["observations"])
+            if asked is None:
+                continue
+            reachable = asked | {c for panel in asked for c in panels.get(panel, ())}
+            for i, item in enumerate(check.spec.get("any") or []):
+                for name in item.get("valueSets") or []:
+                    missed = sorted(rulebook.terminology.valuesets.get(name, frozenset()) - reachable)
+                    if missed:
+                        shown = ", ".join(code for _, code in missed[:5]) + (" ..." if len(missed) > 5 else "")
+                        problems.append((rule.id, f"checks.{check.name}.observation.any.{i}",
+                                         f"value set {name!r}: {len(missed)} code(s) the observations query would "
+                                         f"not fetch ({shown})"))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -34,9 +239,10 @@ class CdsService:
     title: str
     description: str
 
-    def discovery(self) -> dict:
+    def discovery(self, prefetch: dict[str, str]) -> dict:
+        """The discovery entry; ``prefetch`` is the loaded rules' templates (Rulebook.prefetch)."""
         return {"hook": self.hook, "id": self.id, "title": self.title, "description": self.description,
-                "prefetch": dict(PREFETCH),
+                "prefetch": dict(prefetch),
                 "usageRequirements": "Needs the patient's conditions, medications (ordered, given, taken), "
                                      "blood pressure, eGFR and pregnancy tests and procedures: prefetched, or "
                                      "readable on fhirServer. Without them the service answers 412."}

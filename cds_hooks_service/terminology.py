@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote_plus
 
 import yaml
 
@@ -18,6 +19,10 @@ RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+# Ingredients without a verified RxCUI (drug-names.yaml `nameOnly`) are concepts of this local system,
+# code = the generic name.
+INGREDIENT_NAME = "https://migraine-med-safety.example.org/fhir/CodeSystem/ingredient-name"
+DAILYMED_SEARCH = "https://dailymed.nlm.nih.gov/dailymed/search.cfm?labeltype=all&query="
 
 # Spellings of the same code systems seen in real EHR data (OIDs, WHO ICD-10, http/https).
 _SYSTEM_ALIASES = {
@@ -70,14 +75,15 @@ class DrugMatch:
 
 class Terminology:
     def __init__(self, valuesets: dict[str, frozenset[Concept]], valueset_titles: dict[str, str],
-                 products: dict[str, Product], precise: dict[str, str], names: dict[str, str],
-                 ingredient_names: dict[str, str]):
+                 products: dict[str, Product], precise: dict[str, str], names: dict[str, tuple[Concept, ...]],
+                 ingredient_names: dict[str, str], name_refs: dict[str, dict] | None = None):
         self.valuesets = valuesets
         self.valueset_titles = valueset_titles
         self._products = products
         self._precise = precise  # PIN rxcui -> IN rxcui
-        self._names = names  # lower-case name -> IN rxcui
+        self._names = names  # lower-case name -> the ingredient concepts it names (one, or several for a combination)
         self.ingredient_names = ingredient_names  # IN rxcui -> generic name
+        self.name_refs = name_refs or {}  # lower-case name -> {"name", "dailymed", "rxnorm"?}: where it is checked
         self._known_rx = frozenset(
             {c for vs in valuesets.values() for c in vs if c[0] == RXNORM}
             | {(RXNORM, code) for code in products} | {(RXNORM, code) for code in precise}
@@ -117,20 +123,19 @@ class Terminology:
                                          item.get("doseForm"), item.get("display"))
             precise = dict(rollup.get("preciseIngredients") or {})
 
-        names: dict[str, str] = {}
+        names: dict[str, tuple[Concept, ...]] = {}
         ingredient_names: dict[str, str] = {}
+        name_refs: dict[str, dict] = {}
         names_path = term_dir / "drug-names.yaml"
         if names_path.exists():
-            doc = yaml.safe_load(names_path.read_text(encoding="utf-8")) or {}
-            for code, item in doc.items():
-                code = str(code)
-                generic = str(item.get("name", "")).strip().lower()
-                if generic:
-                    ingredient_names[code] = generic
-                    names[generic] = code
-                for alias in item.get("names") or []:
-                    names[str(alias).strip().lower()] = code
-        return cls(valuesets, titles, products, precise, names, ingredient_names)
+            try:
+                # libyaml's safe loader when built in: same safe subset, ~10x faster than the pure-Python one
+                doc = yaml.load(names_path.read_text(encoding="utf-8"),
+                                Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+                _load_drug_names(doc, valuesets, products, names, ingredient_names, name_refs)
+            except (yaml.YAMLError, TypeError, KeyError, AttributeError, ValueError) as exc:
+                raise TerminologyError(f"{names_path}: {exc}") from exc
+        return cls(valuesets, titles, products, precise, names, ingredient_names, name_refs)
 
     # -- look-ups ------------------------------------------------------------------------------
     def recognise(self, codings: list[Concept], texts: list[str]) -> DrugMatch:
@@ -154,7 +159,7 @@ class Terminology:
         if self._name_re is not None:
             for text in texts:
                 for name in self._name_re.findall(text.lower()):
-                    concepts.add((RXNORM, self._names[name]))
+                    concepts.update(self._names[name])
                     found.append(name)
         if found:
             return DrugMatch(frozenset(concepts), "name", dose_form, tuple(dict.fromkeys(found)))
@@ -175,6 +180,74 @@ class Terminology:
         """Generic names of the ingredients among ``concepts`` (optionally only those in a value set)."""
         out = []
         for system, code in sorted(concepts):
-            if system == RXNORM and code in self.ingredient_names and (within is None or (system, code) in within):
+            if within is not None and (system, code) not in within:
+                continue
+            if system == RXNORM and code in self.ingredient_names:
                 out.append(self.ingredient_names[code])
+            elif system == INGREDIENT_NAME:
+                out.append(code)
         return ", ".join(dict.fromkeys(out))
+
+
+def _load_drug_names(doc: dict, valuesets: dict[str, frozenset[Concept]], products: dict[str, Product],
+                     names: dict[str, tuple[Concept, ...]], ingredient_names: dict[str, str],
+                     name_refs: dict[str, dict]) -> None:
+    """Read drug-names.yaml (format in its header) into the look-up tables; ValueError names the first problem."""
+    known_rx = {c for vs in valuesets.values() for c in vs if c[0] == RXNORM} | {(RXNORM, p) for p in products}
+
+    def add(name: object, concepts: tuple[Concept, ...], ref: dict, where: str) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where}: a name must be a non-empty string")
+        if not isinstance(ref.get("dailymed"), str) or not ref["dailymed"].strip():
+            raise ValueError(f"{where}: {name!r} needs `dailymed` (the DailyMed label search query that shows it)")
+        rxnorm = ref.get("rxnorm")
+        if rxnorm is not None and (RXNORM, str(rxnorm)) not in known_rx:
+            raise ValueError(f"{where}: {name!r}: rxnorm {rxnorm!r} is not a verified code of the value sets or rollup")
+        key = name.strip().lower()
+        if key in names and names[key] != concepts:
+            raise ValueError(f"{where}: {name!r} already names another entry")
+        names[key] = concepts
+        name_refs[key] = {"name": name.strip(), "dailymed": DAILYMED_SEARCH + quote_plus(ref["dailymed"].strip()),
+                          **({"rxnorm": str(rxnorm)} if rxnorm is not None else {})}
+
+    unknown = set(doc) - {"ingredients", "nameOnly", "combinations"}
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; allowed: ingredients, nameOnly, combinations")
+    by_key: dict[str, Concept] = {}
+    for code, item in (doc.get("ingredients") or {}).items():
+        code = str(code)
+        if not code.isdigit():
+            raise ValueError(f"ingredients.{code}: the key is the ingredient RxCUI")
+        generic = str(item["name"]).strip().lower()
+        ingredient_names[code] = generic
+        by_key[code] = (RXNORM, code)
+        add(generic, ((RXNORM, code),), item, f"ingredients.{code}")
+        for alias in item.get("names") or []:
+            add(alias.get("name"), ((RXNORM, code),), alias, f"ingredients.{code}.names")
+    for generic, item in (doc.get("nameOnly") or {}).items():
+        generic = str(generic).strip().lower()
+        c = (INGREDIENT_NAME, generic)
+        by_key[generic] = c
+        add(generic, (c,), item, f"nameOnly.{generic}")
+        for vs_id in item.get("valueSets") or []:
+            if vs_id not in valuesets:
+                raise ValueError(f"nameOnly.{generic}.valueSets: unknown value set {vs_id!r}")
+            valuesets[vs_id] = valuesets[vs_id] | {c}
+        for product in item.get("products") or []:
+            product = str(product)
+            if product in products:
+                raise ValueError(f"nameOnly.{generic}.products: {product} already rolls up to other ingredients")
+            products[product] = Product(frozenset({c}), None, None)
+        for alias in item.get("names") or []:
+            add(alias.get("name"), (c,), alias, f"nameOnly.{generic}.names")
+    for i, item in enumerate(doc.get("combinations") or []):
+        parts = []
+        for ingredient in item.get("ingredients") or []:
+            key = str(ingredient).strip().lower()
+            if key not in by_key:
+                raise ValueError(f"combinations.{i} ({item.get('name')}): unknown ingredient {ingredient!r} "
+                                 "(an RxCUI of `ingredients` or a name of `nameOnly`)")
+            parts.append(by_key[key])
+        if len(parts) < 2:
+            raise ValueError(f"combinations.{i} ({item.get('name')}): a combination names two or more ingredients")
+        add(item.get("name"), tuple(parts), item, f"combinations.{i}")

@@ -7,7 +7,9 @@ Generates (deterministically: sorted, stable JSON, trailing newline):
 
 * rules/valuesets/<id>.json             one FHIR R4 ValueSet (with expansion) per clinical concept
 * rules/terminology/rxnorm-ingredients.json   offline RxNorm product/PIN -> ingredient (IN) rollup
-* rules/terminology/drug-names.yaml     generic + brand names per ingredient, for text-only orders
+
+rules/terminology/drug-names.yaml (names, brands and combinations, each with its DailyMed reference) is
+hand-maintained data since issue 9; terminology.py validates it at load.
 
 Rules of the road (see rules/valuesets/README.md):
 
@@ -498,56 +500,6 @@ VALUESETS: dict[str, dict] = {
     },
 }
 
-# ---------------------------------------------------------------------------------------------
-# Drug-name table for text-only orders: ingredient RxCUI -> extra names (brands, abbreviations).
-# Generic names come from codes.json displays; only well-known US brands are listed here.
-# ---------------------------------------------------------------------------------------------
-GENERIC_NAME_OVERRIDES = {
-    "11149": "vasopressin",  # codes.json display "vasopressin (USP)"
-}
-DRUG_NAMES: dict[str, list[str]] = {
-    "3423": ["Dilaudid"],                                        # hydromorphone
-    "7052": ["MS Contin"],                                       # morphine
-    "7804": ["OxyContin", "Percocet"],                           # oxycodone
-    "5489": ["Norco", "Vicodin"],                                # hydrocodone
-    "4337": ["Sublimaze", "Duragesic"],                          # fentanyl
-    "6754": ["Demerol"],                                         # meperidine
-    "10689": ["Ultram"],                                         # tramadol
-    # DHE; Atzumi and Brekiya are the DHE brands named in clinical.md section 2.3
-    "3418": ["D.H.E. 45", "DHE 45", "DHE", "Migranal", "Trudhesa", "Atzumi", "Brekiya"],
-    "4025": ["Cafergot", "Ergomar"],                             # ergotamine
-    "6883": ["Methergine"],                                      # methylergonovine
-    "37418": ["Imitrex", "Treximet", "Zembrace"],                # sumatriptan (Treximet = + naproxen)
-    "88014": ["Maxalt"],                                         # rizatriptan
-    "135775": ["Zomig"],                                         # zolmitriptan
-    "231049": ["Relpax"],                                        # eletriptan
-    "141366": ["Amerge"],                                        # naratriptan
-    "279645": ["Axert"],                                         # almotriptan
-    "228783": ["Frova"],                                         # frovatriptan
-    "6130": ["Ketalar"],                                         # ketamine
-    "2119365": ["Spravato"],                                     # esketamine
-    "85762": ["Norvir", "Paxlovid"],                             # ritonavir (Paxlovid = nirmatrelvir + ritonavir)
-    "1306284": ["Tybost"],                                       # cobicistat
-    "21212": ["Biaxin"],                                         # clarithromycin
-    "6135": ["Nizoral"],                                         # ketoconazole
-    "28031": ["Sporanox"],                                       # itraconazole
-    "121243": ["Vfend"],                                         # voriconazole
-    "282446": ["Noxafil"],                                       # posaconazole
-    "31565": ["Serzone"],                                        # nefazodone
-    "7512": ["Levophed"],                                        # norepinephrine
-    "11149": ["Vasostrict"],                                     # vasopressin
-    "1999003": ["Giapreza"],                                     # angiotensin II
-    "8896": ["Sudafed"],                                         # pseudoephedrine
-    "6963": ["ProAmatine"],                                      # midodrine
-    "1489913": ["Northera"],                                     # droxidopa
-    "8704": ["Compazine"],                                       # prochlorperazine
-    "6915": ["Reglan"],                                          # metoclopramide
-    "35827": ["Toradol"],                                        # ketorolac
-    "3264": ["Decadron"],                                        # dexamethasone
-    "40254": ["Depacon"],                                        # valproate
-    "266856": ["divalproex"],                                    # divalproex sodium (name without the salt)
-}
-
 # RxNorm dose forms recognised at the end of product names (longest match wins). The OMTK rollup's
 # doseForm values are added at run time.
 EXTRA_DOSE_FORMS = [
@@ -896,58 +848,6 @@ def build_rollup(codes: dict) -> tuple[dict, dict]:
     return rollup, report
 
 
-def yaml_str(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid YAML double-quoted scalar
-
-
-def build_drug_names(codes: dict, builder: Builder) -> str:
-    ingredients = tracked_ingredients(codes)
-    # ingredients used by the drug value sets, grouped by the first rx-* value set that contains them
-    groups: dict[str, list[str]] = {}
-    seen = set()
-    for vs_id in VALUESETS:
-        if not vs_id.startswith("rx-"):
-            continue
-        for (system, code) in sorted(builder.build(vs_id), key=lambda k: sort_key(k[1])):
-            if system == RXNORM and code in ingredients and code not in seen:
-                seen.add(code)
-                groups.setdefault(vs_id, []).append(code)
-    unknown = set(DRUG_NAMES) - seen
-    if unknown:
-        raise BuildError(f"DRUG_NAMES has codes not used by any drug value set: {sorted(unknown)}")
-
-    lines = [
-        "# Drug names for orders that carry only text (no usable RxNorm code).",
-        "# GENERATED by tools/build_valuesets.py from codes.json - edit DRUG_NAMES there, not here.",
-        "#",
-        "# <ingredient RxCUI (TTY=IN)>:",
-        "#   name:  generic name (from the codes.json display)",
-        "#   names: additional names - well-known US brand names and abbreviations",
-        "#",
-        "# The matcher lower-cases the order text and matches these names as whole words, so",
-        "# tall-man lettering (\"HYDROmorphone\", \"SUMAtriptan\") and any capitalisation still match.",
-        "# A name must map to exactly one ingredient. Combination brands list only the tracked",
-        "# ingredient(s) (e.g. Percocet -> oxycodone; Treximet -> sumatriptan, naproxen is not tracked;",
-        "# Paxlovid -> ritonavir, nirmatrelvir has no verified code).",
-    ]
-    owner: dict[str, str] = {}
-    for vs_id, members in groups.items():
-        lines.append("")
-        lines.append(f"# --- {vs_id}: {VALUESETS[vs_id]['title']}")
-        for code in members:
-            generic = GENERIC_NAME_OVERRIDES.get(code, ingredients[code])
-            extra = DRUG_NAMES.get(code, [])
-            for n in [generic] + extra:
-                prev = owner.setdefault(n.lower(), code)
-                if prev != code:
-                    raise BuildError(f"drug name {n!r} maps to both {prev} and {code}")
-            lines.append(f"{yaml_str(code)}:")
-            lines.append(f"  name: {yaml_str(generic)}")
-            if extra:
-                lines.append(f"  names: [{', '.join(yaml_str(n) for n in extra)}]")
-    return "\n".join(lines) + "\n"
-
-
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -988,8 +888,6 @@ def main(argv=None) -> int:
     rollup, report = build_rollup(codes)
     if write(args.out / "terminology" / "rxnorm-ingredients.json", dump_json(rollup)):
         changed.append("terminology/rxnorm-ingredients.json")
-    if write(args.out / "terminology" / "drug-names.yaml", build_drug_names(codes, builder)):
-        changed.append("terminology/drug-names.yaml")
 
     if not args.quiet:
         print("value sets:")
