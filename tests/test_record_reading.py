@@ -1,0 +1,168 @@
+"""Unit tests of how the record is read as clinicians write it (issue 9 §2): routes of local products,
+the end of a course, MedicationStatement.dateAsserted, reasonReference, hCG values and interpretation codes."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from cds_hooks_service.engine import _compare, draft_facts
+from cds_hooks_service.facts import (MedicationIndex, Normaliser, milli_iu_per_ml, parse_duration, parse_time,
+                                     route_matches)
+from cds_hooks_service.index import RecordIndex, RuleConcepts
+from cds_hooks_service.terminology import ICD10CM, RXNORM
+
+NOW = parse_time("2026-03-01T12:00:00Z")
+INTERP = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+
+
+def _med(normaliser, **fields):
+    r = {"resourceType": "MedicationRequest", "id": "m1", "status": "active", "intent": "order", **fields}
+    return normaliser.medication(r, MedicationIndex([]))
+
+
+def _cc(code=None, text=None):
+    cc = {}
+    if code:
+        cc["coding"] = [{"system": RXNORM, "code": code}]
+    if text:
+        cc["text"] = text
+    return cc
+
+
+@pytest.fixture
+def normaliser(rulebook):
+    return Normaliser(rulebook.terminology)
+
+
+# -- routes ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, route", [
+    ("ketoconazole 2% cream", "topical"),
+    ("ketoconazole 2% shampoo", "topical"),
+    ("clotrimazole 1% ointment", "topical"),
+    ("erythromycin 0.5% ophthalmic ointment", "ophthalmic"),
+    ("phenylephrine 2.5% eye drops", "ophthalmic"),
+    ("ciprofloxacin otic drops", "otic"),
+    ("clotrimazole 100 mg vaginal tablet", "vaginal"),
+    ("miconazole oral gel", "oral"),
+    ("clotrimazole 10 mg troche", "oral"),
+    ("ergotamine 2 mg suppository", "rectal"),
+    ("EpiPen 0.3 mg auto-injector", "auto-injector"),
+    ("lidocaine 1% with epinephrine 1:100,000 injection", "infiltration"),
+    ("epinephrine 1 mg/mL injection", "injection"),
+    ("ketoconazole 200 mg tablet", "oral"),
+])
+def test_route_is_read_from_the_product_text(normaliser, text, route):
+    assert _med(normaliser, medicationCodeableConcept=_cc(text=text)).route == route
+
+
+def test_route_code_wins_and_local_codes_are_local(normaliser):
+    fact = _med(normaliser, medicationCodeableConcept=_cc("6135", "ketoconazole"),
+                dosageInstruction=[{"route": {"coding": [{"system": "http://snomed.info/sct", "code": "6064005"}]}}])
+    assert fact.route == "topical"
+    assert not route_matches(fact.route, ["systemic"]) and route_matches(fact.route, ["topical"])
+
+
+def test_epinephrine_with_lidocaine_by_code_is_infiltration_unless_iv(normaliser):
+    combo = {"coding": [{"system": RXNORM, "code": "3992"}, {"system": RXNORM, "code": "6387"}]}
+    assert _med(normaliser, medicationCodeableConcept=combo).route == "infiltration"
+    iv = [{"route": {"coding": [{"system": "http://snomed.info/sct", "code": "47625008"}]}}]
+    assert _med(normaliser, medicationCodeableConcept=combo, dosageInstruction=iv).route == "intravenous"
+
+
+def test_route_aliases():
+    assert route_matches(None, ["systemic"]) and route_matches("oral", ["systemic"])
+    assert not route_matches("ophthalmic", ["systemic"]) and route_matches("ophthalmic", ["topical"])
+    assert route_matches("auto-injector", ["intramuscular"]) and route_matches("auto-injector", ["parenteral"])
+    assert not route_matches("auto-injector", ["intravenous", "injection", "unknown"])
+
+
+# -- exposure time ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value, seconds", [
+    ({"value": 14, "code": "d"}, 14 * 86400), ({"value": 2, "unit": "weeks"}, 14 * 86400),
+    ({"value": 12, "code": "h"}, 12 * 3600), ({"value": -1, "code": "d"}, None), ({"value": 3, "code": "x"}, None),
+    ({"value": True, "code": "d"}, None), ("14d", None), ({"value": 1e9, "code": "a"}, None),
+])
+def test_parse_duration(value, seconds):
+    d = parse_duration(value)
+    assert (d.total_seconds() if d else None) == seconds
+
+
+def test_course_end_from_bounds_supply_and_validity(normaliser):
+    ordered = "2026-02-13T12:00:00Z"  # 16 days before NOW
+    bounds = _med(normaliser, authoredOn=ordered, dosageInstruction=[
+        {"timing": {"repeat": {"boundsPeriod": {"start": ordered, "end": "2026-02-27T12:00:00Z"}}}}])
+    assert bounds.time == parse_time(ordered) and bounds.exposure == parse_time("2026-02-27T12:00:00Z")
+    duration = _med(normaliser, authoredOn=ordered, dosageInstruction=[
+        {"timing": {"repeat": {"boundsDuration": {"value": 14, "code": "d"}}}}])
+    assert duration.exposure == parse_time(ordered) + timedelta(days=14)
+    supply = _med(normaliser, authoredOn=ordered, dispenseRequest={"expectedSupplyDuration": {"value": 10, "code": "d"}})
+    assert supply.exposure == parse_time(ordered) + timedelta(days=10)
+    validity = _med(normaliser, authoredOn=ordered, dispenseRequest={"validityPeriod": {"end": "2026-02-20T00:00:00Z"}})
+    assert validity.exposure == parse_time("2026-02-20T00:00:00Z")
+    plain = _med(normaliser, authoredOn=ordered)
+    assert plain.course_end is None and plain.exposure == plain.time
+
+
+def test_date_asserted_is_no_dose_time(normaliser):
+    r = {"resourceType": "MedicationStatement", "id": "s", "status": "active", "dateAsserted": "2026-03-01T10:00:00Z",
+         "medicationCodeableConcept": _cc("37418")}
+    fact = normaliser.medication(r, MedicationIndex([]))
+    assert fact.time is None and fact.exposure is None and fact.active
+    r["effectiveDateTime"] = "2026-03-01T09:00:00Z"
+    assert normaliser.medication(r, MedicationIndex([])).time == parse_time("2026-03-01T09:00:00Z")
+
+
+# -- reasonReference -------------------------------------------------------------------------------------
+def _condition(cid, code, verification="confirmed"):
+    return {"resourceType": "Condition", "id": cid, "code": {"coding": [{"system": ICD10CM, "code": code}]},
+            "verificationStatus": {"coding": [{"code": verification}]}}
+
+
+def test_reason_reference_contained_bundle_and_record(rulebook, normaliser):
+    draft = {"resourceType": "MedicationRequest", "id": "d1", "status": "draft", "intent": "order",
+             "medicationCodeableConcept": _cc("897745"),
+             "contained": [_condition("c", "S72.001A")],
+             "reasonReference": [{"reference": "#c"}, {"reference": "Condition/in-bundle"},
+                                 {"reference": "https://ehr.example/fhir/Condition/in-record/_history/2"},
+                                 {"reference": "Condition/refuted"}, {"reference": "Condition/nowhere"}]}
+    bundle = {"resourceType": "Bundle", "entry": [{"resource": draft}, {"resource": _condition("in-bundle", "S52.501A")}]}
+    facts, meds = draft_facts(bundle, normaliser)
+    assert [f.ref for f in facts] == ["MedicationRequest/d1"]
+    fact = facts[0]
+    assert set(fact.reasons) == {(ICD10CM, "S72.001A"), (ICD10CM, "S52.501A")}
+    assert fact.reason_refs == ("Condition/in-record", "Condition/refuted", "Condition/nowhere")
+    record = {"conditions": [_condition("in-record", "G43.909"), _condition("refuted", "S82.001A", "refuted")]}
+    index = RecordIndex(record, normaliser, meds, facts, RuleConcepts.of(rulebook))
+    reasons, _ = index.reasons_of(fact)
+    assert set(reasons) == {(ICD10CM, "S72.001A"), (ICD10CM, "S52.501A"), (ICD10CM, "G43.909")}
+
+
+# -- observations ----------------------------------------------------------------------------------------
+def _obs(normaliser, **fields):
+    r = {"resourceType": "Observation", "id": "o", "status": "final",
+         "code": {"coding": [{"system": "http://loinc.org", "code": "21198-7"}]}, **fields}
+    return normaliser.observations(r)[0]
+
+
+@pytest.mark.parametrize("fields, positive", [
+    ({"interpretation": [{"coding": [{"system": INTERP, "code": "POS"}]}]}, True),
+    ({"interpretation": [{"coding": [{"system": INTERP, "code": "A"}]}]}, True),
+    ({"interpretation": [{"coding": [{"system": INTERP, "code": "HH"}]}]}, True),
+    ({"interpretation": [{"coding": [{"system": INTERP, "code": "NEG"}]}]}, False),
+    ({"interpretation": [{"coding": [{"system": "http://example.org/local", "code": "A"}]}]}, False),
+    ({"valueCodeableConcept": {"text": "Negative"}, "interpretation": [{"coding": [{"system": INTERP, "code": "A"}]}]}, False),
+    ({"valueQuantity": {"value": 1250, "unit": "mIU/mL"}}, True),
+    ({"valueQuantity": {"value": 40, "code": "[iU]/L"}}, True),
+    ({"valueQuantity": {"value": 24, "unit": "mIU/mL"}, "interpretation": [{"coding": [{"system": INTERP, "code": "H"}]}]}, False),
+    ({"valueQuantity": {"value": 30, "unit": "pmol/L"}}, False),  # other units: judged by text/flag only
+    ({"valueQuantity": {"value": 30, "unit": "pmol/L"}, "interpretation": [{"coding": [{"system": INTERP, "code": "H"}]}]}, True),
+])
+def test_pregnancy_test_positive(normaliser, fields, positive):
+    assert _compare(_obs(normaliser, **fields), "positive", 25) is positive
+
+
+def test_milli_iu_per_ml():
+    assert milli_iu_per_ml(5, "mIU/mL") == 5 and milli_iu_per_ml(5, "IU/L") == 5
+    assert milli_iu_per_ml(0.5, "IU/mL") == 500 and milli_iu_per_ml(5, "ng/mL") is None
+    assert milli_iu_per_ml(None, "mIU/mL") is None and milli_iu_per_ml(5, None) is None
