@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from .facts import (DRAFT_TYPES, MEDICATION_TYPES, NEGATIVE_INTERPRETATIONS, POSITIVE_INTERPRETATIONS, MedicationFact,
-                    MedicationIndex, Normaliser, ObservationFact, milli_iu_per_ml, route_matches)
+                    MedicationIndex, Normaliser, ObservationFact, milli_iu_per_ml, parse_time, route_matches)
 from .index import RecordIndex
-from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger
+from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, normalise_unit
 
 _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 
@@ -183,6 +183,7 @@ class Evaluation:
                 "ingredients": self.terminology.ingredient_label(m.concepts & c.valueset) or m.display,
                 "status": m.status or "unknown", "active": m.active, "time": _when(exposure if ended else m.time),
                 "until": _when(until), "ordered": _when(m.time), "course_end": _when(m.course_end),
+                "asserted": _when(parse_time(m.resource.get("dateAsserted"))),  # list reviewed: no dose time
                 "route": m.route, "matched_by": m.matched_by, "ref": m.ref,
             })
         note = f"{total} qualifying of {considered} in the value sets" if considered else "none in the value sets"
@@ -260,6 +261,60 @@ class Evaluation:
                 readings = readings[:1]
             qualifying += [(o, vs) for o in readings if self._in_window(c, o.time) and _compare(o, op, value)]
         return _Found(qualifying)
+
+    def _score(self, c: Check):
+        found = self._shared(c, self._find_score)
+        return found.facts[:self.limit], len(found.facts), found.note
+
+    def _find_score(self, c: Check) -> _Found:
+        """A points score: each item's points (from the record, or ``otherwise`` when the record lacks it),
+        their total against ``atLeast``. One item on the card: the total, then every item with its value,
+        date and points (the record's own evidence), then the items counted as absent."""
+        total, parts, missing = 0, [], []
+        for item in c.score_items:
+            if item.kind == "observation":
+                readings = [o for o in self.record.observations.matching(item.valueset) if o.value is not None]
+                readings.sort(key=lambda o: o.time.timestamp() if o.time else 0, reverse=True)
+                newest = next((o for o in readings if self._in_window(c, o.time)), None)
+                value = None
+                if newest is not None:
+                    factor = 1.0 if item.units is None else item.units.get(normalise_unit(newest.unit))
+                    value = newest.value * factor if factor is not None else None
+                if value is None:
+                    total += item.otherwise
+                    missing.append(f"{item.label} ({item.otherwise})" if newest is None else
+                                   f"{item.label} ({item.otherwise}; unit {newest.unit} not read)")
+                    continue
+                points = next((p for op, limit, p in item.bands
+                               if {">=": value >= limit, ">": value > limit, "<=": value <= limit, "<": value < limit}[op]),
+                              item.otherwise)
+                total += points
+                unit = newest.unit if newest.unit and not newest.unit.startswith("{") and newest.unit != "1" else ""
+                date = newest.time.strftime("%Y-%m-%d") if newest.time else "date not recorded"
+                parts.append({"label": item.label, "value": newest.value, "unit": newest.unit, "points": points,
+                              "time": _when(newest.time), "ref": newest.ref,
+                              "text": f"{item.label} {newest.value:g}{' ' + unit if unit else ''} ({date}): {points}"})
+            elif item.kind == "condition":
+                cond = next(iter(self.record.conditions.matching(item.valueset)), None)
+                if cond is None:
+                    total += item.otherwise
+                    missing.append(f"{item.label} ({item.otherwise})")
+                    continue
+                total += item.present
+                parts.append({"label": item.label, "points": item.present, "time": _when(cond.time), "ref": cond.ref,
+                              "text": f"{item.label} ({cond.display}): {item.present}"})
+            else:
+                total += item.otherwise
+                missing.append(f"{item.label} ({item.otherwise})")
+        at_least = c.spec["atLeast"]
+        note = f"{total} points (at least {at_least} needed); not in the record: {', '.join(missing) or 'none'}"
+        if total < at_least or not parts:
+            return _Found([], note=note)
+        display = (f"{total} points or more: " + "; ".join(p["text"] for p in parts)
+                   + (f"; not recorded, counted as: {', '.join(missing)}" if missing else "")
+                   + (f". {c.spec['note']}" if c.spec.get("note") else ""))
+        return _Found([{"kind": "score", "display": display, "total": total, "parts": parts, "missing": missing,
+                        "ref": f"score:{c.name}", "code": c.name}], note=note)
 
     def _procedure(self, c: Check):
         found = self._shared(c, lambda c: _Found([p for p in self.record.procedures.matching(c.valueset)

@@ -55,6 +55,10 @@ class RuleConcepts:
                     elif c.kind == "observation":
                         for vs, _, _ in c.observations:
                             kinds["observation"] |= vs
+                    elif c.kind == "score":
+                        for vs, _, _ in c.observations:
+                            kinds["observation"] |= vs
+                        kinds["condition"] |= c.valueset
                     elif c.kind == "procedure":
                         kinds["procedure"] |= c.valueset
             cached = cls(*(frozenset(kinds[k]) for k in ("medication", "condition", "observation", "procedure")))

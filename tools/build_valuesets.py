@@ -381,6 +381,16 @@ VALUESETS: dict[str, dict] = {
             {"set": "condition_anchor_snomed", "where": {"category": "hepatic"}},
         ],
     },
+    "cond-hepatic-encephalopathy": {
+        "title": "Hepatic encephalopathy",
+        "description": "Hepatic encephalopathy or hepatic coma (Child-Pugh score item). Every code here is also "
+                       "in cond-severe-hepatic-impairment.",
+        "include": [
+            {"set": "condition_anchor_snomed", "codes": ["13920009"]},
+            {"set": "severe_hepatic_impairment_icd10cm",
+             "codes": ["B19.0", "B19.11", "B19.21", "K70.41", "K72.01", "K72.11", "K72.91"]},
+        ],
+    },
     "cond-severe-renal-impairment": {
         "title": "Severe renal impairment",
         "description": "CKD stage 4/5, end-stage renal disease and dialysis.",
