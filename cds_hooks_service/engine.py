@@ -279,7 +279,8 @@ class Evaluation:
                 value = None
                 if newest is not None:
                     factor = 1.0 if item.units is None else item.units.get(normalise_unit(newest.unit))
-                    value = newest.value * factor if factor is not None else None
+                    # converted to the bands' unit, to 2 decimals (51.3 umol/L bilirubin is 3.00 mg/dL)
+                    value = round(newest.value * factor, 2) if factor is not None else None
                 if value is None:
                     total += item.otherwise
                     missing.append(f"{item.label} ({item.otherwise})" if newest is None else

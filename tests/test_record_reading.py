@@ -166,3 +166,49 @@ def test_milli_iu_per_ml():
     assert milli_iu_per_ml(5, "mIU/mL") == 5 and milli_iu_per_ml(5, "IU/L") == 5
     assert milli_iu_per_ml(0.5, "IU/mL") == 500 and milli_iu_per_ml(5, "ng/mL") is None
     assert milli_iu_per_ml(None, "mIU/mL") is None and milli_iu_per_ml(5, None) is None
+
+
+# -- Child-Pugh score (kind "score") ------------------------------------------------------------------------
+def _score_evidence(rulebook, record):
+    from cds_hooks_service.engine import Evaluation, HookContext
+    from cds_hooks_service.scenarios import expand_draft, expand_record
+    normaliser = Normaliser(rulebook.terminology)
+    bundle = {"resourceType": "Bundle", "entry": [{"resource": expand_draft(
+        {"drug": "3418", "text": "dihydroergotamine 1 mg IV", "route": "IV"}, 0, NOW)}]}
+    facts, meds = draft_facts(bundle, normaliser)
+    resources = {"observations": [], "conditions": []}
+    for i, item in enumerate(record):
+        r = expand_record(dict(item), i, NOW)
+        resources["observations" if r["resourceType"] == "Observation" else "conditions"].append(r)
+    ctx = HookContext("order-sign", NOW, "p", None, None, facts, facts)
+    index = RecordIndex(resources, normaliser, meds, facts, RuleConcepts.of(rulebook))
+    rule = rulebook.get("dhe-contraindicated-condition")
+    return Evaluation(rule, facts[0], ctx, index, rulebook, trace=False).check("child-pugh-class-c")
+
+
+def test_child_pugh_card_item_names_the_values_and_the_absent_items(rulebook):
+    e = _score_evidence(rulebook, [
+        {"observation": "1975-2", "value": 51.3, "unit": "µmol/L", "at": "-1d"},  # 3.0 mg/dL: 2 points
+        {"observation": "1751-7", "value": 2.7, "unit": "g/dL", "at": "-1d"},
+        {"observation": "6301-6", "value": 2.5, "at": "-1d"},
+        {"condition": "13920009", "display": "Hepatic encephalopathy"}])
+    assert e is not None and e.items[0]["total"] == 11  # 2 + 3 + 3 + 2 + ascites 1
+    text = e.items[0]["display"]
+    assert "Total bilirubin 51.3 µmol/L" in text and ": 2;" in text and "Albumin 2.7 g/dL" in text
+    assert "INR 2.5" in text and "Hepatic encephalopathy (Hepatic encephalopathy): 2" in text
+    assert "Ascites (no verified code) (1)" in text
+
+
+def test_child_pugh_unread_unit_counts_as_absent(rulebook):
+    e = _score_evidence(rulebook, [
+        {"observation": "1975-2", "value": 4.0, "unit": "mmol/L", "at": "-1d"},  # not a unit the rule reads
+        {"observation": "1751-7", "value": 2.5, "unit": "g/dL", "at": "-1d"},
+        {"observation": "6301-6", "value": 2.5, "at": "-1d"}])
+    assert e is None  # 1 + 3 + 3 + 1 + 1 = 9
+
+
+def test_score_items_feed_the_rule_concepts_and_the_prefetch_query(rulebook):
+    concepts = RuleConcepts.of(rulebook)
+    assert ("http://loinc.org", "1975-2") in concepts.observations
+    assert ("http://loinc.org", "34714-6") in concepts.observations
+    assert "1751-7" in rulebook.prefetch["observations"] and "6301-6" in rulebook.prefetch["observations"]
