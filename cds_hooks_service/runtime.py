@@ -29,7 +29,7 @@ from flask import current_app
 from . import fhir_transport
 from .auth import JwtVerifier, check_public_url
 from .config import Settings
-from .request_validation import SCHEMA_DIR, load_validators  # noqa: F401 (SCHEMA_DIR: openapi.py)
+from .request_validation import load_validators
 from .rulebook import Rulebook, RulebookError, load_rulebook
 from .store import FeedbackStore
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from cds_hooks_service.engine import HookContext, draft_facts, evaluate_rule
-from cds_hooks_service.facts import MedicationIndex, Normaliser, parse_time
+from cds_hooks_service.facts import Normaliser, parse_time
 from cds_hooks_service.index import ConceptIndex, RecordIndex, RuleConcepts
 from cds_hooks_service.scenarios import expand_draft, expand_record
 from cds_hooks_service.terminology import ICD10CM, RXNORM, SNOMED, concept
