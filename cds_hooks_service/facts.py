@@ -397,12 +397,17 @@ class Normaliser:
         """The latest end of the course the resource states: ``dosageInstruction``/``dosage`` timing bounds
         (boundsPeriod.end, or its start / the order date + boundsDuration), ``dispenseRequest``
         (validityPeriod.start or the order date + expectedSupplyDuration; failing those, the end of the
-        validity period) and ``effectivePeriod.end``."""
+        validity period of an active or on-hold prescription) and ``effectivePeriod.end``. None for an
+        as-needed (PRN) dosage: its course bounds when a dose may be taken, not that one was."""
+        dosages = as_list(r.get("dosageInstruction")) + as_list(r.get("dosage"))
+        if any(isinstance(d, dict) and (d.get("asNeededBoolean") is True or isinstance(d.get("asNeededCodeableConcept"), dict))
+               for d in dosages):
+            return None  # as needed (PRN): the course says when a dose MAY be taken, not that one was
         start = parse_time(r.get("authoredOn")) or parse_time(r.get("dateWritten"))
         period = r.get("effectivePeriod") if isinstance(r.get("effectivePeriod"), dict) else {}
         start = start or parse_time(period.get("start")) or parse_time(r.get("effectiveDateTime"))
         ends = [parse_time(period.get("end"))]
-        for dosage in as_list(r.get("dosageInstruction")) + as_list(r.get("dosage")):
+        for dosage in dosages:
             timing = dosage.get("timing") if isinstance(dosage, dict) else None
             repeat = timing.get("repeat") if isinstance(timing, dict) else None
             if not isinstance(repeat, dict):
@@ -419,7 +424,8 @@ class Normaliser:
         supply_start = parse_time(validity.get("start")) or start
         if supply is not None and supply_start is not None:
             ends.append(supply_start + supply)
-        elif parse_time(validity.get("end")):
+        elif parse_time(validity.get("end")) and r.get("status") in ("active", "on-hold"):
+            # Only for a live prescription: a completed or stopped one was not taken until its validity end.
             ends.append(parse_time(validity.get("end")))
         ends = [e for e in ends if e is not None]
         return max(ends) if ends else None

@@ -384,6 +384,8 @@ def _compile_rule(doc: dict, text: str, path: Path, terminology: Terminology, al
             check.children = (body,)
         if kind in ("condition", "observation", "procedure"):
             check.needs = frozenset(DATA_KEYS[kind])
+        elif kind == "orderReason":  # a reasonReference may point at a Condition of the record
+            check.needs = frozenset(DATA_KEYS["condition"])
         elif kind in ("medication", "medicationClasses"):
             sources = body.get("sources") or MEDICATION_TYPES
             check.needs = frozenset(k for s in sources for k in DATA_KEYS[s])

@@ -28,6 +28,7 @@ Course and reason extensions (drafts and medication record items):
     supply: 14d                 # dispenseRequest.expectedSupplyDuration
     validity: {start: -16d, end: -2d}  # dispenseRequest.validityPeriod
     period: {start: -16d, end: -2d}    # effectivePeriod (MedicationStatement / MedicationAdministration)
+    prn: true                   # asNeededBoolean on every dosage (a PRN course end is no exposure time)
     taken: -2h                  # MedicationStatement.effectiveDateTime (a dose time; `at` is dateAsserted)
     asserted: false             # MedicationStatement without dateAsserted
   Observations: ``interpretation: POS`` (or a list: [H, A]) adds HL7 v3 ObservationInterpretation codes.
@@ -253,6 +254,12 @@ def _set_course(resource: dict, item: dict, now: datetime) -> None:
         dispense["validityPeriod"] = _period(item["validity"], now)
     if dispense:
         resource["dispenseRequest"] = dispense
+    if item.get("prn"):  # as needed: every dosage gets asNeededBoolean
+        field = "dosageInstruction" if resource["resourceType"] == "MedicationRequest" else "dosage"
+        dosages = resource.get(field) or [{"text": item.get("text") or "as needed"}]
+        for d in (dosages if isinstance(dosages, list) else [dosages]):
+            d["asNeededBoolean"] = True
+        resource[field] = dosages
     if item.get("period"):
         resource["effectivePeriod"] = _period(item["period"], now)
 

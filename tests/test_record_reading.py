@@ -212,3 +212,13 @@ def test_score_items_feed_the_rule_concepts_and_the_prefetch_query(rulebook):
     assert ("http://loinc.org", "1975-2") in concepts.observations
     assert ("http://loinc.org", "34714-6") in concepts.observations
     assert "1751-7" in rulebook.prefetch["observations"] and "6301-6" in rulebook.prefetch["observations"]
+
+
+def test_prn_course_and_completed_validity_are_no_exposure(normaliser):
+    ordered = "2026-02-09T12:00:00Z"
+    prn = _med(normaliser, authoredOn=ordered, dispenseRequest={"expectedSupplyDuration": {"value": 30, "code": "d"}},
+               dosageInstruction=[{"asNeededBoolean": True}])
+    assert prn.course_end is None and prn.exposure == parse_time(ordered)
+    done = _med(normaliser, status="completed", authoredOn=ordered,
+                dispenseRequest={"validityPeriod": {"end": "2027-02-09T00:00:00Z"}})
+    assert done.course_end is None
