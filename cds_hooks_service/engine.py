@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from .facts import (DRAFT_TYPES, MEDICATION_TYPES, NEGATIVE_INTERPRETATIONS, POSITIVE_INTERPRETATIONS, MedicationFact,
-                    MedicationIndex, Normaliser, ObservationFact, milli_iu_per_ml, parse_time, route_matches)
+                    MedicationIndex, Normaliser, ObservationFact, add_time, milli_iu_per_ml, parse_time, route_matches)
 from .index import RecordIndex
 from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, normalise_unit
 
@@ -172,7 +172,7 @@ class Evaluation:
             if skip and m.source == "draft" and m.ref == ref:
                 continue
             exposure = m.exposure
-            until = exposure + timedelta(seconds=c.within) if (c.within and exposure and m.source != "draft") else None
+            until = add_time(exposure, timedelta(seconds=c.within)) if (c.within and exposure and m.source != "draft") else None
             # A course whose stated end is past and later than its order/dose time is shown by its end.
             ended = m.source != "draft" and exposure is not None and exposure is not m.time and exposure <= self.ctx.now
             items.append({

@@ -153,6 +153,14 @@ def parse_duration(value: object) -> timedelta | None:
     return timedelta(seconds=number * seconds)
 
 
+def add_time(t: datetime, d: timedelta) -> datetime | None:
+    """t + d, or None past the last representable instant (a hostile 9999-12-31 start)."""
+    try:
+        return t + d
+    except OverflowError:
+        return None
+
+
 def as_list(value: object) -> list:
     """R4 arrays that real clients sometimes send as a single object."""
     if isinstance(value, list):
@@ -417,13 +425,13 @@ class Normaliser:
             duration = parse_duration(repeat.get("boundsDuration"))
             begin = parse_time(bounds.get("start")) or start
             if duration is not None and begin is not None:
-                ends.append(begin + duration)
+                ends.append(add_time(begin, duration))
         dispense = r.get("dispenseRequest") if isinstance(r.get("dispenseRequest"), dict) else {}
         validity = dispense.get("validityPeriod") if isinstance(dispense.get("validityPeriod"), dict) else {}
         supply = parse_duration(dispense.get("expectedSupplyDuration"))
         supply_start = parse_time(validity.get("start")) or start
         if supply is not None and supply_start is not None:
-            ends.append(supply_start + supply)
+            ends.append(add_time(supply_start, supply))
         elif parse_time(validity.get("end")) and r.get("status") in ("active", "on-hold"):
             # Only for a live prescription: a completed or stopped one was not taken until its validity end.
             ends.append(parse_time(validity.get("end")))

@@ -222,3 +222,21 @@ def test_prn_course_and_completed_validity_are_no_exposure(normaliser):
     done = _med(normaliser, status="completed", authoredOn=ordered,
                 dispenseRequest={"validityPeriod": {"end": "2027-02-09T00:00:00Z"}})
     assert done.course_end is None
+
+
+def test_order_dated_year_9999_is_no_server_error(rulebook):
+    """A hostile far-future date: the window end would overflow; the card still renders (was a 500)."""
+    from cds_hooks_service.config import Settings
+    from cds_hooks_service.hook_call import call_service
+    from cds_hooks_service.scenarios import Scenario, expand_draft
+    from cds_hooks_service.services import SERVICE_FOR_HOOK
+    settings = Settings.from_env()
+    settings.fixed_now = NOW
+    record = [{"resourceType": "MedicationRequest", "id": "x", "status": "active", "intent": "order",
+               "authoredOn": "9999-12-31T23:00:00Z", "medicationCodeableConcept": _cc("21212"),
+               "dispenseRequest": {"expectedSupplyDuration": {"value": 3, "code": "d"}}}]
+    sc = Scenario("dhe-cyp3a4-inhibitor", "far future", "fire", None, None, NOW,
+                  [expand_draft({"drug": "3418", "route": "IV"}, 0, NOW)], record, None, None)
+    result = call_service(SERVICE_FOR_HOOK["order-sign"], sc.request("order-sign"), rulebook=rulebook, store=None,
+                          settings=settings)
+    assert [c["indicator"] for c in result.response["cards"]] == ["critical"]
