@@ -113,7 +113,7 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
     if not candidates:
         return None
 
-    data = _gather(live, body, settings, session, client, rulebook)
+    data = _gather(live, body, rulebook, settings, session, client)
     record_index = RecordIndex(data.resources, normaliser, medications, drafts,
                                None if trace else RuleConcepts.of(rulebook))
     decision = Decision(ctx, [], data, live)
@@ -130,7 +130,7 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
     return decision
 
 
-def _gather(live, body: dict, settings, session, client: Client, rulebook: Rulebook) -> PatientData:
+def _gather(live, body: dict, rulebook: Rulebook, settings, session, client: Client) -> PatientData:
     needs = set().union(*(rule.needs for rule, _ in live))
     data = gather(needs, body, templates=rulebook.prefetch, budget=settings.time_budget,
                   connect_timeout=settings.fhir_connect_timeout, read_timeout=settings.fhir_read_timeout,

@@ -40,8 +40,8 @@ HOOK_DURATION = Histogram("cds_hook_duration_seconds", "Time to answer a hook ca
                           ["service"], buckets=HOOK_BUCKETS)
 HTTP_RESPONSES = Counter("cds_http_responses", "HTTP responses by Flask endpoint name and status code",
                          ["endpoint", "status"])
-CARDS = Counter("cds_cards", "Cards sent, by rule id (card.source.topic.code; data-unavailable: the service's own "
-                "info card) and indicator", ["rule", "indicator"])
+CARDS = Counter("cds_cards", "Cards sent, by rule id (card.source.topic.code; data-unavailable and cards-not-shown: "
+                "the service's own info cards) and indicator", ["rule", "indicator"])
 CHECKS_NOT_COMPLETED = Counter("cds_checks_not_completed", "Rules that could not be completed because patient data "
                                "could not be read (an info card was sent instead)", ["rule"])
 SHADOW_FINDINGS = Counter("cds_shadow_findings", "Findings of rules in shadow mode (counted, no card shown)", ["rule"])
