@@ -87,6 +87,8 @@ def template_context(finding, now: datetime) -> dict:
     draft = finding.draft
     return {
         "rule": {"id": finding.rule.id, "title": finding.rule.title, "source": finding.rule.source},
+        # the local-policy numbers the rule and its card use (rules/shared.yaml, the rule's policies:)
+        "policy": {name: _plain(p.value) for name, p in (getattr(finding.rule, "policies", None) or {}).items()},
         "indicator": finding.indicator,
         "draft": {"display": draft.display, "route": draft.route or "route not stated",
                   "matched_by": draft.matched_by, "names": list(draft.matched_names)},

@@ -47,7 +47,7 @@ class Finding:
     cautions: list[Evidence]
     suppressed_by: Evidence | None = None
     trace: list[dict] = field(default_factory=list)
-    excluded_suggestions: frozenset[str] = frozenset()  # left out by their `unless` checks
+    excluded_suggestions: frozenset[str] = frozenset()  # left out by their `only_if`/`unless` checks
     # Set once by hook_call.record: fired | excepted | suppressed | shadow | not fired, and why it is not shown.
     outcome: str = ""
     reason: str = ""
@@ -407,7 +407,7 @@ def evaluate_rule(rule: Rule, draft: MedicationFact, ctx: HookContext, record: R
             if any(ev.check(n) for n in when):
                 indicator = adjusted
                 break
-        excluded = frozenset(s.id for s in rule.suggestions if any(ev.check(n) for n in s.unless))
+        excluded = frozenset(s.id for s in rule.suggestions if not s.offered(ev.check))
         return Finding(rule, draft, trig.name, indicator, evidence, cautions, suppressed, ev.trace or [], excluded)
     if trace and ev.trace is not None:
         return Finding(rule, draft, "", rule.indicator, [], [], None, ev.trace)  # not fired; trace only

@@ -28,10 +28,11 @@ class ReplayCounts:
     info_cards: int = 0
 
 
-def replay(paths: list[Path], rulebook, settings) -> ReplayCounts:
+def replay(paths: list[Path], rulebook, settings, progress=None) -> ReplayCounts:
+    """``progress`` optionally wraps the list of paths (e.g. in a progress bar)."""
     validators = load_validators()
     counts = ReplayCounts()
-    for path in paths:
+    for path in (progress(paths) if progress else paths):
         try:
             body = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -373,16 +373,17 @@ def scenario_file(rule) -> Path:
     return rule.path.with_name(rule.raw.get("tests") or f"{rule.id}.tests.yaml")
 
 
-def run_scenarios(rulebook, settings, rule_ids: list[str] | None = None) -> tuple[list[ScenarioResult], list[str]]:
+def run_scenarios(rulebook, settings, rule_ids: list[str] | None = None,
+                  progress=None) -> tuple[list[ScenarioResult], list[str]]:
     """Run every rule's scenarios on each hook the rule serves. Returns results and problems
-    (a rule without scenarios, or without at least one firing and one non-firing scenario)."""
+    (a rule without scenarios, or without at least one firing and one non-firing scenario).
+    ``progress(iterable, total)`` optionally wraps the rules (e.g. in a progress bar)."""
     from .hook_call import EXCEPTED, FIRED, SHADOW, SUPPRESSED, call_service
     from .services import SERVICE_FOR_HOOK
     results: list[ScenarioResult] = []
     problems: list[str] = []
-    for rule in rulebook.rules:
-        if rule_ids and rule.id not in rule_ids:
-            continue
+    rules = [r for r in rulebook.rules if not rule_ids or r.id in rule_ids]
+    for rule in (progress(rules, len(rules)) if progress else rules):
         path = scenario_file(rule)
         if not path.exists():
             problems.append(f"{rule.id}: no scenario file {path.name} beside the rule")
