@@ -16,8 +16,9 @@ Host or X-Forwarded-* headers), ``exp`` at most ``max_lifetime`` seconds after `
 
 JWKS fetches (``jwks_url``): keys are cached 5 minutes; an unknown ``kid`` refetches at most once per
 cooldown (30 s); a failed fetch is remembered for ``failure_ttl`` (30 s) and answered from that memory;
-at most 5 fetches per issuer per minute. A fetch runs outside any lock that other issuers' calls wait on;
-calls of the same issuer wait for the fetch in flight (at most the fetch timeout) instead of fetching too.
+at most 5 fetches per issuer per minute; a fetch ends at its timeout however slowly the answer trickles in. A fetch runs outside any lock that other issuers' calls wait on;
+calls of the same issuer whose kid is cached (even past its lifespan) are answered from the cache; only calls
+with an unknown kid wait for the fetch in flight (at most the fetch timeout) instead of fetching too.
 
 ``jku`` handling: a token may carry a ``jku`` header (the URL of the client's JWK Set).
 * Issuer configured with ``jwks_url``: ``jku``, when present, must equal that URL exactly; keys are only
@@ -31,7 +32,6 @@ no detail) and never contains the token. Nothing here logs.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import os
@@ -46,7 +46,8 @@ import jwt
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .fhir_servers import parse_entry_servers
+from . import fhir_transport
+from .fhir_servers import parse_entry_servers, parse_target
 
 ALLOWED_ALGORITHMS = frozenset(
     {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
@@ -115,6 +116,9 @@ class _JwksSource:
         self.fetch_count = 0
         self._session = requests.Session()
         self._session.trust_env = False  # no proxy variables, no netrc
+        watched = fhir_transport.WatchedAdapter()  # the socket is shut down at the fetch's deadline
+        self._session.mount("http://", watched)
+        self._session.mount("https://", watched)
 
     def get(self, kid: str, iss: str) -> jwt.PyJWK:
         waited = False
@@ -125,6 +129,8 @@ class _JwksSource:
                 if keys is not None and kid in keys and fresh:
                     return keys[kid]
                 if self._inflight is not None:
+                    if keys is not None and kid in keys:
+                        return keys[kid]  # stale but known: never wait for another caller's refetch
                     if waited:
                         raise AuthError(f"JWKS of issuer {_show(iss)} still being fetched")
                     event, mine = self._inflight, False
@@ -171,7 +177,7 @@ class _JwksSource:
         self.fetch_count += 1
         deadline = time.monotonic() + self.timeout
         try:
-            with self._session.get(self.uri, headers={"Accept": "application/json"}, timeout=self.timeout,
+            with fhir_transport.deadline_scope(deadline), self._session.get(self.uri, headers={"Accept": "application/json"}, timeout=self.timeout,
                                    allow_redirects=False, stream=True) as resp:
                 resp.raise_for_status()
                 body = bytearray()
@@ -183,6 +189,8 @@ class _JwksSource:
                         raise AuthError("JWKS fetch exceeded its timeout")
             data = json.loads(bytes(body))
         except (requests.RequestException, ValueError) as e:
+            if time.monotonic() >= deadline:  # the watchdog cut a trickling answer
+                raise AuthError("JWKS fetch exceeded its timeout") from None
             raise AuthError(type(e).__name__) from None
         if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
             raise AuthError("not a JWK Set")
@@ -365,8 +373,12 @@ def _bearer_token(authorization_header: str | None) -> str:
 
 def _number(claims: dict, name: str) -> float:
     value = claims[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AuthError(f"{name} is not a finite number")  # json.loads accepts NaN/Infinity
+    try:  # json.loads accepts NaN/Infinity, and integers of any size (math.isfinite(10**400): OverflowError)
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise AuthError(f"{name} is not a finite number")
     return value
 
 
@@ -430,18 +442,12 @@ def _static_keys(jwks: Any, where: str) -> dict[str, jwt.PyJWK]:
 
 
 def _check_jwks_url(url: Any, where: str) -> str:
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if not parts or parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError(f"{where}: 'jwks_url' must be an absolute https URL")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    """Checked as urllib3 (the parser that connects) reads it: ``urllib.parse`` takes the host of
+    ``http://remote\\@127.0.0.1/`` to be 127.0.0.1, urllib3 connects to ``remote``."""
+    try:
+        target = parse_target(url)
+    except ValueError as exc:
+        raise ValueError(f"{where}: 'jwks_url' must be an absolute https URL ({exc})") from None
+    if target.scheme == "http" and not target.is_loopback:
         raise ValueError(f"{where}: 'jwks_url' must use https (http only for localhost)")
     return url
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin
 
 import requests
+from requests.utils import requote_uri
 
 from . import fhir_transport
 from .fhir_servers import FhirServerRefused, Resolver, Target, parse_target
@@ -215,7 +216,7 @@ class FhirClient:
         link = next((ln for ln in bundle.get("link") or [] if isinstance(ln, dict) and ln.get("relation") == "next"), None)
         if not link or not isinstance(link.get("url"), str) or not link["url"]:
             return None
-        url = urljoin(self.base_url + "/", link["url"])
+        url = requote_uri(urljoin(self.base_url + "/", link["url"]))  # as requests will send it (%2e -> ".")
         try:
             target = parse_target(url)
         except ValueError:

@@ -173,6 +173,11 @@ def address_allowed(ip: IpAddress, target: Target, networks: tuple = ()) -> bool
         return True
     if any(ip.version == net.version and ip in net for net in networks):
         return True
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.is_site_local:  # fec0::/10: deprecated, but still routed inside some networks
+            return False
+        if ip.sixtofour is not None:  # 2002:AABB:CCDD::/48 reaches IPv4 AA.BB.CC.DD through a 6to4 relay
+            return address_allowed(ip.sixtofour, target, networks)
     return ip.is_global and not (ip.is_private or ip.is_link_local or ip.is_loopback or ip.is_reserved)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -32,10 +33,36 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import ConnectTimeoutError, LocationParseError, NewConnectionError
 from urllib3.util import parse_url
 
+from . import fhir_servers
 from .fhir_servers import DEFAULT_PORTS, FhirServerRefused, Resolver, Target, pick_address
 
 DEFAULT_MAX_CONCURRENCY = 16
 DNS_THREADS = 4
+
+
+# ---------------------------------------------------------------- urllib3's DEBUG lines
+
+class _WithholdRequestTargets(logging.Filter):
+    """urllib3 logs every request line at DEBUG ('http://host:port "GET /fhir/Condition?patient=<id> HTTP/1.1"
+    200 512'): FHIR paths and queries carry patient ids, so they are withheld whatever level an operator sets
+    (hosts, ports and status codes stay)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and ("/" in a or "?" in a) for a in record.args):
+            record.args = tuple(_withheld(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def _withheld(text: str) -> str:
+    if text.startswith(("/", "?")):
+        return "(path withheld)"
+    if "://" in text:  # a whole URL (redirect and retry lines): keep its origin
+        scheme, _, rest = text.partition("://")
+        return f"{scheme}://{rest.split('/', 1)[0].split('?', 1)[0]}/(path withheld)"
+    return text
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_WithholdRequestTargets())
 
 
 # ---------------------------------------------------------------- the deadline watchdog
@@ -112,6 +139,54 @@ def _watch(sock: socket.socket | None) -> None:
     _scope.tokens.append(WATCHDOG.watch(sock, deadline))
 
 
+def _bound_handshake(sock: socket.socket) -> None:
+    """A socket's timeout is per operation, but Python's TLS handshake counts it as one total: clamped to what
+    is left before the deadline, the handshake ends by then (the watchdog cannot reach it: wrapping the socket
+    for TLS detaches the plain socket it watches)."""
+    deadline = getattr(_scope, "deadline", None)
+    if deadline is None:
+        return
+    left = max(deadline - time.monotonic(), 0.001)
+    current = sock.gettimeout()
+    if current is None or current > left:
+        sock.settimeout(left)
+
+
+class _WatchedMixin:
+    """Sockets of a plain (not pinned) connection, watched like the pinned ones: for the JWKS fetches."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _bound_handshake(sock)
+        _watch(sock)
+        return sock
+
+    def connect(self) -> None:
+        super().connect()
+        _watch(self.sock)
+
+    def request(self, *args, **kwargs):
+        _watch(self.sock)
+        return super().request(*args, **kwargs)
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = type("WatchedHTTPConnection", (_WatchedMixin, HTTPConnection), {})
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = type("WatchedHTTPSConnection", (_WatchedMixin, HTTPSConnection), {})
+
+
+class WatchedAdapter(HTTPAdapter):
+    """A requests adapter whose sockets are shut down at the :func:`deadline_scope` deadline (no pinning: for
+    an operator-configured URL such as an issuer's ``jwks_url``)."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
 # ---------------------------------------------------------------- pinned connections
 
 class _PinnedMixin:
@@ -131,7 +206,8 @@ class _PinnedMixin:
             raise NewConnectionError(self, f"failed to connect: {type(e).__name__}") from e
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _watch(sock)  # covers the TLS handshake until the socket is wrapped
+        _bound_handshake(sock)
+        _watch(sock)
         return sock
 
     def connect(self) -> None:
@@ -210,6 +286,10 @@ class PinnedAdapter(HTTPAdapter):
         if (u.auth is not None or scheme != self.target.scheme or host != self.target.host
                 or (u.port or DEFAULT_PORTS.get(scheme)) != self.target.port):
             raise RequestRefused("URL does not name the checked FHIR server")
+        # request.url is the URL as it goes on the wire (requests has decoded %2e to "." by now); urllib3's parser
+        # resolves its dot segments as the server will, so "/fhir/%2e%2e/admin" is "/admin" here: refused
+        if not ((u.path or "/").rstrip("/") + "/").startswith(self.target.path + "/"):
+            raise RequestRefused("URL is not below the checked FHIR base URL")
         return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies={})
 
 
@@ -268,23 +348,42 @@ def submit(fn, *args) -> Future:
     return future
 
 
+_lookups: dict[tuple, Future] = {}  # (resolver, host, port) -> the lookup in flight
+_lookups_lock = threading.Lock()
+
+
+def _lookup(host: str, port: int, resolver: Resolver) -> Future:
+    """The DNS answer for (host, port) on the DNS pool; a lookup already in flight for it is shared, so a name
+    whose DNS hangs holds one DNS thread however often it is asked for (never all of them)."""
+    key = (resolver, host, port)
+    with _lookups_lock:
+        future = _lookups.get(key)
+        if future is not None:
+            return future
+        future = _lookups[key] = POOLS._ensure().dns.submit(resolver, host, port)
+    future.add_done_callback(lambda f: _forget(key, f))  # outside the lock: runs at once if already done
+    return future
+
+
+def _forget(key: tuple, future: Future) -> None:
+    with _lookups_lock:
+        if _lookups.get(key) is future:
+            del _lookups[key]
+
+
 def resolve(target: Target, networks: tuple, resolver: Resolver | None, deadline: float) -> str:
     """fhir_servers.pick_address, waited for until ``deadline`` at most (a hanging DNS server keeps one of
-    the few DNS threads, never the caller)."""
+    the few DNS threads, never the caller; callers asking for the same name share its lookup)."""
     if target.literal_ip is not None:
         return pick_address(target, networks, resolver)
     left = deadline - time.monotonic()
     if left <= 0:
         raise FhirServerRefused("time budget exhausted before name resolution", resolved=False)
-
-    def lookup():
-        if time.monotonic() > deadline:
-            raise FhirServerRefused("time budget exhausted before name resolution", resolved=False)
-        return pick_address(target, networks, resolver)
-
-    future = POOLS._ensure().dns.submit(lookup)
+    future = _lookup(target.host, target.port, resolver or fhir_servers.system_resolver)
     try:
-        return future.result(timeout=left)
+        answers = future.result(timeout=left)
     except FutureTimeout:
-        future.cancel()
         raise TimeoutError("name resolution did not finish within the time budget") from None
+    except (OSError, UnicodeError) as exc:
+        raise FhirServerRefused(f"name resolution failed ({type(exc).__name__})", resolved=False) from None
+    return pick_address(target, networks, lambda _host, _port: answers)

@@ -264,6 +264,15 @@ def test_non_finite_exp_rejected(verifier):
     assert "exp is not a finite number" in _reject(verifier, f"Bearer {token}").reason
 
 
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+def test_huge_integer_times_rejected_not_a_crash(verifier, claim):
+    """JSON integers have no size limit: 10**400 is not a float (math.isfinite raised OverflowError: a 500)."""
+    payload = json.dumps({**sandbox_claims(AUD), claim: 10**400}).encode()
+    token = jwt.PyJWS().encode(payload, sandbox_private_key(), algorithm="ES384",
+                               headers={"kid": SANDBOX_KID, "typ": "JWT"})
+    assert f"{claim} is not a finite number" in _reject(verifier, f"Bearer {token}").reason
+
+
 def test_unknown_iss_rejected(verifier):
     token = _sandbox_token(iss="https://evil.example.org")
     assert "not allowlisted" in _reject(verifier, f"Bearer {token}").reason
@@ -437,6 +446,9 @@ def test_from_file_entry_with_neither(tmp_path):
         ({"iss": EHR_ISS, "jwks_uri": EHR_JWKS_URL}, "unknown keys \\['jwks_uri'\\]"),
         ({"iss": EHR_ISS, "jwks_url": "http://ehr.example.org/jwks.json"}, "must use https"),
         ({"iss": EHR_ISS, "jwks_url": "file:///etc/passwd"}, "absolute https URL"),
+        # urllib.parse reads host 127.0.0.1, urllib3 (which connects) reads ehr.example.org: plain http to it
+        ({"iss": EHR_ISS, "jwks_url": "http://ehr.example.org\\@127.0.0.1/jwks.json"}, "must use https"),
+        ({"iss": EHR_ISS, "jwks_url": "https://user:pw@ehr.example.org/jwks.json"}, "user info"),
         ({"iss": EHR_ISS, "jwks": {"keys": []}}, "non-empty 'keys' list"),
         ({"iss": EHR_ISS, "jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]}}, "symmetric"),
         ({"iss": EHR_ISS, "jwks": {"keys": [{"kty": "EC", "crv": "P-384", "kid": "k"}]}}, "no usable signing key"),

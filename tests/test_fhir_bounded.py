@@ -158,3 +158,57 @@ def test_a_trickling_https_server_is_cut_at_the_deadline(make_fault_server, tmp_
     assert server.requests, "the request never reached the server: the test would mean nothing"
     assert wait_until(lambda: fhir_transport.WATCHDOG.fired > fired, 0.5)  # it was the watchdog that cut it
     assert wait_until(lambda: client_sockets_to(server.port) == 0, 0.5)
+
+
+def test_a_stalled_tls_handshake_ends_at_the_deadline():
+    """A server that accepts the connection and never answers the TLS ClientHello. The connection's own timeout
+    is longer than what is left of the budget (the TCP connect may have used most of it); the handshake still
+    ends at the deadline. (It used to last the whole connection timeout: wrapping the socket for TLS detaches
+    the plain socket the watchdog watches.)"""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    conn = fhir_transport.PinnedHTTPSConnection("fhir.test", listener.getsockname()[1], pinned_ip="127.0.0.1",
+                                                timeout=3.0)
+    t0 = time.monotonic()
+    try:
+        with fhir_transport.deadline_scope(t0 + 0.3), pytest.raises(Exception):
+            conn.connect()
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        conn.close()
+        listener.close()
+        for sock, _ in accepted:
+            sock.close()
+
+
+def test_a_hanging_name_does_not_starve_the_lookups_of_other_servers(make_fault_server):
+    """One trusted FHIR server's DNS does not answer and its client keeps calling (8 hook calls in a row): the
+    lookups of that one name share one DNS thread, so another client's server still resolves and is read.
+    (Each call used to start its own lookup: the few DNS threads all hung on the one name.)"""
+    import ipaddress
+
+    server = make_fault_server()
+    server.default = fs.bundle_of({})
+    release = threading.Event()
+
+    def resolver(host, port):
+        if host == "slow-dns.example.org":
+            release.wait(10)
+            return ["93.184.216.34"]
+        return ["127.0.0.1"]
+
+    try:
+        for _ in range(8):
+            out = FhirClient("https://slow-dns.example.org/fhir", TOKEN, resolver=resolver).fetch_all(
+                {"c": "Condition?patient=x"}, budget=0.1)
+            assert "name resolution" in out["c"].reason
+        out = FhirClient(f"http://fast.example.org:{server.port}/fhir", TOKEN, resolver=resolver,
+                         private_networks=(ipaddress.ip_network("127.0.0.0/8"),)).fetch_all(
+            {"c": "Condition?patient=x"}, budget=1.0)
+    finally:
+        release.set()
+    assert not isinstance(out["c"], Exception), out
+    assert len(server.requests) == 1

@@ -471,3 +471,22 @@ def test_a_well_behaved_fault_server_gives_the_ordinary_answer(fault_server, mak
     assert topics(answer.body) == [OPIOID_RULE]
     assert "Not checked" not in answer.cards[0]["detail"]
     assert_token_only_as_bearer(fault_server)
+
+
+def test_urllib3_debug_logs_carry_no_patient_ids(make_fault_server, caplog):
+    """An operator turning on DEBUG logging (e.g. for the whole root logger) must not get FHIR request paths:
+    urllib3 logs each request line ("GET /fhir/Condition?patient=<id>"). Hosts and status codes stay in the
+    log; paths and queries are withheld."""
+    import logging
+
+    from cds_hooks_service.fhir_client import FhirClient
+
+    server = make_fault_server()
+    server.default = fs.bundle_of({})
+    caplog.set_level(logging.DEBUG)
+    FhirClient(server.base_url, TOKEN).fetch_all({"c": f"Condition?patient={PATIENT}", "p": f"Patient/{PATIENT}"},
+                                                 budget=2)
+    FhirClient(fs.closed_port_url(), TOKEN).fetch_all({"c": f"Condition?patient={PATIENT}"}, budget=2)
+    urllib3_lines = [r.getMessage() for r in caplog.records if r.name.startswith("urllib3")]
+    assert any(f":{server.port} " in line and " 200 " in line for line in urllib3_lines), urllib3_lines
+    assert PATIENT not in caplog.text and TOKEN not in caplog.text

@@ -24,7 +24,8 @@ AUD = "https://cds.example.org/cds-services/x"
 
 
 class JwksServer:
-    """``mode``: "ok" (the JWK Set), "down" (HTTP 500), "hang" (no answer until released)."""
+    """``mode``: "ok" (the JWK Set), "down" (HTTP 500), "hang" (no answer until released), "trickle" (headers,
+    then a byte at a time)."""
 
     def __init__(self, jwks: dict, mode: str = "ok"):
         self.jwks, self.mode, self.requests = jwks, mode, 0
@@ -41,6 +42,16 @@ class JwksServer:
                 owner.requests += 1
                 if owner.mode == "hang":
                     owner.released.wait(10)
+                    return
+                if owner.mode == "trickle":  # a valid status line and headers, then one byte every 0.25 s for 8 s
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    for _ in range(32):
+                        if owner.released.wait(0.25):
+                            return
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
                     return
                 if owner.mode == "down":
                     self.send_response(500)
@@ -158,3 +169,43 @@ def test_other_issuers_are_not_delayed_while_one_jwks_endpoint_hangs(servers):
     attackers.shutdown()
     assert time.monotonic() - started < 4.5  # A's callers waited for the one fetch in flight, not for 30
     assert hanging.requests == 1
+
+
+def test_known_keys_are_not_held_up_by_a_refetch_in_flight(servers):
+    """The cached keys are past their 5-minute lifespan and the issuer's endpoint now hangs: while the refetch
+    runs (the first call after the lifespan starts it), the issuer's valid calls, whose kid is cached, are
+    answered from the cache at once; they used to wait for the fetch (up to the JWKS timeout, then 401)."""
+    key, iss, jwks = _issuer("ehr-stale")
+    server = servers(jwks)
+    v = JwtVerifier([{"iss": iss, "jwks_url": server.url}], jwks_timeout=2.0, jwks_refresh_cooldown=0.1)
+    assert v.verify(_token(key, iss, "ehr-stale-1"), AUD)  # keys cached
+    v._issuers[iss].source.lifespan = 0.2  # stands for the 5 minutes passing
+    time.sleep(0.3)
+    server.mode = "hang"
+    attacker = ThreadPoolExecutor(1)
+    pending = attacker.submit(v.verify, _token(key, iss, "ehr-stale-1"), AUD)  # starts the refetch
+    deadline = time.monotonic() + 2
+    while server.requests < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.requests == 2  # the refetch is in flight
+    slowest = 0.0
+    for _ in range(5):
+        t0 = time.monotonic()
+        assert v.verify(_token(key, iss, "ehr-stale-1"), AUD)["iss"] == iss
+        slowest = max(slowest, time.monotonic() - t0)
+    assert slowest < 0.5, slowest
+    assert pending.result(timeout=10)["iss"] == iss  # the fetch failed: the stale key still verifies
+    attacker.shutdown()
+
+
+def test_a_trickling_jwks_endpoint_is_cut_at_the_fetch_timeout(servers):
+    """Each byte arrives well within the read timeout, so only a total deadline ends the fetch (it used to run
+    for as long as the server kept trickling, holding the request's thread)."""
+    key, iss, jwks = _issuer("ehr-trickle")
+    server = servers(jwks, "trickle")
+    v = JwtVerifier([{"iss": iss, "jwks_url": server.url}], jwks_timeout=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(AuthError):
+        v.verify(_token(key, iss, "ehr-trickle-1"), AUD)
+    assert time.monotonic() - t0 < 2.5
+    assert server.requests == 1

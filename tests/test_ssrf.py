@@ -212,7 +212,9 @@ def _resolver(*answers):
 
 
 @pytest.mark.parametrize("answer", ["169.254.169.254", "10.0.0.5", "192.168.1.10", "172.16.0.1", "127.0.0.1",
-                                    "::1", "fe80::1", "fd00::1", "::ffff:10.0.0.5", "0.0.0.0", "100.64.0.1"])
+                                    "::1", "fe80::1", "fd00::1", "::ffff:10.0.0.5", "0.0.0.0", "100.64.0.1",
+                                    # 6to4 addresses that embed internal IPv4 ones, and IPv6 site-local
+                                    "2002:a9fe:a9fe::1", "2002:a00:5::1", "2002:7f00:1::", "fec0::1"])
 def test_a_trusted_name_resolving_to_an_internal_address_is_refused(answer):
     target = parse_target("https://fhir.example.org/r4")
     with pytest.raises(FhirServerRefused, match="not allowed"):
@@ -222,6 +224,7 @@ def test_a_trusted_name_resolving_to_an_internal_address_is_refused(answer):
 def test_public_answers_pass_and_the_first_allowed_is_used():
     target = parse_target("https://fhir.example.org/r4")
     assert pick_address(target, (), _resolver("10.0.0.5", "93.184.216.34")) == "93.184.216.34"
+    assert pick_address(target, (), _resolver("2002:a00:5::1", "2002:5db8:d822::1")) == "2002:5db8:d822::1"
 
 
 def test_private_addresses_pass_when_listed():
@@ -281,7 +284,10 @@ def test_backslash_next_link_does_not_reach_the_other_host(make_fault_server):
 
 
 @pytest.mark.parametrize("link", ["{origin}/admin/Condition?page=2", "{origin}/fhir/../admin?page=2",
-                                  "{origin}/fhirX/Condition?page=2", "http://user:pw@{hostport}/fhir/Condition?page=2"])
+                                  "{origin}/fhirX/Condition?page=2", "http://user:pw@{hostport}/fhir/Condition?page=2",
+                                  # requests decodes %2e to "." before sending: the wire says /fhir/../admin
+                                  "{origin}/fhir/%2e%2e/admin?page=2", "/fhir/%2E%2E/admin/Condition?page=2",
+                                  "{origin}/fhir/Condition/%2e%2e/%2e%2e/admin?page=2"])
 def test_next_link_must_stay_below_the_base_url(make_fault_server, link):
     server = make_fault_server()
     url = link.format(origin=server.origin, hostport=server.origin.split("//")[1])
