@@ -11,10 +11,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from .facts import (DRAFT_TYPES, MEDICATION_TYPES, MedicationFact, MedicationIndex, Normaliser, ObservationFact,
-                    route_matches)
+from .facts import (DRAFT_TYPES, MEDICATION_TYPES, NEGATIVE_INTERPRETATIONS, POSITIVE_INTERPRETATIONS, MedicationFact,
+                    MedicationIndex, Normaliser, ObservationFact, add_time, milli_iu_per_ml, parse_time, route_matches)
 from .index import RecordIndex
-from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger
+from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, normalise_unit
 
 _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 
@@ -172,13 +172,19 @@ class Evaluation:
                 break
             if skip and m.source == "draft" and m.ref == ref:
                 continue
-            until = m.time + timedelta(seconds=c.within) if (c.within and m.time and m.source != "draft") else None
+            exposure = m.exposure
+            until = add_time(exposure, timedelta(seconds=c.within)) if (c.within and exposure and m.source != "draft") else None
+            # A course whose stated end is past and later than its order/dose time is shown by its end.
+            ended = m.source != "draft" and exposure is not None and exposure is not m.time and exposure <= self.ctx.now
             items.append({
                 "kind": "medication", "display": m.display, "source": m.source,
-                "how": {"draft": "ordered now", "MedicationAdministration": "given",
-                        "MedicationStatement": "taking", "MedicationRequest": "ordered"}.get(m.source, "ordered"),
+                "how": "course ended" if ended else {
+                    "draft": "ordered now", "MedicationAdministration": "given", "MedicationStatement": "taking",
+                    "MedicationRequest": "ordered"}.get(m.source, "ordered"),
                 "ingredients": self.terminology.ingredient_label(m.concepts & c.valueset) or m.display,
-                "status": m.status or "unknown", "active": m.active, "time": _when(m.time), "until": _when(until),
+                "status": m.status or "unknown", "active": m.active, "time": _when(exposure if ended else m.time),
+                "until": _when(until), "ordered": _when(m.time), "course_end": _when(m.course_end),
+                "asserted": _when(parse_time(m.resource.get("dateAsserted"))),  # list reviewed: no dose time
                 "route": m.route, "matched_by": m.matched_by, "ref": m.ref,
             })
         note = f"{total} qualifying of {considered} in the value sets" if considered else "none in the value sets"
@@ -194,7 +200,7 @@ class Evaluation:
             if routes is not None and not route_matches(m.route, routes):
                 return False
             is_draft = m.source == "draft"
-            in_window = c.within is not None and self._in_window(c, m.time)
+            in_window = c.within is not None and self._in_window(c, m.exposure)
             return is_draft or in_window or (active_wanted and m.active) or (c.within is None and not active_wanted)
 
         draft_refs, considered_draft_refs = Counter(), Counter()
@@ -211,7 +217,7 @@ class Evaluation:
                 considered += 1
                 if qualifies(m):
                     qualifying.append(m)
-        qualifying.sort(key=lambda m: _when(m.time) or "", reverse=True)  # newest first
+        qualifying.sort(key=lambda m: _when(m.exposure) or "", reverse=True)  # newest first
         return _Found(qualifying, considered, draft_refs, considered_draft_refs)
 
     def _medicationClasses(self, c: Check):
@@ -226,7 +232,7 @@ class Evaluation:
         for order, (cls, vs) in enumerate(c.classes.items()):
             for m in self.record.medications.matching(vs):
                 if (m.source in sources or (m.source == "MedicationOrder" and "MedicationRequest" in sources)) \
-                        and self._in_window(c, m.time):
+                        and self._in_window(c, m.exposure):
                     firsts.append((self.record.medications.position(m), order, cls, m, vs))
                     break
         firsts.sort(key=lambda f: f[:2])
@@ -257,6 +263,61 @@ class Evaluation:
             qualifying += [(o, vs) for o in readings if self._in_window(c, o.time) and _compare(o, op, value)]
         return _Found(qualifying)
 
+    def _score(self, c: Check):
+        found = self._shared(c, self._find_score)
+        return found.facts[:self.limit], len(found.facts), found.note
+
+    def _find_score(self, c: Check) -> _Found:
+        """A points score: each item's points (from the record, or ``otherwise`` when the record lacks it),
+        their total against ``atLeast``. One item on the card: the total, then every item with its value,
+        date and points (the record's own evidence), then the items counted as absent."""
+        total, parts, missing = 0, [], []
+        for item in c.score_items:
+            if item.kind == "observation":
+                readings = [o for o in self.record.observations.matching(item.valueset) if o.value is not None]
+                readings.sort(key=lambda o: o.time.timestamp() if o.time else 0, reverse=True)
+                newest = next((o for o in readings if self._in_window(c, o.time)), None)
+                value = None
+                if newest is not None:
+                    factor = 1.0 if item.units is None else item.units.get(normalise_unit(newest.unit))
+                    # converted to the bands' unit, to 2 decimals (51.3 umol/L bilirubin is 3.00 mg/dL)
+                    value = round(newest.value * factor, 2) if factor is not None else None
+                if value is None:
+                    total += item.otherwise
+                    missing.append(f"{item.label} ({item.otherwise})" if newest is None else
+                                   f"{item.label} ({item.otherwise}; unit {newest.unit} not read)")
+                    continue
+                points = next((p for op, limit, p in item.bands
+                               if {">=": value >= limit, ">": value > limit, "<=": value <= limit, "<": value < limit}[op]),
+                              item.otherwise)
+                total += points
+                unit = newest.unit if newest.unit and not newest.unit.startswith("{") and newest.unit != "1" else ""
+                date = newest.time.strftime("%Y-%m-%d") if newest.time else "date not recorded"
+                parts.append({"label": item.label, "value": newest.value, "unit": newest.unit, "points": points,
+                              "time": _when(newest.time), "ref": newest.ref,
+                              "text": f"{item.label} {newest.value:g}{' ' + unit if unit else ''} ({date}): {points}"})
+            elif item.kind == "condition":
+                cond = next(iter(self.record.conditions.matching(item.valueset)), None)
+                if cond is None:
+                    total += item.otherwise
+                    missing.append(f"{item.label} ({item.otherwise})")
+                    continue
+                total += item.present
+                parts.append({"label": item.label, "points": item.present, "time": _when(cond.time), "ref": cond.ref,
+                              "text": f"{item.label} ({cond.display}): {item.present}"})
+            else:
+                total += item.otherwise
+                missing.append(f"{item.label} ({item.otherwise})")
+        at_least = c.spec["atLeast"]
+        note = f"{total} points (at least {at_least} needed); not in the record: {', '.join(missing) or 'none'}"
+        if total < at_least or not parts:
+            return _Found([], note=note)
+        display = (f"{total} points or more: " + "; ".join(p["text"] for p in parts)
+                   + (f"; not recorded, counted as: {', '.join(missing)}" if missing else "")
+                   + (f". {c.spec['note']}" if c.spec.get("note") else ""))
+        return _Found([{"kind": "score", "display": display, "total": total, "parts": parts, "missing": missing,
+                        "ref": f"score:{c.name}", "code": c.name}], note=note)
+
     def _procedure(self, c: Check):
         found = self._shared(c, lambda c: _Found([p for p in self.record.procedures.matching(c.valueset)
                                                   if self._in_window(c, p.time)]))
@@ -265,16 +326,16 @@ class Evaluation:
         return items, len(found.facts), f"{len(found.facts)} qualifying procedures"
 
     def _orderReason(self, c: Check):
-        reasons = self.draft.reasons
+        reasons, reason_texts = self.record.reasons_of(self.draft)
         hits = [r for r in reasons if r in c.valueset]
         if c.spec.get("match", "any") == "none":
             ok = bool(reasons) and not hits
             items = []
             if ok:
-                display = self.draft.reason_texts[0] if self.draft.reason_texts else reasons[0][1]
+                display = reason_texts[0] if reason_texts else reasons[0][1]
                 items = [{"kind": "reason", "display": display, "system": reasons[0][0], "code": reasons[0][1]}]
             return items, len(items), ("the order's reason is outside the value sets" if ok else "no other reason given")
-        items = [{"kind": "reason", "display": (self.draft.reason_texts or (code,))[0], "system": system, "code": code}
+        items = [{"kind": "reason", "display": (reason_texts or (code,))[0], "system": system, "code": code}
                  for system, code in hits]
         return items[:self.limit], len(items), ("the order's reason is in the value sets" if items else
                                                 f"{len(reasons)} order reasons, none in the value sets")
@@ -311,9 +372,17 @@ class Evaluation:
 
 def _compare(o: ObservationFact, op: str, value: float | None) -> bool:
     if op == "positive":
-        text = o.value_text or ""
-        return ("positive" in text or "detected" in text or text.strip() in ("pos", "p")) and "not detected" not in text \
-            and "negative" not in text
+        # A quantitative result in international units per volume is judged by the check's threshold
+        # (``value``, in mIU/mL = IU/L: a local-policy number in the rule file), whatever its flag says;
+        # a qualitative one by its coded/text result or its interpretation code.
+        quantity = milli_iu_per_ml(o.value, o.unit)
+        if value is not None and quantity is not None:
+            return quantity >= value
+        text = (o.value_text or "").strip()
+        if "negative" in text or "not detected" in text or text in ("neg", "n") or o.interpretation & NEGATIVE_INTERPRETATIONS:
+            return False
+        return "positive" in text or "detected" in text or text in ("pos", "p") \
+            or bool(o.interpretation & POSITIVE_INTERPRETATIONS)
     if o.value is None or value is None:
         return False
     return {">=": o.value >= value, ">": o.value > value, "<=": o.value <= value, "<": o.value < value}[op]

@@ -17,7 +17,8 @@ from functools import cached_property
 from typing import Generic, Iterable, TypeVar
 
 from .facts import (DRAFT_TYPES, IGNORED_MEDICATION_STATUSES, MEDICATION_TYPES, ConditionFact, MedicationFact,
-                    MedicationIndex, Normaliser, ObservationFact, ProcedureFact)
+                    MedicationIndex, Normaliser, ObservationFact, ProcedureFact, codeable_concepts,
+                    reason_condition)
 from .terminology import Concept
 
 F = TypeVar("F")
@@ -54,6 +55,10 @@ class RuleConcepts:
                     elif c.kind == "observation":
                         for vs, _, _ in c.observations:
                             kinds["observation"] |= vs
+                    elif c.kind == "score":
+                        for vs, _, _ in c.observations:
+                            kinds["observation"] |= vs
+                        kinds["condition"] |= c.valueset
                     elif c.kind == "procedure":
                         kinds["procedure"] |= c.valueset
             cached = cls(*(frozenset(kinds[k]) for k in ("medication", "condition", "observation", "procedure")))
@@ -132,6 +137,29 @@ class RecordIndex:
     @cached_property
     def procedures(self) -> ConceptIndex[ProcedureFact]:
         return ConceptIndex(self._procedures(self._resources, self._normaliser, self._concepts))
+
+    @cached_property
+    def _conditions_by_ref(self) -> dict[str, dict]:
+        """The record's Condition resources by "Condition/id", for reasonReference (built on first use)."""
+        out = dict(self._medication_index.conditions)
+        for r in self._of(self._resources, "conditions", ("Condition",)):
+            if isinstance(r.get("id"), str):
+                out.setdefault(f"Condition/{r['id']}", r)
+        return out
+
+    def reasons_of(self, draft: MedicationFact) -> tuple[tuple, tuple[str, ...]]:
+        """A draft's reasons: its reasonCode and the Conditions its reasonReference points at, wherever they
+        are (contained, in the draft bundle, or in the record)."""
+        if not draft.reason_refs:
+            return draft.reasons, draft.reason_texts
+        reasons, texts = list(draft.reasons), list(draft.reason_texts)
+        for ref in draft.reason_refs:
+            found = reason_condition(ref, draft.resource, self._conditions_by_ref)
+            if found is not None:
+                c, t = codeable_concepts(found.get("code"))
+                reasons += c
+                texts += t
+        return tuple(reasons), tuple(texts)
 
     @staticmethod
     def _of(resources: dict[str, list[dict]], key: str, rtypes: tuple[str, ...]) -> Iterable[dict]:

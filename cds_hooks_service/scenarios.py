@@ -18,6 +18,21 @@ as full FHIR (anything with ``resourceType``) or in a shorthand that expands to 
                                                 value: 25
                                               - procedure: "<code>"     # Procedure (system: snomed by default)
 
+Course and reason extensions (drafts and medication record items):
+
+    reason_ref: fracture        # reasonReference to Condition/fracture (a record item with id: fracture,
+                                #   or a full Condition resource listed under drafts: it goes in the bundle)
+    reason_contained: {condition: S72.001A, display: ...}   # reasonReference to a contained Condition
+    bounds: {start: -16d, end: -2d}   # dosage timing.repeat.boundsPeriod
+    bounds_duration: 14d        # dosage timing.repeat.boundsDuration (from the order date)
+    supply: 14d                 # dispenseRequest.expectedSupplyDuration
+    validity: {start: -16d, end: -2d}  # dispenseRequest.validityPeriod
+    period: {start: -16d, end: -2d}    # effectivePeriod (MedicationStatement / MedicationAdministration)
+    prn: true                   # asNeededBoolean on every dosage (a PRN course end is no exposure time)
+    taken: -2h                  # MedicationStatement.effectiveDateTime (a dose time; `at` is dateAsserted)
+    asserted: false             # MedicationStatement without dateAsserted
+  Observations: ``interpretation: POS`` (or a list: [H, A]) adds HL7 v3 ObservationInterpretation codes.
+
 ``expect`` is ``fire`` (a card is shown), ``no-fire`` (the rule does not fire) or ``suppressed``
 (it fires but an exception hides the card); ``indicator`` optionally pins the finding's indicator.
 
@@ -58,7 +73,11 @@ DEFAULT_NOW = "2026-03-01T12:00:00Z"
 _ROUTES = {  # SNOMED CT route codes (FHIR R4 SNOMED CT Route Codes value set)
     "IV": ("47625008", "Intravenous route"), "IM": ("78421000", "Intramuscular route"),
     "SC": ("34206005", "Subcutaneous route"), "PO": ("26643006", "Oral route"), "NASAL": ("46713006", "Nasal route"),
+    "TOPICAL": ("6064005", "Topical route"), "OPHTHALMIC": ("54485002", "Ophthalmic route"),
+    "OTIC": ("10547007", "Otic route"), "VAGINAL": ("16857009", "Per vagina"), "RECTAL": ("37161004", "Per rectum"),
+    "TRANSDERMAL": ("45890007", "Transdermal route"),
 }
+INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 _REL = re.compile(r"^([+-]?\d+(?:\.\d+)?)(m|h|d)$")
 
 
@@ -284,7 +303,68 @@ def expand_draft(item: dict, index: int, now: datetime) -> dict:
     _set_medication(resource, item, "drug", "dosageInstruction")
     if item.get("reason"):
         resource["reasonCode"] = [{"coding": [_coding(str(item["reason"]))]}]
+    _set_reason_reference(resource, item, now)
+    _set_course(resource, item, now)
     return resource
+
+
+def _duration(value) -> dict:
+    m = _REL.match(str(value).lstrip("+"))
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 14d, 12h)")
+    return {"value": float(m.group(1)), "unit": {"m": "min", "h": "h", "d": "d"}[m.group(2)],
+            "system": "http://unitsofmeasure.org", "code": {"m": "min", "h": "h", "d": "d"}[m.group(2)]}
+
+
+def _period(value, now: datetime) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError("a period needs start and/or end")
+    return {k: _time(value[k], now) for k in ("start", "end") if value.get(k) is not None}
+
+
+def _set_reason_reference(resource: dict, item: dict, now: datetime) -> None:
+    refs = []
+    for ref in ([item["reason_ref"]] if isinstance(item.get("reason_ref"), str) else item.get("reason_ref") or []):
+        refs.append({"reference": ref if "/" in ref or ref.startswith("#") else f"Condition/{ref}"})
+    if item.get("reason_contained"):
+        cond = expand_record(dict(item["reason_contained"], id="reason"), 0, now)
+        resource.setdefault("contained", []).append(cond)
+        refs.append({"reference": "#reason"})
+    if refs:
+        resource["reasonReference"] = refs
+
+
+def _set_course(resource: dict, item: dict, now: datetime) -> None:
+    """Course end fields (boundsPeriod/boundsDuration on every dosage, dispenseRequest, effectivePeriod)."""
+    repeat = {}
+    if item.get("bounds"):
+        repeat["boundsPeriod"] = _period(item["bounds"], now)
+    if item.get("bounds_duration"):
+        repeat["boundsDuration"] = _duration(item["bounds_duration"])
+    if repeat:
+        field = "dosageInstruction" if "dosageInstruction" in resource or resource["resourceType"] == "MedicationRequest" \
+            else "dosage"
+        dosages = resource.get(field)
+        if dosages is None:
+            dosages = [{"text": item.get("text") or "as directed"}]
+        for d in (dosages if isinstance(dosages, list) else [dosages]):
+            d["timing"] = {"repeat": dict(repeat)}
+        resource[field] = dosages
+    dispense = {}
+    if item.get("supply"):
+        dispense["expectedSupplyDuration"] = _duration(item["supply"])
+    if item.get("validity"):
+        dispense["validityPeriod"] = _period(item["validity"], now)
+    if dispense:
+        resource["dispenseRequest"] = dispense
+    if item.get("prn"):  # as needed: every dosage gets asNeededBoolean
+        field = "dosageInstruction" if resource["resourceType"] == "MedicationRequest" else "dosage"
+        dosages = resource.get(field) or [{"text": item.get("text") or "as needed"}]
+        for d in (dosages if isinstance(dosages, list) else [dosages]):
+            d["asNeededBoolean"] = True
+        resource[field] = dosages
+    if item.get("period"):
+        resource["effectivePeriod"] = _period(item["period"], now)
 
 
 def _set_medication(resource: dict, item: dict, key: str, dosage_field: str) -> None:
@@ -326,18 +406,27 @@ def expand_record(item: dict, index: int, now: datetime) -> dict:
         _set_medication(r, item, "given", "dosage")
         if "dosage" in r:
             r["dosage"] = {"text": r["dosage"]["text"], "route": r["dosage"]["route"]}
+        if item.get("period"):
+            del r["effectiveDateTime"]
+            r["effectivePeriod"] = _period(item["period"], now)
         return r
     if "ordered" in item:
         r = {"resourceType": "MedicationRequest", "id": rid, "status": item.get("status", "active"),
              "intent": "order", "subject": subject, "authoredOn": _time(item.get("at", "-7d"), now)}
         _set_medication(r, item, "ordered", "dosageInstruction")
+        _set_course(r, item, now)
         return r
     if "taking" in item:
         r = {"resourceType": "MedicationStatement", "id": rid, "status": item.get("status", "active"),
-             "subject": subject, "dateAsserted": _time(item.get("at", "-30d"), now)}
+             "subject": subject}
+        if item.get("asserted", True):
+            r["dateAsserted"] = _time(item.get("at", "-30d"), now)
+        if item.get("taken") is not None:
+            r["effectiveDateTime"] = _time(item["taken"], now)
         _set_medication(r, item, "taking", "dosage")
         if "dosage" in r:
             r["dosage"] = [r["dosage"]]
+        _set_course(r, item, now)
         return r
     if "bp" in item:
         sbp, dbp = item["bp"]
@@ -361,6 +450,9 @@ def expand_record(item: dict, index: int, now: datetime) -> dict:
             r["valueQuantity"] = {"value": item["value"], "unit": item.get("unit", "1")}
         elif "result" in item:
             r["valueCodeableConcept"] = {"text": str(item["result"])}
+        if item.get("interpretation"):
+            codes = item["interpretation"] if isinstance(item["interpretation"], list) else [item["interpretation"]]
+            r["interpretation"] = [{"coding": [{"system": INTERPRETATION, "code": str(c)}]} for c in codes]
         return r
     if "procedure" in item:
         return {"resourceType": "Procedure", "id": rid, "status": "completed",

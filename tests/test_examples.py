@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.medicationrequest import MedicationRequest
 
@@ -36,8 +37,11 @@ def test_every_rule_has_two_firing_and_two_quiet_examples(rulebook):
 def test_example_request_answers_as_expected(make_app, rule_id, example, hook):
     client = make_app(fixed_now=parse_time(example["now"])).test_client()
     body = json.loads((EXAMPLES / rule_id / example["files"][hook]).read_text())
-    for entry in body["context"]["draftOrders"]["entry"]:
-        MedicationRequest.model_validate(entry["resource"])  # the drafts are strict R4 too
+    for entry in body["context"]["draftOrders"]["entry"]:  # the drafts (and a Condition they cite) are strict R4 too
+        resource = entry["resource"]
+        model = MedicationRequest if resource["resourceType"] == "MedicationRequest" \
+            else get_fhir_model_class(resource["resourceType"])
+        model.model_validate(resource)
     r = client.post(URL[hook], json=body)
     assert r.status_code == 200, r.get_data(as_text=True)
     response = r.get_json()
