@@ -164,6 +164,54 @@ def sign_body(n_resources: int, seed: int, now: datetime) -> dict:
     }
 
 
+def _template_codes() -> set[str]:
+    from cds_hooks_service.services import PREFETCH  # noqa: E402
+
+    query = PREFETCH["observations"].split("code=")[1].split("&")[0]
+    return {c.split("|")[-1] for c in query.split(",")}
+
+
+def template_sign_body(n_resources: int, seed: int, now: datetime) -> dict:
+    """Like :func:`sign_body`, but the prefetch holds what the discovery templates ask for: every condition and
+    medication, the newest 100 observations with the templates' codes (BP, eGFR, hCG) and the newest 100
+    procedures (``_sort=-date&_count=100``); about ``n_resources`` resources in all."""
+    codes = _template_codes()
+    body = None
+    for n in range(n_resources, 4 * n_resources, max(1, n_resources // 20)):
+        items = record_items(n, seed)
+        record = [expand_record(item, i, now) for i, item in enumerate(items)]
+        obs = sorted((r for r in record if r["resourceType"] == "Observation"
+                      and r["code"]["coding"][0]["code"] in codes), key=lambda r: r["effectiveDateTime"], reverse=True)
+        procs = sorted((r for r in record if r["resourceType"] == "Procedure"),
+                       key=lambda r: r["performedDateTime"], reverse=True)
+        kept = [r for r in record if r["resourceType"] not in ("Observation", "Procedure")] + obs[:100] + procs[:100]
+        body = sign_body(1, seed, now)
+        body["prefetch"] = prefetch_for(kept)
+        body["hookInstance"] = f"bench-template-{n_resources}-{seed}"
+        if count_resources(body) >= n_resources:
+            break
+    return body
+
+
+def dhe_body(n_resources: int, seed: int, now: datetime, *, drafts: int = 1, triptans: int = 20) -> dict:
+    """An ``order-sign`` with ``drafts`` DHE orders for a patient who was given ``triptans`` sumatriptan doses
+    (the last one 2 h ago: the DHE/triptan 24 h conflict) on top of a ``n_resources`` record."""
+    items = record_items(n_resources, seed) + [
+        {"given": "37418", "text": "sumatriptan 6 mg SC", "route": "SC", "at": f"-{2 + i % 200}h"}
+        for i in range(triptans)]
+    record = [expand_record(item, i, now) for i, item in enumerate(items)]
+    dhe = [expand_draft({"id": f"dhe-{i}", "drug": "3418", "text": "dihydroergotamine 1 mg IV", "route": "IV"}, i, now)
+           for i in range(drafts)]
+    return {
+        "hook": "order-sign",
+        "hookInstance": f"bench-dhe-{n_resources}-{drafts}-{triptans}",
+        "context": {"userId": USER_ID, "patientId": PATIENT_ID, "encounterId": ENCOUNTER_ID,
+                    "draftOrders": {"resourceType": "Bundle", "type": "collection",
+                                    "entry": [{"resource": d} for d in dhe]}},
+        "prefetch": prefetch_for(record),
+    }
+
+
 def count_resources(body: dict) -> int:
     n = 0
     for value in body["prefetch"].values():
@@ -247,6 +295,61 @@ class Service:
                 self.proc.wait(timeout=5)
         self.proc = None
         self.tmp.cleanup()
+
+
+class BareFlask(Service):
+    """bench/bare_flask.py under gunicorn with the service's worker settings (gthread, keep-alive 15 s)."""
+
+    def __init__(self, workers: int = 1, threads: int = 4):
+        super().__init__(workers)
+        self.threads = threads
+
+    def start(self, timeout: float = 30.0) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("GUNICORN_CMD_ARGS", "PORT", "HOST")}
+        env.update(PYTHONUNBUFFERED="1", PYTHONPATH=f"{REPO_ROOT / 'bench'}:{REPO_ROOT}")
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--threads", str(self.threads),
+             "--workers", str(self.workers), "--keep-alive", "15", "--bind", f"127.0.0.1:{self.port}",
+             "bare_flask:app"],
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceFailure(f"the bare Flask app exited with code {self.proc.returncode}:\n" + self.log_tail())
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise ServiceFailure("the bare Flask app did not answer within 30 s:\n" + self.log_tail())
+
+
+def worker_pids(master: int) -> list[int]:
+    """The gunicorn master's worker processes (from /proc/<master>/task/*/children)."""
+    kids: set[int] = set()
+    for task in Path(f"/proc/{master}/task").glob("*"):
+        try:
+            kids.update(int(x) for x in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            pass
+    return sorted(k for k in kids if Path(f"/proc/{k}").exists())
+
+
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time (ns) used so far by all threads of these processes (/proc/<pid>/task/*/schedstat): the time
+    they ran on a CPU, which the other processes of a loaded machine do not inflate as they do wall time."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
 
 
 def run_guarded(run, *args):

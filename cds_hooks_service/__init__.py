@@ -6,21 +6,26 @@ environment variables (see the README) or from a ``Settings`` passed in by tests
 from __future__ import annotations
 
 import logging
-
-from flask import Flask, request
-from flask_cors import CORS
-from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestTimeout
+from typing import TYPE_CHECKING
 
 from .config import Settings
 from .errors import ServiceError, error_response
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 __all__ = ["create_app", "Settings"]
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
-    # imported here, not at the top: keeps prometheus_client (metrics) out of gunicorn's master
-    from . import logs, metrics, serving
+    # imported here, not at the top: keeps prometheus_client (metrics) out of gunicorn's master, and Flask out of
+    # the pharmacists' commands (which import the clinical core, e.g. hook_call, from this package)
+    from flask import Flask, request
+    from flask_cors import CORS
+    from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestTimeout
+
+    from . import call_log, logs, metrics, serving
     from .admin import bp as admin_bp
     from .api import bp
     from .openapi import bp as openapi_bp
@@ -38,6 +43,7 @@ def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
          allow_headers=["Authorization", "Content-Type"], methods=["GET", "POST", "OPTIONS"], max_age=600)
     logs.init_app(app)  # first: its before_request starts the request's correlation ids
     metrics.init_app(app)  # GET /metrics
+    call_log.init_app(app)  # the one log line per hook call
     app.register_blueprint(bp)
     app.register_blueprint(admin_bp)
     app.register_blueprint(openapi_bp)  # GET /openapi.json

@@ -5,16 +5,17 @@ import json
 import logging
 
 import orjson
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
-from . import logs, metrics
+from . import call_log, logs, metrics
 from .auth import AuthError, expected_audience
 from .cards import OVERRIDE_REASON_SYSTEM, suggestion_uuid
 from .clients import OPEN_CLIENT_ID, Client
 from .explain import report as explain_report
 from .facts import parse_time
 from .errors import BadRequest, NotFound, Unauthorized, UnsupportedMediaType
-from .hook_call import call_service, first_error, validate_request
+from .hook_call import call_service
+from .request_validation import first_error, validate_request
 from .runtime import runtime
 from .services import SERVICES
 from .store import UnknownCards
@@ -70,15 +71,16 @@ def hook(service_id: str):
     client = authenticate()
     service = get_service(service_id)
     rt = runtime()
-    body = validate_request(read_json(), service, rt.validators)
+    body = validate_request(read_json(), service, rt.validators, rt.settings.limits)
     logs.set_hook_instance(body["hookInstance"])  # on every log line from here on
     trace = rt.settings.debug_trace
     result = call_service(service, body, rulebook=rt.rulebook, store=rt.store, settings=rt.settings, trace=trace,
                           client=client)
-    metrics.hook_result(result)  # counts cards; the line per hook call is logged after the response
+    metrics.hook_result(result)  # counts cards, checks not completed, FHIR queries
+    call_log.hook_result(result)  # the line per hook call is logged after the response
     if trace:  # CDS_DEBUG_TRACE: the explain report (codes and resource ids; no names, no patient id)
         log.info("explain %s", json.dumps(explain_report(result, rt.rulebook, service.hook), default=str))
-    return jsonify(result.response)
+    return Response(orjson.dumps(result.response), mimetype="application/json")  # bounded (limits.py), ~3x jsonify
 
 
 @bp.post("/cds-services/<service_id>/feedback")

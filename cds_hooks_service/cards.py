@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import threading
 import time
 import uuid
 from datetime import datetime, timezone
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from jinja2 import ChainableUndefined, Template, nodes
 from jinja2.filters import FILTERS
@@ -60,9 +62,39 @@ def plain_text(value) -> str:
     return " ".join(_plain(value).replace("<", "‹").replace(">", "›").split())
 
 
+def display_zone() -> ZoneInfo:
+    """The zone card times are shown in: CDS_DISPLAY_TIMEZONE (an IANA name such as Europe/Berlin), default UTC.
+    Settings.from_env calls this so that an unknown name stops the service at start."""
+    name = os.environ.get("CDS_DISPLAY_TIMEZONE", "").strip() or "UTC"
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"CDS_DISPLAY_TIMEZONE must be an IANA time zone such as UTC or America/New_York, "
+                         f"got {name!r}") from exc
+
+
 def _when(value) -> str:
+    """A record time in the display zone, with the zone named: 2026-03-01 09:00 UTC, 2026-03-01 04:00 EST."""
     t = parse_time(value) if isinstance(value, str) else value
-    return t.strftime("%Y-%m-%d %H:%M UTC") if isinstance(t, datetime) else "time not recorded"
+    if not isinstance(t, datetime):
+        return "time not recorded"
+    local = t.astimezone(display_zone())
+    return local.strftime("%Y-%m-%d %H:%M ") + (local.tzname() or str(local.tzinfo))
+
+
+def _in(value, now: datetime | None = None) -> str:
+    """How long until a time: "in 21 h", "in 40 min", "now" (past)."""
+    t = parse_time(value) if isinstance(value, str) else value
+    if not isinstance(t, datetime) or now is None:
+        return ""
+    hours = (t - now).total_seconds() / 3600
+    if hours <= 0:
+        return "now"
+    if hours < 1:
+        return f"in {max(1, int(hours * 60))} min"
+    if hours < 48:
+        return f"in {hours:.0f} h"
+    return f"in {hours / 24:.0f} days"
 
 
 def _ago(value, now: datetime | None = None) -> str:
@@ -298,6 +330,7 @@ def template_context(finding, now: datetime) -> dict:
         # the local-policy numbers the rule and its card use (rules/shared.yaml, the rule's policies:)
         "policy": {name: _plain(p.value) for name, p in (getattr(finding.rule, "policies", None) or {}).items()},
         "indicator": finding.indicator,
+        "possible": getattr(finding, "possible", False),
         "draft": {"display": draft.display, "route": draft.route or "route not stated",
                   "matched_by": draft.matched_by, "names": list(draft.matched_names)},
         "evidence": [_evidence_dict(e) for e in finding.evidence],
@@ -305,6 +338,7 @@ def template_context(finding, now: datetime) -> dict:
         "checks": {e.check: _evidence_dict(e) for e in finding.evidence + finding.cautions},
         "now": now,
         "ago": lambda value: _ago(value, now),
+        "from_now": lambda value: _in(value, now),
     }
 
 
@@ -349,6 +383,7 @@ def load_time_problems(template, rule_doc: dict) -> list[str]:
         "draft": {"display": "Example medication 10 mg", "route": "oral", "matched_by": "code", "names": ["example"]},
         "evidence": list(checks.values()), "cautions": [], "checks": checks,
         "now": _EXAMPLE_NOW, "ago": lambda value: _ago(value, _EXAMPLE_NOW),
+        "from_now": lambda value: _in(value, _EXAMPLE_NOW), "possible": False,
     }
     for attempt in (1, 2):  # over the time limit twice: not a pause of a loaded machine
         try:
@@ -389,6 +424,8 @@ def render_card(finding, *, now: datetime, patient_id: str | None, encounter_id:
             _recording.failures.append((rule.card.name, f"{type(exc).__name__}: {exc}"))
         summary_text = plain_text(f"{rule.title}: {finding.draft.display}")
         detail = "Reasons: " + markdown_escape("; ".join(e.label for e in finding.evidence)) + "."
+    if getattr(finding, "possible", False) and "possible" not in summary_text.lower():
+        summary_text = "Possible (unconfirmed diagnosis): " + summary_text  # clinical.md §4.0: one level lower
     if len(summary_text) > SUMMARY_MAX:
         summary_text = summary_text[: SUMMARY_MAX - 1].rstrip() + "…"
     if finding.draft.matched_by == "name":
@@ -446,7 +483,15 @@ def _suggestion(s, finding, card_uuid, patient_id, encounter_id, user_id, altern
     out = {"label": s.label, "uuid": suggestion_uuid(card_uuid, s.id), "actions": actions}
     if s.is_recommended is not None:
         out["isRecommended"] = s.is_recommended
+    if finding.indicator != "critical":
+        unrecommend_cancellation(out)
     return out
+
+
+def unrecommend_cancellation(suggestion: dict) -> None:
+    """Cancelling the order (a suggestion that only deletes) is recommended on critical cards only."""
+    if suggestion.get("isRecommended") and all(a["type"] == "delete" for a in suggestion["actions"]):
+        del suggestion["isRecommended"]
 
 
 def medication_request(alt: dict, draft: dict, patient_id, encounter_id, user_id) -> dict:

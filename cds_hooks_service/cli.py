@@ -265,8 +265,8 @@ def _read_request(path: Path) -> dict:
 def cmd_explain(args) -> int:
     from .errors import ServiceError
     from .explain import format_text, report
-    from .hook_call import call_service, validate_request
-    from .runtime import load_validators
+    from .hook_call import call_service
+    from .request_validation import load_validators, validate_request
     from .services import SERVICE_FOR_HOOK
 
     body = _read_request(args.request)
@@ -280,7 +280,7 @@ def cmd_explain(args) -> int:
     rulebook, settings = loaded
     settings.fixed_now = now or settings.fixed_now
     try:
-        validate_request(body, service, load_validators())
+        validate_request(body, service, load_validators(), settings.limits)
         result = call_service(service, body, rulebook=rulebook, store=None, settings=settings, trace=True)
     except ServiceError as exc:
         if args.json:

@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .facts import parse_time
+from .limits import Limits
 from .auth import check_public_url
 from .fhir_servers import parse_networks, parse_server_list
 
@@ -91,6 +92,7 @@ class Settings:
     allow_open_mode: bool = False  # CDS_ALLOW_OPEN_MODE=1: open mode (no JWT) also off loopback
     require_jwt: bool = False  # CDS_REQUIRE_JWT=1 (the Procfile): refuse to start without CDS_JWT_ISSUERS
     body_timeout: float = 10.0  # seconds from the request's start for its whole body to arrive (then 408)
+    limits: Limits = field(default_factory=Limits)  # per-request bounds (CDS_MAX_DRAFTS, ... see limits.py)
     fhir_servers: tuple[str, ...] = ()  # open mode: the FHIR base URLs a request may name (CDS_FHIR_SERVERS)
     fhir_private_networks: tuple = ()  # CIDRs a FHIR server's address may be in (CDS_FHIR_PRIVATE_NETWORKS)
     fhir_ca_bundle: str | None = None  # CA certificates (PEM file) for the FHIR servers; unset: certifi's bundle
@@ -146,6 +148,8 @@ class Settings:
             fixed_now = parse_time(env["CDS_FIXED_NOW"])
             if fixed_now is None:
                 raise ValueError(f"CDS_FIXED_NOW is not an ISO date-time: {env['CDS_FIXED_NOW']!r}")
+        from .cards import display_zone
+        display_zone()  # CDS_DISPLAY_TIMEZONE: an unknown zone stops the service at start
         settings = cls(
             rules_dir=rules_dir,
             cards_dir=Path(env.get("CDS_CARDS_DIR") or (rules_dir.parent / "cards" if env.get("CDS_RULES_DIR")
@@ -167,6 +171,7 @@ class Settings:
             instance_dir=instance_dir,
             admin_token=(env.get("CDS_ADMIN_TOKEN") or None),
             metrics_token=(env.get("CDS_METRICS_TOKEN") or None),
+            limits=Limits.from_env(env),
             listen_hosts=tuple(h for h in env.get("CDS_LISTEN_HOSTS", "").replace(",", " ").split()),
             allow_open_mode=_flag("CDS_ALLOW_OPEN_MODE"),
             require_jwt=_flag("CDS_REQUIRE_JWT"),

@@ -7,61 +7,16 @@ exception) and, when asked, a trace saying why each check matched or not.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import cached_property
 
-from .facts import (DRAFT_TYPES, IGNORED_MEDICATION_STATUSES, MEDICATION_TYPES, route_matches, ConditionFact, MedicationFact, MedicationIndex, Normaliser, ObservationFact,
-                    ProcedureFact)
-from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger
+from .facts import (DRAFT_TYPES, MEDICATION_TYPES, NEGATIVE_INTERPRETATIONS, POSITIVE_INTERPRETATIONS, MedicationFact,
+                    MedicationIndex, Normaliser, ObservationFact, add_time, milli_iu_per_ml, parse_time, route_matches)
+from .index import RecordIndex
+from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, normalise_unit
 
 _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
-
-
-class PatientRecord:
-    """The patient's record as FHIR resources per data key; facts are built lazily, once."""
-
-    def __init__(self, resources: dict[str, list[dict]], normaliser: Normaliser, medications: MedicationIndex,
-                 exclude_refs: frozenset[str] = frozenset(), relevant_conditions: frozenset | None = None):
-        self._relevant_conditions = relevant_conditions  # conditions coded otherwise never match a check
-        self._resources = resources
-        self._normaliser = normaliser
-        self._medications = medications
-        self._exclude = exclude_refs  # the drafts themselves, if the EHR also returns them
-
-    def _of(self, key: str) -> list[dict]:
-        return [r for r in self._resources.get(key) or [] if isinstance(r, dict)]
-
-    @cached_property
-    def medications(self) -> list[MedicationFact]:
-        out = []
-        for key in ("medicationRequests", "medicationAdministrations", "medicationStatements"):
-            for r in self._of(key):
-                if r.get("resourceType") not in MEDICATION_TYPES + DRAFT_TYPES:
-                    continue
-                fact = self._normaliser.medication(r, self._medications)
-                if fact.ref not in self._exclude and fact.status not in IGNORED_MEDICATION_STATUSES:
-                    out.append(fact)
-        return out
-
-    @cached_property
-    def conditions(self) -> list[ConditionFact]:
-        facts = (self._normaliser.condition(r, self._relevant_conditions)
-                 for r in self._of("conditions") if r.get("resourceType") == "Condition")
-        return [f for f in facts if f]
-
-    @cached_property
-    def observations(self) -> list[ObservationFact]:
-        out: list[ObservationFact] = []
-        for r in self._of("observations"):
-            if r.get("resourceType") == "Observation":
-                out += self._normaliser.observations(r)
-        return out
-
-    @cached_property
-    def procedures(self) -> list[ProcedureFact]:
-        facts = (self._normaliser.procedure(r) for r in self._of("procedures") if r.get("resourceType") == "Procedure")
-        return [f for f in facts if f]
 
 
 @dataclass
@@ -69,7 +24,17 @@ class Evidence:
     check: str
     label: str
     indicator: str | None
-    items: list[dict]
+    items: list[dict]  # at most HookContext.max_evidence_items, newest first where the check orders them
+    total: int = -1  # how many the check found (items lists the first of them); -1: len(items)
+
+    def __post_init__(self):
+        if self.total < 0:
+            self.total = len(self.items)
+
+    @property
+    def more(self) -> int:
+        """Found but not listed (the card says "and N more")."""
+        return self.total - len(self.items)
 
 
 @dataclass
@@ -83,10 +48,10 @@ class Finding:
     suppressed_by: Evidence | None = None
     trace: list[dict] = field(default_factory=list)
     excluded_suggestions: frozenset[str] = frozenset()  # left out by their `only_if`/`unless` checks
-
-    @property
-    def fired(self) -> bool:
-        return self.suppressed_by is None
+    possible: bool = False  # the level rests on unconfirmed diagnoses only, lowered one step ("possible")
+    # Set once by hook_call.record: fired | excepted | suppressed | shadow | not fired, and why it is not shown.
+    outcome: str = ""
+    reason: str = ""
 
     def matched(self, check_name: str) -> bool:
         return any(e.check == check_name for e in self.evidence + self.cautions)
@@ -101,19 +66,41 @@ class HookContext:
     user_id: str | None
     drafts: list[MedicationFact]  # every medication draft of the order session
     targets: list[MedicationFact]  # the drafts to judge (selections for order-select, all for order-sign)
+    max_evidence_items: int = 10  # items listed per check; the rest are counted
 
 
 def _when(t: datetime | None) -> str | None:
     return t.isoformat().replace("+00:00", "Z") if t else None
 
 
-class Evaluation:
-    """One rule against one drafted order. Check results are memoised, the trace is optional."""
+class _Found:
+    """What a check found for the whole call, whichever draft is judged: the qualifying facts (in the order
+    the card lists them) and the counts its trace note needs. Drafts are excluded per judged draft."""
 
-    def __init__(self, rule: Rule, draft: MedicationFact, ctx: HookContext, record: PatientRecord,
+    __slots__ = ("facts", "considered", "draft_refs", "considered_draft_refs", "note")
+
+    def __init__(self, facts: list, considered: int = 0, draft_refs: Counter | None = None,
+                 considered_draft_refs: Counter | None = None, note: str = ""):
+        self.facts = facts
+        self.considered = considered
+        self.draft_refs = draft_refs or Counter()  # refs of the qualifying drafts
+        self.considered_draft_refs = considered_draft_refs or Counter()
+        self.note = note
+
+
+class Evaluation:
+    """One rule against one drafted order. Check results are memoised, the trace is optional.
+
+    The record part of a check (what it finds in the record and among the other drafts) is computed once
+    per call and kept in ``record.shared``; per draft only the listed items are built (at most
+    ``ctx.max_evidence_items``), so a check costs its hits once, and each finding a bounded amount.
+    """
+
+    def __init__(self, rule: Rule, draft: MedicationFact, ctx: HookContext, record: RecordIndex,
                  rulebook: Rulebook, trace: bool):
         self.rule, self.draft, self.ctx, self.record = rule, draft, ctx, record
         self.terminology = rulebook.terminology
+        self.limit = ctx.max_evidence_items
         self._memo: dict[str, Evidence | None] = {}
         self.trace: list[dict] | None = [] if trace else None
 
@@ -122,24 +109,40 @@ class Evaluation:
             return self._memo[name]
         self._memo[name] = None  # guards against cycles (also refused at load time)
         c = self.rule.checks[name]
-        items, note = getattr(self, "_" + c.kind)(c)
-        evidence = Evidence(name, c.label, c.indicator, items) if items else None
+        items, total, note = getattr(self, "_" + c.kind)(c)
+        evidence = Evidence(name, c.label, c.indicator, items, total) if total else None
         self._memo[name] = evidence
         if self.trace is not None:
-            self.trace.append({"check": name, "kind": c.kind, "label": c.label, "matched": bool(items),
+            self.trace.append({"check": name, "kind": c.kind, "label": c.label, "matched": bool(total),
                                "why": note, "evidence": items})
         return evidence
+
+    def _shared(self, c: Check, compute) -> _Found:
+        key = (self.rule.id, c.name)
+        found = self.record.shared.get(key)
+        if found is None:
+            found = self.record.shared[key] = compute(c)
+        return found
 
     # -- check kinds -----------------------------------------------------------------------------
     def _in_window(self, c: Check, t: datetime | None) -> bool:
         return c.within is None or (t is not None and t >= self.ctx.now - timedelta(seconds=c.within))
 
     def _condition(self, c: Check):
+        found = self._shared(c, self._find_conditions)
+        items = []
+        for cond in found.facts[:self.limit]:
+            code = sorted(cond.concepts & c.valueset)[0]
+            items.append({"kind": "condition", "display": cond.display, "system": code[0], "code": code[1],
+                          "status": cond.clinical_status or "unknown", "time": _when(cond.time),
+                          "possible": cond.verification_status in ("unconfirmed", "provisional", "differential"),
+                          "ref": cond.ref})
+        return items, len(found.facts), found.note
+
+    def _find_conditions(self, c: Check) -> _Found:
         status = c.spec.get("status", "active")
-        items, seen = [], 0
-        for cond in self.record.conditions:
-            if cond.concepts.isdisjoint(c.valueset):
-                continue
+        qualifying, seen = [], 0
+        for cond in self.record.conditions.matching(c.valueset):
             seen += 1
             on_this_encounter = bool(self.ctx.encounter_id) and cond.encounter == f"Encounter/{self.ctx.encounter_id}"
             if status == "active" and not (cond.clinical_status in _ACTIVE_CONDITION or cond.clinical_status is None
@@ -147,109 +150,195 @@ class Evaluation:
                 continue
             if c.within is not None and cond.time is not None and not self._in_window(c, cond.time):
                 continue
-            code = sorted(cond.concepts & c.valueset)[0]
-            items.append({"kind": "condition", "display": cond.display, "system": code[0], "code": code[1],
-                          "status": cond.clinical_status or "unknown", "time": _when(cond.time),
-                          "possible": cond.verification_status in ("unconfirmed", "provisional", "differential"),
-                          "ref": cond.ref})
+            qualifying.append(cond)
         total = len(self.record.conditions)
-        if items:
-            note = f"{len(items)} of {total} conditions qualify"
+        if qualifying:
+            note = f"{len(qualifying)} of {total} conditions qualify"
         elif seen:
             note = f"{seen} in the value sets, none with status {status} (or within the window)"
         else:
             note = f"none of the {total} conditions is in the value sets"
-        return items, note
-
-    def _medication_candidates(self, sources: tuple[str, ...], drafts: bool):
-        if drafts:
-            for d in self.ctx.drafts:
-                if d.ref != self.draft.ref:
-                    yield d
-        for m in self.record.medications:
-            if m.source in sources or (m.source == "MedicationOrder" and "MedicationRequest" in sources):
-                yield m
+        return _Found(qualifying, note=note)
 
     def _medication(self, c: Check):
+        found = self._shared(c, self._find_medications)
+        ref = self.draft.ref
+        skip = found.draft_refs[ref]  # this draft itself (and drafts sharing its reference) never count
+        total = len(found.facts) - skip
+        considered = found.considered - found.considered_draft_refs[ref]
+        items = []
+        for m in found.facts:
+            if len(items) >= self.limit:
+                break
+            if skip and m.source == "draft" and m.ref == ref:
+                continue
+            exposure = m.exposure
+            until = add_time(exposure, timedelta(seconds=c.within)) if (c.within and exposure and m.source != "draft") else None
+            # A course whose stated end is past and later than its order/dose time is shown by its end.
+            ended = m.source != "draft" and exposure is not None and exposure is not m.time and exposure <= self.ctx.now
+            items.append({
+                "kind": "medication", "display": m.display, "source": m.source,
+                "how": "course ended" if ended else {
+                    "draft": "ordered now", "MedicationAdministration": "given", "MedicationStatement": "taking",
+                    "MedicationRequest": "ordered"}.get(m.source, "ordered"),
+                "ingredients": self.terminology.ingredient_label(m.concepts & c.valueset) or m.display,
+                "status": m.status or "unknown", "active": m.active, "time": _when(exposure if ended else m.time),
+                "until": _when(until), "ordered": _when(m.time), "course_end": _when(m.course_end),
+                "asserted": _when(parse_time(m.resource.get("dateAsserted"))),  # list reviewed: no dose time
+                "route": m.route, "matched_by": m.matched_by, "ref": m.ref,
+            })
+        note = f"{total} qualifying of {considered} in the value sets" if considered else "none in the value sets"
+        return items, total, note
+
+    def _find_medications(self, c: Check) -> _Found:
         spec = c.spec
         sources = tuple(spec.get("sources") or MEDICATION_TYPES)
         routes = frozenset(spec["route"]) if spec.get("route") else None
-        items, considered = [], 0
-        for m in self._medication_candidates(sources, spec.get("drafts", True)):
-            hit = m.concepts & c.valueset
-            if not hit:
-                continue
-            considered += 1
+        active_wanted = bool(spec.get("active"))
+
+        def qualifies(m: MedicationFact) -> bool:
             if routes is not None and not route_matches(m.route, routes):
-                continue
+                return False
             is_draft = m.source == "draft"
-            in_window = c.within is not None and self._in_window(c, m.time)
-            active = bool(spec.get("active")) and m.active
-            if not (is_draft or in_window or active or (c.within is None and not spec.get("active"))):
-                continue
-            until = m.time + timedelta(seconds=c.within) if (c.within and m.time and not is_draft) else None
-            items.append({
-                "kind": "medication", "display": m.display, "source": m.source,
-                "how": {"draft": "ordered now", "MedicationAdministration": "given",
-                        "MedicationStatement": "taking", "MedicationRequest": "ordered"}.get(m.source, "ordered"),
-                "ingredients": self.terminology.ingredient_label(hit) or m.display, "status": m.status or "unknown",
-                "active": m.active, "time": _when(m.time), "until": _when(until), "route": m.route,
-                "matched_by": m.matched_by, "ref": m.ref,
-            })
-        items.sort(key=lambda i: i["time"] or "", reverse=True)  # newest first
-        note = f"{len(items)} qualifying of {considered} in the value sets" if considered else "none in the value sets"
-        return items, note
+            in_window = c.within is not None and self._in_window(c, m.exposure)
+            return is_draft or in_window or (active_wanted and m.active) or (c.within is None and not active_wanted)
+
+        draft_refs, considered_draft_refs = Counter(), Counter()
+        qualifying = []
+        if spec.get("drafts", True):
+            for d in self.record.drafts.matching(c.valueset):
+                considered_draft_refs[d.ref] += 1
+                if qualifies(d):
+                    draft_refs[d.ref] += 1
+                    qualifying.append(d)
+        considered = sum(considered_draft_refs.values())
+        for m in self.record.medications.matching(c.valueset):
+            if m.source in sources or (m.source == "MedicationOrder" and "MedicationRequest" in sources):
+                considered += 1
+                if qualifies(m):
+                    qualifying.append(m)
+        qualifying.sort(key=lambda m: _when(m.exposure) or "", reverse=True)  # newest first
+        return _Found(qualifying, considered, draft_refs, considered_draft_refs)
 
     def _medicationClasses(self, c: Check):
+        found = self._shared(c, self._find_classes)
+        items = found.facts[:self.limit]
+        return items, len(found.facts), found.note
+
+    def _find_classes(self, c: Check) -> _Found:
         spec = c.spec
         sources = tuple(spec.get("sources") or ("MedicationAdministration",))
-        found: dict[str, dict] = {}
-        for m in self._medication_candidates(sources, False):
-            if not self._in_window(c, m.time):
-                continue
-            for cls, vs in c.classes.items():
-                if cls not in found and not m.concepts.isdisjoint(vs):
-                    found[cls] = {"kind": "medication", "class": cls, "display": m.display, "source": m.source,
-                                  "how": "given", "time": _when(m.time), "ref": m.ref,
-                                  "ingredients": self.terminology.ingredient_label(m.concepts & vs) or m.display}
+        firsts = []  # (position in the record, class order, class, fact): the first of each class given in time
+        for order, (cls, vs) in enumerate(c.classes.items()):
+            for m in self.record.medications.matching(vs):
+                if (m.source in sources or (m.source == "MedicationOrder" and "MedicationRequest" in sources)) \
+                        and self._in_window(c, m.exposure):
+                    firsts.append((self.record.medications.position(m), order, cls, m, vs))
+                    break
+        firsts.sort(key=lambda f: f[:2])
+        found = {cls: {"kind": "medication", "class": cls, "display": m.display, "source": m.source, "how": "given",
+                       "time": _when(m.time), "ref": m.ref,
+                       "ingredients": self.terminology.ingredient_label(m.concepts & vs) or m.display}
+                 for _, _, cls, m, vs in firsts}
         enough = len(found) >= spec["min"]
         note = f"{len(found)} of {spec['min']} classes needed: {', '.join(found) or 'none'}"
-        return (list(found.values()) if enough else []), note
+        return _Found(list(found.values()) if enough else [], note=note)
 
     def _observation(self, c: Check):
+        found = self._shared(c, self._find_observations)
+        items = [{"kind": "observation", "display": o.display, "value": o.value, "unit": o.unit,
+                  "result": o.value_text, "time": _when(o.time), "ref": o.ref, "code": sorted(o.concepts & vs)[0][1]}
+                 for o, vs in found.facts[:self.limit]]
+        total = len(found.facts)
+        return items, total, (f"{total} readings meet the threshold" if total else "no reading meets the threshold")
+
+    def _find_observations(self, c: Check) -> _Found:
         latest_only = c.spec.get("latest", True)
-        items = []
+        qualifying = []
         for vs, op, value in c.observations:
-            readings = [o for o in self.record.observations if not o.concepts.isdisjoint(vs)]
-            readings.sort(key=lambda o: o.time.timestamp() if o.time else 0, reverse=True)
+            readings = sorted(self.record.observations.matching(vs),
+                              key=lambda o: o.time.timestamp() if o.time else 0, reverse=True)
             if latest_only:
                 readings = readings[:1]
-            for o in readings:
-                if self._in_window(c, o.time) and _compare(o, op, value):
-                    items.append({"kind": "observation", "display": o.display, "value": o.value, "unit": o.unit,
-                                  "result": o.value_text, "time": _when(o.time), "ref": o.ref,
-                                  "code": sorted(o.concepts & vs)[0][1]})
-        return items, (f"{len(items)} readings meet the threshold" if items else "no reading meets the threshold")
+            qualifying += [(o, vs) for o in readings if self._in_window(c, o.time) and _compare(o, op, value)]
+        return _Found(qualifying)
+
+    def _score(self, c: Check):
+        found = self._shared(c, self._find_score)
+        return found.facts[:self.limit], len(found.facts), found.note
+
+    def _find_score(self, c: Check) -> _Found:
+        """A points score: each item's points (from the record, or ``otherwise`` when the record lacks it),
+        their total against ``atLeast``. One item on the card: the total, then every item with its value,
+        date and points (the record's own evidence), then the items counted as absent."""
+        total, parts, missing = 0, [], []
+        for item in c.score_items:
+            if item.kind == "observation":
+                readings = [o for o in self.record.observations.matching(item.valueset) if o.value is not None]
+                readings.sort(key=lambda o: o.time.timestamp() if o.time else 0, reverse=True)
+                newest = next((o for o in readings if self._in_window(c, o.time)), None)
+                value = None
+                if newest is not None:
+                    factor = 1.0 if item.units is None else item.units.get(normalise_unit(newest.unit))
+                    # converted to the bands' unit, to 2 decimals (51.3 umol/L bilirubin is 3.00 mg/dL)
+                    value = round(newest.value * factor, 2) if factor is not None else None
+                if value is None:
+                    total += item.otherwise
+                    missing.append(f"{item.label} ({item.otherwise})" if newest is None else
+                                   f"{item.label} ({item.otherwise}; unit {newest.unit} not read)")
+                    continue
+                points = next((p for op, limit, p in item.bands
+                               if {">=": value >= limit, ">": value > limit, "<=": value <= limit, "<": value < limit}[op]),
+                              item.otherwise)
+                total += points
+                unit = newest.unit if newest.unit and not newest.unit.startswith("{") and newest.unit != "1" else ""
+                date = newest.time.strftime("%Y-%m-%d") if newest.time else "date not recorded"
+                parts.append({"label": item.label, "value": newest.value, "unit": newest.unit, "points": points,
+                              "time": _when(newest.time), "ref": newest.ref,
+                              "text": f"{item.label} {newest.value:g}{' ' + unit if unit else ''} ({date}): {points}"})
+            elif item.kind == "condition":
+                cond = next(iter(self.record.conditions.matching(item.valueset)), None)
+                if cond is None:
+                    total += item.otherwise
+                    missing.append(f"{item.label} ({item.otherwise})")
+                    continue
+                total += item.present
+                parts.append({"label": item.label, "points": item.present, "time": _when(cond.time), "ref": cond.ref,
+                              "text": f"{item.label} ({cond.display}): {item.present}"})
+            else:
+                total += item.otherwise
+                missing.append(f"{item.label} ({item.otherwise})")
+        at_least = c.spec["atLeast"]
+        note = f"{total} points (at least {at_least} needed); not in the record: {', '.join(missing) or 'none'}"
+        if total < at_least or not parts:
+            return _Found([], note=note)
+        display = (f"{total} points or more: " + "; ".join(p["text"] for p in parts)
+                   + (f"; not recorded, counted as: {', '.join(missing)}" if missing else "")
+                   + (f". {c.spec['note']}" if c.spec.get("note") else ""))
+        return _Found([{"kind": "score", "display": display, "total": total, "parts": parts, "missing": missing,
+                        "ref": f"score:{c.name}", "code": c.name}], note=note)
 
     def _procedure(self, c: Check):
+        found = self._shared(c, lambda c: _Found([p for p in self.record.procedures.matching(c.valueset)
+                                                  if self._in_window(c, p.time)]))
         items = [{"kind": "procedure", "display": p.display, "time": _when(p.time), "ref": p.ref}
-                 for p in self.record.procedures if not p.concepts.isdisjoint(c.valueset) and self._in_window(c, p.time)]
-        return items, f"{len(items)} qualifying procedures"
+                 for p in found.facts[:self.limit]]
+        return items, len(found.facts), f"{len(found.facts)} qualifying procedures"
 
     def _orderReason(self, c: Check):
-        reasons = self.draft.reasons
+        reasons, reason_texts = self.record.reasons_of(self.draft)
         hits = [r for r in reasons if r in c.valueset]
         if c.spec.get("match", "any") == "none":
             ok = bool(reasons) and not hits
             items = []
             if ok:
-                display = self.draft.reason_texts[0] if self.draft.reason_texts else reasons[0][1]
+                display = reason_texts[0] if reason_texts else reasons[0][1]
                 items = [{"kind": "reason", "display": display, "system": reasons[0][0], "code": reasons[0][1]}]
-            return items, ("the order's reason is outside the value sets" if ok else "no other reason given")
-        items = [{"kind": "reason", "display": (self.draft.reason_texts or (code,))[0], "system": system, "code": code}
+            return items, len(items), ("the order's reason is outside the value sets" if ok else "no other reason given")
+        items = [{"kind": "reason", "display": (reason_texts or (code,))[0], "system": system, "code": code}
                  for system, code in hits]
-        return items, ("the order's reason is in the value sets" if items else
-                       f"{len(reasons)} order reasons, none in the value sets")
+        return items[:self.limit], len(items), ("the order's reason is in the value sets" if items else
+                                                f"{len(reasons)} order reasons, none in the value sets")
 
     def _drafted(self, c: Check):
         spec = c.spec
@@ -259,31 +348,63 @@ class Evaluation:
         if ok and spec.get("route"):
             ok = route_matches(self.draft.route, spec["route"])
         items = [{"kind": "drafted", "display": self.draft.display, "route": self.draft.route}] if ok else []
-        return items, ("the drafted order matches" if ok else "the drafted order does not match")
+        return items, len(items), ("the drafted order matches" if ok else "the drafted order does not match")
+
+    def _combined(self, results: list[Evidence]):
+        items = [i for e in results for i in e.items][:self.limit]
+        return items, sum(e.total for e in results)
 
     def _all(self, c: Check):
         results = [self.check(n) for n in c.children]
         if all(results):
-            return [i for e in results for i in e.items], "all matched"
-        return [], "not all matched"
+            return (*self._combined(results), "all matched")
+        return [], 0, "not all matched"
 
     def _any(self, c: Check):
         results = [e for e in (self.check(n) for n in c.children) if e]
-        return [i for e in results for i in e.items], f"{len(results)} matched"
+        return (*self._combined(results), f"{len(results)} matched")
 
     def _not(self, c: Check):
         inner = self.check(c.children[0])
-        return ([] if inner else [{"kind": "absent", "display": c.label}]), ("inner matched" if inner else "inner absent")
+        items = [] if inner else [{"kind": "absent", "display": c.label}]
+        return items, len(items), ("inner matched" if inner else "inner absent")
 
 
 def _compare(o: ObservationFact, op: str, value: float | None) -> bool:
     if op == "positive":
-        text = o.value_text or ""
-        return ("positive" in text or "detected" in text or text.strip() in ("pos", "p")) and "not detected" not in text \
-            and "negative" not in text
+        # A quantitative result in international units per volume is judged by the check's threshold
+        # (``value``, in mIU/mL = IU/L: a local-policy number in the rule file), whatever its flag says;
+        # a qualitative one by its coded/text result or its interpretation code.
+        quantity = milli_iu_per_ml(o.value, o.unit)
+        if value is not None and quantity is not None:
+            return quantity >= value
+        text = (o.value_text or "").strip()
+        if "negative" in text or "not detected" in text or text in ("neg", "n") or o.interpretation & NEGATIVE_INTERPRETATIONS:
+            return False
+        return "positive" in text or "detected" in text or text in ("pos", "p") \
+            or bool(o.interpretation & POSITIVE_INTERPRETATIONS)
     if o.value is None or value is None:
         return False
     return {">=": o.value >= value, ">": o.value > value, "<=": o.value <= value, "<": o.value < value}[op]
+
+
+_LOWER = {"critical": "warning", "warning": "info", "info": "info"}
+
+
+def _indicator(rule: Rule, evidence: list[Evidence]) -> tuple[str, bool]:
+    """The finding's level: its strongest evidence's. Evidence that is only unconfirmed diagnoses
+    (verificationStatus unconfirmed, provisional, differential) counts one level lower (clinical.md §4.0);
+    ``possible`` says the level was lowered for that."""
+    def level(e: Evidence) -> tuple[str, bool]:
+        own = e.indicator or rule.indicator
+        unconfirmed = bool(e.items) and not e.more and all(
+            i.get("kind") == "condition" and i.get("possible") for i in e.items)
+        return (_LOWER[own], True) if unconfirmed else (own, False)
+
+    levels = [level(e) for e in evidence]
+    top = max((lv for lv, _ in levels), key=INDICATOR_RANK.__getitem__)
+    confirmed_top = any(lv == top and not lowered for lv, lowered in levels)
+    return top, not confirmed_top
 
 
 def triggered(rule: Rule, draft: MedicationFact) -> list[Trigger]:
@@ -291,7 +412,7 @@ def triggered(rule: Rule, draft: MedicationFact) -> list[Trigger]:
             if not draft.concepts.isdisjoint(t.drafted) and (t.route is None or route_matches(draft.route, t.route))]
 
 
-def evaluate_rule(rule: Rule, draft: MedicationFact, ctx: HookContext, record: PatientRecord, rulebook: Rulebook,
+def evaluate_rule(rule: Rule, draft: MedicationFact, ctx: HookContext, record: RecordIndex, rulebook: Rulebook,
                   *, trace: bool = False) -> Finding | None:
     """The rule's finding for one drafted order, or None when no trigger's drug and evidence match."""
     ev = Evaluation(rule, draft, ctx, record, rulebook, trace)
@@ -301,13 +422,14 @@ def evaluate_rule(rule: Rule, draft: MedicationFact, ctx: HookContext, record: P
             continue
         suppressed = next((e for e in (ev.check(n) for n in rule.exceptions) if e), None)
         cautions = [e for e in (ev.check(n) for n in rule.cautions) if e]
-        indicator = max((e.indicator or rule.indicator for e in evidence), key=INDICATOR_RANK.__getitem__)
+        indicator, possible = _indicator(rule, evidence)
         for when, adjusted in rule.adjust:
             if any(ev.check(n) for n in when):
-                indicator = adjusted
+                indicator, possible = adjusted, False
                 break
         excluded = frozenset(s.id for s in rule.suggestions if not s.offered(ev.check))
-        return Finding(rule, draft, trig.name, indicator, evidence, cautions, suppressed, ev.trace or [], excluded)
+        return Finding(rule, draft, trig.name, indicator, evidence, cautions, suppressed, ev.trace or [], excluded,
+                       possible=possible)
     if trace and ev.trace is not None:
         return Finding(rule, draft, "", rule.indicator, [], [], None, ev.trace)  # not fired; trace only
     return None

@@ -1,8 +1,6 @@
 """Errors a client can cause, answered as JSON OperationOutcome bodies (never a 5xx for client input)."""
 from __future__ import annotations
 
-from flask import jsonify
-
 
 class ServiceError(Exception):
     status = 400
@@ -44,6 +42,8 @@ def operation_outcome(message: str, code: str = "invalid", field: str | None = N
 
 
 def error_response(status: int, message: str, code: str = "invalid", field: str | None = None):
+    from flask import jsonify  # here: the clinical core and the pharmacists' commands raise these without Flask
+
     response = jsonify(operation_outcome(message, code, field))
     response.status_code = status
     if status == 401:

@@ -8,7 +8,7 @@ CDS_DEBUG_TRACE is on; it holds clinical codes and resource ids, never patient n
 from __future__ import annotations
 
 from .facts import MedicationFact, codeable_concepts
-from .hook_call import HookResult
+from .hook_call import EXCEPTED, NOT_FIRED, SHADOW, SUPPRESSED, HookResult
 from .rulebook import Rulebook
 from .terminology import RXNORM
 
@@ -35,16 +35,15 @@ def drug_chain(draft: MedicationFact, rulebook: Rulebook) -> list[str]:
 
 
 def report(result: HookResult, rulebook: Rulebook, hook: str) -> dict:
-    suppressed = {id(f): why for f, why in result.suppressed}
     drafts = {}
     rules = []
     for f in result.findings:
         drafts.setdefault(f.draft.ref, {"ref": f.draft.ref, "display": f.draft.display, "route": f.draft.route,
                                         "recognised_by": f.draft.matched_by, "ingredients": drug_chain(f.draft, rulebook)})
-        if f.evidence and id(f) in suppressed:
-            outcome = "suppressed: " + suppressed[id(f)]
-        elif f.evidence:
-            outcome = "FIRED" + (" (shadow: counted, not shown)" if f.rule.mode == "shadow" else "") + f" [{f.indicator}]"
+        if f.outcome in (EXCEPTED, SUPPRESSED):
+            outcome = "suppressed: " + f.reason
+        elif f.outcome != NOT_FIRED:
+            outcome = "FIRED" + (" (shadow: counted, not shown)" if f.outcome == SHADOW else "") + f" [{f.indicator}]"
         elif f.trace:
             outcome = "not fired: no check of the trigger found evidence"
         else:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
-from .terminology import Concept, Terminology, concept
+from .terminology import Concept, DrugMatch, Terminology, concept
 
 MEDICATION_TYPES = ("MedicationRequest", "MedicationAdministration", "MedicationStatement")  # record sources
 # DSTU2 servers (the Sandbox's default) send MedicationOrder drafts; they read the same way.
@@ -23,35 +23,92 @@ _ACTIVE_STATUSES = {
     "MedicationAdministration": frozenset({"in-progress", "on-hold"}),
 }
 _CONDITION_EXCLUDED = frozenset({"refuted", "entered-in-error"})
+INTERPRETATION_SYSTEMS = frozenset({"http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+                                    "http://hl7.org/fhir/v3/ObservationInterpretation",
+                                    "http://terminology.hl7.org/CodeSystem/v2-0078", "http://hl7.org/fhir/v2/0078"})
+# A qualitative test (op "positive") reads as positive with one of these interpretation codes: POS positive,
+# DET detected, A/AA abnormal, H/HH/HU high (above the non-pregnant reference range for an hCG); and as
+# negative with NEG, ND (not detected) or N (normal), whatever else the result says.
+POSITIVE_INTERPRETATIONS = frozenset({"POS", "DET", "A", "AA", "H", "HH", "HU"})
+NEGATIVE_INTERPRETATIONS = frozenset({"NEG", "ND", "N"})
+# International units per volume, as factors to mIU/mL (1 mIU/mL = 1 IU/L); the bracketed UCUM spellings too.
+_MILLI_IU_PER_ML = {"miu/ml": 1.0, "iu/l": 1.0, "mu/ml": 1.0, "u/l": 1.0, "iu/ml": 1000.0, "u/ml": 1000.0}
+
+
+def milli_iu_per_ml(value: float | None, unit: str | None) -> float | None:
+    """A quantity in international units per volume as mIU/mL (= IU/L); None for other or unstated units."""
+    if value is None or not isinstance(unit, str):
+        return None
+    factor = _MILLI_IU_PER_ML.get(unit.replace("[", "").replace("]", "").replace(" ", "").lower())
+    return value * factor if factor is not None else None
+
+
 _OBS_STATUSES = frozenset({"final", "amended", "corrected", "preliminary", "registered"})
 
 # Route classes from SNOMED CT route codes (FHIR R4 "SNOMED CT Route Codes" value set), text and dose forms.
 # An injection is intravenous, intramuscular, subcutaneous, or "injection" when the route is not stated;
-# a rule's route filter naming "parenteral" matches all four (see route_matches).
-PARENTERAL = frozenset({"injection", "intravenous", "intramuscular", "subcutaneous"})
+# an "auto-injector" (a pen for the patient's own use) is intramuscular or subcutaneous. A rule's route
+# filter naming "parenteral" matches all five (see route_matches).
+PARENTERAL = frozenset({"injection", "intravenous", "intramuscular", "subcutaneous", "auto-injector"})
+# Local products: no systemic exposure worth a drug-interaction card (issue 9 §2, clinical.md §4.2 B3):
+# skin (cream, ointment, gel, lotion, shampoo, foam), eye, ear, vaginal, and local infiltration (a local
+# anaesthetic with epinephrine infiltrated into tissue). A route filter naming "topical" matches all of
+# them; "systemic" matches every route that is not one of them (an unstated route included).
+LOCAL = frozenset({"topical", "ophthalmic", "otic", "vaginal", "infiltration"})
 _ROUTE_CODES = {
     "47625008": "intravenous",  # Intravenous route
     "78421000": "intramuscular",  # Intramuscular route
     "34206005": "subcutaneous",  # Subcutaneous route
     "26643006": "oral",  # Oral route
+    "37839007": "oral",  # Sublingual route
+    "54471007": "oral",  # Buccal route
     "46713006": "nasal",  # Nasal route
+    "6064005": "topical",  # Topical route
+    "45890007": "transdermal",  # Transdermal route
+    "54485002": "ophthalmic",  # Ophthalmic route
+    "10547007": "otic",  # Otic route
+    "16857009": "vaginal",  # Per vagina
+    "37161004": "rectal",  # Per rectum
 }
+# Checked in this order: the local forms first, so "lidocaine with epinephrine injection for local
+# infiltration" is infiltration, not an injection, and "ketoconazole 2% cream" is topical.
 _ROUTE_WORDS = [
+    (re.compile(r"\b(infiltrat\w*|local(ly)? anaesth\w*|local(ly)? anesth\w*|nerve block|field block|"
+                r"digital block|dental|local infiltration|intradermal)\b"), "infiltration"),
+    (re.compile(r"\b(ophthalmic|ophth|eye|eyes|intraocular|conjunctival|opth)\b"), "ophthalmic"),
+    (re.compile(r"\b(otic|ear|ears|auricular)\b"), "otic"),
+    (re.compile(r"\b(vaginal\w*|per vagina|pessary|pessaries|intravaginal)\b"), "vaginal"),
+    (re.compile(r"\b(po|oral|orally|by mouth|sublingual|buccal)\b"), "oral"),  # "miconazole oral gel" is oral
+    (re.compile(r"\b(cream|ointment|gel|lotion|shampoo|foam|cutaneous|topical\w*|dermal|to skin|"
+                r"to affected area|scalp)\b"), "topical"),
     (re.compile(r"\b(iv|ivp|ivpb|intravenous\w*|infusion|drip)\b"), "intravenous"),
     (re.compile(r"\b(im|intramuscular\w*)\b"), "intramuscular"),
     (re.compile(r"\b(sc|sq|subq|subcut\w*)\b"), "subcutaneous"),
-    (re.compile(r"\b(inj\w*|syringe|cartridge|auto-?injector|vial|parenteral)\b"), "injection"),
-    (re.compile(r"\b(po|oral\w*|by mouth|tablet|capsule|lozenge|sublingual|buccal)\b"), "oral"),
+    (re.compile(r"\b(auto-?injectors?|autoinjectors?|pen-?injectors?|epipen\w*|auvi-?q)\b"), "auto-injector"),
+    (re.compile(r"\b(inj\w*|syringe|cartridge|vial|parenteral)\b"), "injection"),
+    (re.compile(r"\b(po|oral\w*|by mouth|tablet|capsule|lozenge|troche|sublingual|buccal)\b"), "oral"),
     (re.compile(r"\b(nasal|intranasal|nostril|nose)\b"), "nasal"),
     (re.compile(r"\b(transdermal|patch)\b"), "transdermal"),
-    (re.compile(r"\b(ophthalmic|eye|topical|rectal|suppository)\b"), "topical"),
+    (re.compile(r"\b(rectal\w*|suppositor\w*|per rectum|pr)\b"), "rectal"),
 ]
+# Local anaesthetics (RxNorm ingredients verified in codes.json: lidocaine 6387, bupivacaine 1815): an
+# injection of a product that combines one with epinephrine, by no stated IV route, is local infiltration.
+LOCAL_ANAESTHETICS = frozenset({("http://www.nlm.nih.gov/research/umls/rxnorm", "6387"),
+                                ("http://www.nlm.nih.gov/research/umls/rxnorm", "1815")})
+EPINEPHRINE = ("http://www.nlm.nih.gov/research/umls/rxnorm", "3992")
+_LOCAL_ANAESTHETIC_NAMES = re.compile(r"\b(lidocaine|lignocaine|bupivacaine|articaine|mepivacaine|prilocaine|"
+                                      r"ropivacaine|xylocaine|marcaine|sensorcaine|septocaine|carbocaine)\b")
+_EPINEPHRINE_NAMES = re.compile(r"\b(epinephrine|adrenaline|epi)\b")
 
 
 def route_matches(route: str | None, allowed: frozenset[str] | set[str] | list[str]) -> bool:
-    """A rule's route filter: "parenteral" covers every injection route; "unknown" a route not stated."""
+    """A rule's route filter: "parenteral" covers every injection route; "unknown" a route not stated;
+    "topical" every local route (skin, eye, ear, vaginal, infiltration); "systemic" every route that is not
+    local (an unstated one included); "intramuscular"/"subcutaneous" an auto-injector."""
     r = route or "unknown"
-    return r in allowed or ("parenteral" in allowed and r in PARENTERAL)
+    return (r in allowed or ("parenteral" in allowed and r in PARENTERAL)
+            or ("topical" in allowed and r in LOCAL) or ("systemic" in allowed and r not in LOCAL)
+            or (r == "auto-injector" and ("intramuscular" in allowed or "subcutaneous" in allowed)))
 
 
 def parse_time(value: object) -> datetime | None:
@@ -72,6 +129,35 @@ def parse_time(value: object) -> datetime | None:
     try:
         return parsed.astimezone(timezone.utc)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before the first representable UTC instant
+        return None
+
+
+_DURATION_UNITS = {"s": 1, "sec": 1, "second": 1, "seconds": 1, "min": 60, "minute": 60, "minutes": 60,
+                   "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400,
+                   "wk": 604800, "week": 604800, "weeks": 604800, "mo": 2629800, "month": 2629800,
+                   "months": 2629800, "a": 31557600, "year": 31557600, "years": 31557600}
+_MAX_DURATION = 366 * 86400 * 10  # a stated course longer than ten years is read as no course end
+
+
+def parse_duration(value: object) -> timedelta | None:
+    """A FHIR Duration (UCUM code s/min/h/d/wk/mo/a, or a unit word) as a timedelta; None when unreadable."""
+    if not isinstance(value, dict):
+        return None
+    number = value.get("value")
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
+        return None
+    unit = value.get("code") if isinstance(value.get("code"), str) else value.get("unit")
+    seconds = _DURATION_UNITS.get(unit.strip().lower() if isinstance(unit, str) else "")
+    if seconds is None or number * seconds > _MAX_DURATION:
+        return None
+    return timedelta(seconds=number * seconds)
+
+
+def add_time(t: datetime, d: timedelta) -> datetime | None:
+    """t + d, or None past the last representable instant (a hostile 9999-12-31 start)."""
+    try:
+        return t + d
+    except OverflowError:
         return None
 
 
@@ -133,6 +219,20 @@ class MedicationFact:
     reasons: tuple[Concept, ...] = ()
     reason_texts: tuple[str, ...] = ()
     resource: dict = field(default_factory=dict, compare=False, repr=False)
+    # The end of the course the record states (dosage bounds, expected supply, validity, effective period
+    # end), when later than ``time``: a course ordered 16 days ago that ran until 2 days ago exposes the
+    # patient until 2 days ago.
+    course_end: datetime | None = None
+    # reasonReference targets not found in the resource itself or the draft bundle ("Condition/123"):
+    # resolved against the record's conditions when a check reads the order's reason.
+    reason_refs: tuple[str, ...] = ()
+
+    @property
+    def exposure(self) -> datetime | None:
+        """The latest time the record says the patient was (or will be) exposed: what windows count from."""
+        if self.course_end is not None and (self.time is None or self.course_end > self.time):
+            return self.course_end
+        return self.time
 
 
 @dataclass(frozen=True)
@@ -156,6 +256,9 @@ class ObservationFact:
     unit: str | None
     value_text: str | None  # coded/string results, lower-case
     time: datetime | None
+    # Observation.interpretation codes (HL7 v3 ObservationInterpretation, also v2 table 0078), upper-case:
+    # POS, NEG, H, HH, L, A, N ...
+    interpretation: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -181,13 +284,17 @@ def _status_code(value: object) -> str | None:
 
 
 class MedicationIndex:
-    """Medication resources a medicationReference may point at: contained ones and bundled ones."""
+    """Medication resources a medicationReference may point at: contained ones and bundled ones; and the
+    bundled Conditions a draft's reasonReference may point at."""
 
     def __init__(self, resources: list[dict]):
         self._by_ref = {}
+        self.conditions: dict[str, dict] = {}
         for r in resources:
             if isinstance(r, dict) and r.get("resourceType") == "Medication" and isinstance(r.get("id"), str):
                 self._by_ref[f"Medication/{r['id']}"] = r
+            elif isinstance(r, dict) and r.get("resourceType") == "Condition" and isinstance(r.get("id"), str):
+                self.conditions[f"Condition/{r['id']}"] = r
 
     def resolve(self, reference: str | None, owner: dict) -> dict | None:
         if not reference:
@@ -200,12 +307,29 @@ class MedicationIndex:
         return self._by_ref.get(_ref_tail(reference))
 
 
+def reason_condition(reference: str | None, owner: dict, conditions: dict[str, dict]) -> dict | None:
+    """The Condition a reasonReference points at: contained in the resource ("#id") or among ``conditions``
+    (keyed "Condition/id"). A refuted or entered-in-error Condition is no reason."""
+    if not reference:
+        return None
+    found = None
+    if reference.startswith("#"):
+        found = next((c for c in as_list(owner.get("contained")) if isinstance(c, dict)
+                      and c.get("resourceType") == "Condition" and c.get("id") == reference[1:]), None)
+    else:
+        found = conditions.get(_ref_tail(reference) or "")
+    if found is None or _status_code(found.get("verificationStatus")) in _CONDITION_EXCLUDED:
+        return None
+    return found
+
+
 class Normaliser:
     def __init__(self, terminology: Terminology):
         self.terminology = terminology
 
-    def medication(self, resource: dict, medications: MedicationIndex, *, source: str | None = None) -> MedicationFact:
-        rtype = resource.get("resourceType", "")
+    def drug(self, resource: dict, medications: MedicationIndex) -> tuple[DrugMatch, list[str], list[Concept]]:
+        """What a medication resource names (its codes, rolled up, or failing that its names), its texts and
+        codings: a few dict look-ups, so a resource no rule can match is dropped before full normalisation."""
         concepts, texts = codeable_concepts(resource.get("medicationCodeableConcept"))
         med_ref = resource.get("medicationReference")
         if isinstance(med_ref, dict):
@@ -223,9 +347,27 @@ class Normaliser:
                 texts += form_texts
             if isinstance(med_ref.get("display"), str):
                 texts.append(med_ref["display"])
-        match = self.terminology.recognise(concepts, texts)
+        return self.terminology.recognise(concepts, texts), texts, concepts
+
+    def medication(self, resource: dict, medications: MedicationIndex, *, source: str | None = None,
+                   drug: tuple[DrugMatch, list[str], list[Concept]] | None = None) -> MedicationFact:
+        """The full medication fact (``drug``: the result of :meth:`drug`, when already looked up)."""
+        rtype = resource.get("resourceType", "")
+        match, texts, concepts = drug or self.drug(resource, medications)
         status = resource.get("status") if isinstance(resource.get("status"), str) else None
         reasons, reason_texts = codeable_concepts(resource.get("reasonCode"))
+        reason_refs = []
+        for target in as_list(resource.get("reasonReference")):
+            reference = _ref(target)
+            found = reason_condition(reference, resource, medications.conditions)
+            if found is not None:
+                c, t = codeable_concepts(found.get("code"))
+                reasons += c
+                reason_texts += t
+            elif reference and _ref_tail(reference).startswith("Condition/"):
+                reason_refs.append(_ref_tail(reference))
+            if isinstance(target, dict) and isinstance(target.get("display"), str):
+                reason_texts.append(target["display"])
         return MedicationFact(
             source=source or rtype,
             ref=f"{rtype}/{resource.get('id', '')}",
@@ -236,25 +378,80 @@ class Normaliser:
             status=status,
             active=status in _ACTIVE_STATUSES.get(rtype, ()),
             time=self._medication_time(resource),
-            route=self._route(resource, match.dose_form, texts),
+            course_end=self._course_end(resource),
+            route=self._route(resource, match.dose_form, texts, match.concepts),
             encounter=_ref_tail(_ref(resource.get("encounter")) or _ref(resource.get("context"))),
             reasons=tuple(reasons),
             reason_texts=tuple(reason_texts),
             resource=resource,
+            reason_refs=tuple(reason_refs),
         )
 
     @staticmethod
     def _medication_time(r: dict) -> datetime | None:
+        """When the record says a dose was given or the order written. ``MedicationStatement.dateAsserted``
+        (when a medication list was reviewed) is never a dose time: a statement with only that has no
+        time, so its last dose is unknown."""
         period = r.get("effectivePeriod") if isinstance(r.get("effectivePeriod"), dict) else {}
         for value in (r.get("effectiveDateTime"), period.get("end"), period.get("start"),
-                      r.get("authoredOn"), r.get("dateWritten"), r.get("dateAsserted")):
+                      r.get("authoredOn"), r.get("dateWritten")):
             t = parse_time(value)
             if t:
                 return t
         return None
 
     @staticmethod
-    def _route(r: dict, dose_form: str | None, texts: list[str]) -> str | None:
+    def _course_end(r: dict) -> datetime | None:
+        """The latest end of the course the resource states: ``dosageInstruction``/``dosage`` timing bounds
+        (boundsPeriod.end, or its start / the order date + boundsDuration), ``dispenseRequest``
+        (validityPeriod.start or the order date + expectedSupplyDuration; failing those, the end of the
+        validity period of an active or on-hold prescription) and ``effectivePeriod.end``. None for an
+        as-needed (PRN) dosage: its course bounds when a dose may be taken, not that one was."""
+        dosages = as_list(r.get("dosageInstruction")) + as_list(r.get("dosage"))
+        if any(isinstance(d, dict) and (d.get("asNeededBoolean") is True or isinstance(d.get("asNeededCodeableConcept"), dict))
+               for d in dosages):
+            return None  # as needed (PRN): the course says when a dose MAY be taken, not that one was
+        start = parse_time(r.get("authoredOn")) or parse_time(r.get("dateWritten"))
+        period = r.get("effectivePeriod") if isinstance(r.get("effectivePeriod"), dict) else {}
+        start = start or parse_time(period.get("start")) or parse_time(r.get("effectiveDateTime"))
+        ends = [parse_time(period.get("end"))]
+        for dosage in dosages:
+            timing = dosage.get("timing") if isinstance(dosage, dict) else None
+            repeat = timing.get("repeat") if isinstance(timing, dict) else None
+            if not isinstance(repeat, dict):
+                continue
+            bounds = repeat.get("boundsPeriod") if isinstance(repeat.get("boundsPeriod"), dict) else {}
+            ends.append(parse_time(bounds.get("end")))
+            duration = parse_duration(repeat.get("boundsDuration"))
+            begin = parse_time(bounds.get("start")) or start
+            if duration is not None and begin is not None:
+                ends.append(add_time(begin, duration))
+        dispense = r.get("dispenseRequest") if isinstance(r.get("dispenseRequest"), dict) else {}
+        validity = dispense.get("validityPeriod") if isinstance(dispense.get("validityPeriod"), dict) else {}
+        supply = parse_duration(dispense.get("expectedSupplyDuration"))
+        supply_start = parse_time(validity.get("start")) or start
+        if supply is not None and supply_start is not None:
+            ends.append(add_time(supply_start, supply))
+        elif parse_time(validity.get("end")) and r.get("status") in ("active", "on-hold"):
+            # Only for a live prescription: a completed or stopped one was not taken until its validity end.
+            ends.append(parse_time(validity.get("end")))
+        ends = [e for e in ends if e is not None]
+        return max(ends) if ends else None
+
+    @staticmethod
+    def _route(r: dict, dose_form: str | None, texts: list[str], concepts: frozenset = frozenset()) -> str | None:
+        route = Normaliser._stated_route(r, dose_form, texts)
+        # A local anaesthetic combined with epinephrine, injected by no stated IV route, is infiltrated.
+        if route in (None, "injection", "subcutaneous"):
+            lowered = " ".join(texts).lower()
+            has_anaesthetic = not LOCAL_ANAESTHETICS.isdisjoint(concepts) or bool(_LOCAL_ANAESTHETIC_NAMES.search(lowered))
+            has_epinephrine = EPINEPHRINE in concepts or bool(_EPINEPHRINE_NAMES.search(lowered))
+            if has_anaesthetic and has_epinephrine:
+                return "infiltration"
+        return route
+
+    @staticmethod
+    def _stated_route(r: dict, dose_form: str | None, texts: list[str]) -> str | None:
         words = []
         for dosage in as_list(r.get("dosageInstruction")) + as_list(r.get("dosage")):
             if not isinstance(dosage, dict):
@@ -299,8 +496,12 @@ class Normaliser:
         )
 
     @staticmethod
-    def observations(r: dict) -> list[ObservationFact]:
+    def observations(r: dict, relevant: frozenset[Concept] | None = None) -> list[ObservationFact]:
+        """The readings of an Observation (itself and its components); with ``relevant``, only those coded
+        with one of these concepts (the resource is skipped after a look-up of its codes when none is)."""
         if r.get("status") not in _OBS_STATUSES:
+            return []
+        if relevant is not None and relevant.isdisjoint(_observation_codes(r)):
             return []
         time = parse_time(r.get("effectiveDateTime")) or parse_time(
             (r.get("effectivePeriod") or {}).get("end") if isinstance(r.get("effectivePeriod"), dict) else None
@@ -310,13 +511,17 @@ class Normaliser:
         for component in as_list(r.get("component")):
             if isinstance(component, dict):
                 out.append(_observation_fact(ref, component, time))
+        if relevant is not None:
+            out = [o for o in out if not relevant.isdisjoint(o.concepts)]
         return out
 
     @staticmethod
-    def procedure(r: dict) -> ProcedureFact | None:
+    def procedure(r: dict, relevant: frozenset[Concept] | None = None) -> ProcedureFact | None:
         if r.get("status") in ("entered-in-error", "not-done", "preparation"):
             return None
         concepts, texts = codeable_concepts(r.get("code"))
+        if relevant is not None and relevant.isdisjoint(concepts):
+            return None
         period = r.get("performedPeriod") if isinstance(r.get("performedPeriod"), dict) else {}
         return ProcedureFact(
             ref=f"Procedure/{r.get('id', '')}",
@@ -325,6 +530,14 @@ class Normaliser:
             time=parse_time(r.get("performedDateTime")) or parse_time(period.get("end"))
             or parse_time(period.get("start")),
         )
+
+
+def _observation_codes(r: dict) -> list[Concept]:
+    codes, _ = codeable_concepts(r.get("code"))
+    for component in as_list(r.get("component")):
+        if isinstance(component, dict):
+            codes += codeable_concepts(component.get("code"))[0]
+    return codes
 
 
 def _observation_fact(ref: str, r: dict, time: datetime | None) -> ObservationFact:
@@ -343,5 +556,7 @@ def _observation_fact(ref: str, r: dict, time: datetime | None) -> ObservationFa
     interp_concepts, interp_texts = codeable_concepts(r.get("interpretation"))
     if value_text is None and (interp_concepts or interp_texts):
         value_text = " ".join([c[1] for c in interp_concepts] + interp_texts).lower()
+    interpretation = frozenset(code.upper() for system, code in interp_concepts if system in INTERPRETATION_SYSTEMS)
     return ObservationFact(ref=ref, display=texts[0] if texts else "observation", concepts=frozenset(concepts),
-                           value=value, unit=unit if isinstance(unit, str) else None, value_text=value_text, time=time)
+                           value=value, unit=unit if isinstance(unit, str) else None, value_text=value_text, time=time,
+                           interpretation=interpretation)

@@ -17,10 +17,8 @@ listens on loopback alone answers, and only to a loopback client whose request c
 from __future__ import annotations
 
 import hmac
-import logging
 import os
 import time
-from collections import Counter as Tally
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Histogram, disable_created_metrics, multiprocess,
@@ -29,9 +27,8 @@ from prometheus_client.exposition import choose_encoder
 
 from .config import is_loopback_host
 from .errors import error_response
+from .hook_call import SHADOW
 from .services import SERVICES
-
-hook_log = logging.getLogger("cds_hooks_service.api")  # the one line per hook call belongs to the API's log
 
 # Multiprocess mode is chosen by prometheus_client when it is imported (PROMETHEUS_MULTIPROC_DIR set).
 MULTIPROCESS_DIR = ((os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
@@ -45,8 +42,8 @@ HOOK_DURATION = Histogram("cds_hook_duration_seconds", "Time to answer a hook ca
                           ["service"], buckets=HOOK_BUCKETS)
 HTTP_RESPONSES = Counter("cds_http_responses", "HTTP responses by Flask endpoint name and status code",
                          ["endpoint", "status"])
-CARDS = Counter("cds_cards", "Cards sent, by rule id (card.source.topic.code; data-unavailable: the service's own "
-                "info card) and indicator", ["rule", "indicator"])
+CARDS = Counter("cds_cards", "Cards sent, by rule id (card.source.topic.code; data-unavailable and cards-not-shown: "
+                "the service's own info cards) and indicator", ["rule", "indicator"])
 CHECKS_NOT_COMPLETED = Counter("cds_checks_not_completed", "Rules that could not be completed because patient data "
                                "could not be read (an info card was sent instead)", ["rule"])
 SHADOW_FINDINGS = Counter("cds_shadow_findings", "Findings of rules in shadow mode (counted, no card shown)", ["rule"])
@@ -73,23 +70,19 @@ def service_label(service_id: object) -> str:
 
 # -- hook calls -------------------------------------------------------------------------------------------
 def hook_result(result) -> None:
-    """Count one answered hook call: its cards, the checks it could not complete, its FHIR fallback queries
-    (and keep per-indicator counts for its log line)."""
-    indicators = Tally()
+    """Count one answered hook call: its cards, the checks it could not complete, its FHIR fallback queries.
+    (Its log line is call_log's.)"""
     for card in result.response["cards"]:
-        indicators[card["indicator"]] += 1
-        CARDS.labels(card["source"]["topic"]["code"], card["indicator"]).inc()  # rule id or data-unavailable
+        CARDS.labels(card["source"]["topic"]["code"], card["indicator"]).inc()  # rule id or service's own card
     for rule_id in result.not_completed:
         CHECKS_NOT_COMPLETED.labels(rule_id).inc()
-    for finding in result.findings:
-        if finding.evidence and finding.fired and finding.rule.mode == "shadow":
-            SHADOW_FINDINGS.labels(finding.rule.id).inc()
+    for finding in result.with_outcome(SHADOW):
+        SHADOW_FINDINGS.labels(finding.rule.id).inc()
     if result.data is not None:
         for key in (*result.data.fetched, *result.data.errors):
             FHIR_QUERIES.labels(key).inc()
         for key, error in result.data.errors.items():
             FHIR_FAILURES.labels(key, _reason_class(error)).inc()
-    g.cds_cards = dict(indicators)
 
 
 def feedback_stored(service_id: str, stored: int) -> None:
@@ -127,13 +120,6 @@ def _count_response(response):
         elapsed = time.perf_counter() - g.get("cds_started", time.perf_counter())
         service = service_label((request.view_args or {}).get("service_id"))
         _hook_duration[service].observe(elapsed)
-        if not hook_log.isEnabledFor(logging.INFO):
-            return response
-        cards = g.get("cds_cards", {})
-        by_indicator = " (" + ", ".join(f"{k} {v}" for k, v in sorted(cards.items())) + ")" if cards else ""
-        hook_log.info("hook %s answered %d in %.1f ms: %d card(s)%s", service, response.status_code, elapsed * 1000,
-                      sum(cards.values()), by_indicator,
-                      extra={"status": response.status_code, "cards": cards, "duration_ms": round(elapsed * 1000, 2)})
     return response
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from flask import Blueprint, Response, request
 
-from .runtime import SCHEMA_DIR
+from .request_validation import SCHEMA_DIR
 from .services import SERVICES
 
 bp = Blueprint("openapi", __name__)

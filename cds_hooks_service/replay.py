@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ServiceError
-from .hook_call import call_service, validate_request
-from .runtime import load_validators
+from .hook_call import EXCEPTED, FIRED, SHADOW, SUPPRESSED, call_service
+from .request_validation import load_validators, validate_request
 from .services import SERVICE_FOR_HOOK
 
 
@@ -44,19 +44,17 @@ def replay(paths: list[Path], rulebook, settings, progress=None) -> ReplayCounts
         body.pop("fhirServer", None)  # replay never reads a live FHIR server
         body.pop("fhirAuthorization", None)
         try:
-            validate_request(body, service, validators)
+            validate_request(body, service, validators, settings.limits)
             result = call_service(service, body, rulebook=rulebook, store=None, settings=settings)
         except ServiceError as exc:
             counts.rejected[exc.status] += 1
             continue
         for f in result.findings:
-            if not f.evidence:
-                continue
-            if not f.fired:
+            if f.outcome in (EXCEPTED, SUPPRESSED):
                 counts.suppressed[f.rule.id] += 1
-            elif f.rule.mode == "shadow":
+            elif f.outcome == SHADOW:
                 counts.shadow[f.rule.id] += 1
-            else:
+            elif f.outcome == FIRED:
                 counts.shown[f.rule.id] += 1
         counts.info_cards += sum(1 for c in result.response["cards"]
                                  if c["source"].get("topic", {}).get("code") == "data-unavailable")

@@ -36,7 +36,7 @@ from .terminology import Concept, Terminology, TerminologyError
 
 INDICATOR_RANK = {"info": 0, "warning": 1, "critical": 2}
 CHECK_KINDS = ("condition", "medication", "medicationClasses", "observation", "procedure", "orderReason",
-               "drafted", "all", "any", "not")
+               "drafted", "all", "any", "not", "score")
 # The patient-data keys (prefetch keys) each kind of check reads.
 DATA_KEYS = {
     "condition": ("conditions",),
@@ -108,6 +108,28 @@ class Check:
     needs: frozenset[str] = frozenset()
     basis: str | None = None
     shared: bool = False  # defined in shared.yaml
+    score_items: list["ScoreItem"] = field(default_factory=list)  # kind "score" only
+
+
+@dataclass
+class ScoreItem:
+    """One item of a points score (kind "score"): the newest reading of an observation value set, scored
+    by the first band it meets; or a condition, scored ``present`` when found; or a constant (``otherwise``
+    alone). ``otherwise`` is what the item scores when the record lacks it (so the total is a lower bound)."""
+
+    label: str
+    kind: str  # observation | condition | constant
+    valueset: frozenset[Concept] = frozenset()
+    bands: list[tuple[str, float, int]] = field(default_factory=list)  # (op, value, points), first match wins
+    units: dict[str, float] | None = None  # accepted unit (normalised) -> factor to the bands' unit; None: any
+    present: int = 0
+    otherwise: int = 0
+
+
+def normalise_unit(unit: str | None) -> str:
+    """'umol/L', 'µmol/L' and 'μmol/l' compare equal; UCUM brackets and spaces are ignored."""
+    text = (unit or "").replace("[", "").replace("]", "").replace(" ", "").lower()
+    return text.replace("µ", "u").replace("μ", "u")
 
 
 @dataclass
@@ -201,7 +223,7 @@ class Rulebook:
     def condition_concepts(self) -> frozenset[Concept]:
         """Every concept a condition check of any rule can match: other conditions need no facts."""
         return frozenset().union(*(c.valueset for r in self.rules for c in r.checks.values()
-                                   if c.kind == "condition"))
+                                   if c.kind in ("condition", "score")))
 
     @cached_property
     def prefetch(self) -> dict[str, str]:
@@ -875,6 +897,25 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
             for j, o in enumerate(body["any"]):
                 if o["op"] != "positive" and "value" not in o:
                     problem(where + ("any", j), f"op {o['op']!r} needs a value to compare with")
+        if kind == "score":
+            for i, item in enumerate(body["items"]):
+                at = where + ("items", i)
+                if "observation" in item:
+                    units = item.get("units")
+                    check.score_items.append(ScoreItem(
+                        item["label"], "observation", valueset_union(item["observation"], at + ("observation",)),
+                        [(b["op"], float(b["value"]), int(b["points"])) for b in item.get("bands") or []],
+                        {normalise_unit(u): float(f) for u, f in units.items()} if units else None,
+                        otherwise=int(item.get("otherwise", 0))))
+                elif "condition" in item:
+                    check.score_items.append(ScoreItem(item["label"], "condition", valueset_union(item["condition"], at + ("condition",)),
+                                                       present=int(item.get("present", 0)),
+                                                       otherwise=int(item.get("otherwise", 0))))
+                else:
+                    check.score_items.append(ScoreItem(item["label"], "constant", otherwise=int(item.get("otherwise", 0))))
+            check.observations = [(i.valueset, "score", None) for i in check.score_items if i.kind == "observation"]
+            check.valueset = frozenset().union(*(i.valueset for i in check.score_items if i.kind == "condition"))
+            check.needs = frozenset(DATA_KEYS["observation"] + DATA_KEYS["condition"])
         if isinstance(body, dict) and body.get("within"):
             check.within = duration_seconds(body["within"])
         if kind in ("all", "any"):
@@ -883,6 +924,8 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
             check.children = (body,)
         if kind in ("condition", "observation", "procedure"):
             check.needs = frozenset(DATA_KEYS[kind])
+        elif kind == "orderReason":  # a reasonReference may point at a Condition of the record
+            check.needs = frozenset(DATA_KEYS["condition"])
         elif kind in ("medication", "medicationClasses"):
             sources = body.get("sources") or MEDICATION_TYPES
             check.needs = frozenset(k for s in sources for k in DATA_KEYS[s])

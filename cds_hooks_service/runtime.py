@@ -17,7 +17,6 @@ of the master, starts with those when the files on disk are refused.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -25,40 +24,17 @@ import threading
 import time
 from pathlib import Path
 
-import jsonschema
 from flask import current_app
 
 from . import fhir_transport
 from .auth import JwtVerifier, check_public_url
 from .config import Settings
+from .request_validation import load_validators
 from .rulebook import Rulebook, RulebookError, load_rulebook
 from .rulefiles import call_with_deadline
 from .store import FeedbackStore
 
 log = logging.getLogger(__name__)
-SCHEMA_DIR = Path(__file__).parent / "schemas"
-
-
-def load_validators() -> dict:
-    request_schema = json.loads((SCHEMA_DIR / "cds-request.json").read_text())
-    feedback_schema = json.loads((SCHEMA_DIR / "feedback.json").read_text())
-    cls = jsonschema.Draft202012Validator
-    defs = request_schema["$defs"]
-
-    def inline(node):  # "#/$defs/x" replaced by x: jsonschema resolves a $ref on every use (~40% of the time)
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            return inline(defs[ref.removeprefix("#/$defs/")]) if ref.startswith("#/$defs/") else \
-                {k: inline(v) for k, v in node.items()}
-        return [inline(v) for v in node] if isinstance(node, list) else node
-
-    hook_schema = lambda hook: inline(defs[hook])  # noqa: E731
-    return {
-        "request": cls(request_schema),
-        "order-select": cls(hook_schema("order-select")),
-        "order-sign": cls(hook_schema("order-sign")),
-        "feedback": cls(feedback_schema),
-    }
 
 
 def _rule_dirs(settings: Settings) -> tuple[Path, ...]:

@@ -18,8 +18,41 @@ as full FHIR (anything with ``resourceType``) or in a shorthand that expands to 
                                                 value: 25
                                               - procedure: "<code>"     # Procedure (system: snomed by default)
 
+Course and reason extensions (drafts and medication record items):
+
+    reason_ref: fracture        # reasonReference to Condition/fracture (a record item with id: fracture,
+                                #   or a full Condition resource listed under drafts: it goes in the bundle)
+    reason_contained: {condition: S72.001A, display: ...}   # reasonReference to a contained Condition
+    bounds: {start: -16d, end: -2d}   # dosage timing.repeat.boundsPeriod
+    bounds_duration: 14d        # dosage timing.repeat.boundsDuration (from the order date)
+    supply: 14d                 # dispenseRequest.expectedSupplyDuration
+    validity: {start: -16d, end: -2d}  # dispenseRequest.validityPeriod
+    period: {start: -16d, end: -2d}    # effectivePeriod (MedicationStatement / MedicationAdministration)
+    prn: true                   # asNeededBoolean on every dosage (a PRN course end is no exposure time)
+    taken: -2h                  # MedicationStatement.effectiveDateTime (a dose time; `at` is dateAsserted)
+    asserted: false             # MedicationStatement without dateAsserted
+  Observations: ``interpretation: POS`` (or a list: [H, A]) adds HL7 v3 ObservationInterpretation codes.
+
 ``expect`` is ``fire`` (a card is shown), ``no-fire`` (the rule does not fire) or ``suppressed``
-(it fires but an exception hides the card); ``indicator`` optionally pins the card's indicator.
+(it fires but an exception hides the card); ``indicator`` optionally pins the finding's indicator.
+
+``card`` (optional, with ``expect: fire``) asserts what the rule's card in the response shows and offers:
+
+  card:
+    indicator: warning          # the card as shown (may be lower than the finding: at most 2 critical cards)
+    offers: [Remove the DHE]    # each is part of the label of a suggestion on this card
+    not_offers: [ketorolac]     # no suggestion label on this card contains it (case-insensitive)
+    recommends: [Remove]        # a suggestion with isRecommended: true whose label contains it
+    not_recommends: [Cancel]    # no recommended suggestion's label contains it
+    says: ["3 h ago"]           # in the summary or detail (case-insensitive)
+    not_says: [ConnectionError]
+    max_detail: 1200            # characters of the detail
+
+``response`` (optional) asserts the whole response: ``cards`` (how many), ``critical`` (how many critical),
+``not_completed`` (how many "Check not completed" cards), ``says`` / ``not_says`` (in any card's text).
+
+Every run also checks the response as a whole (issue 9 §4): no suggestion label on two cards, at most two
+critical cards, at most one "Check not completed" card.
 """
 from __future__ import annotations
 
@@ -40,7 +73,11 @@ DEFAULT_NOW = "2026-03-01T12:00:00Z"
 _ROUTES = {  # SNOMED CT route codes (FHIR R4 SNOMED CT Route Codes value set)
     "IV": ("47625008", "Intravenous route"), "IM": ("78421000", "Intramuscular route"),
     "SC": ("34206005", "Subcutaneous route"), "PO": ("26643006", "Oral route"), "NASAL": ("46713006", "Nasal route"),
+    "TOPICAL": ("6064005", "Topical route"), "OPHTHALMIC": ("54485002", "Ophthalmic route"),
+    "OTIC": ("10547007", "Otic route"), "VAGINAL": ("16857009", "Per vagina"), "RECTAL": ("37161004", "Per rectum"),
+    "TRANSDERMAL": ("45890007", "Transdermal route"),
 }
+INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 _REL = re.compile(r"^([+-]?\d+(?:\.\d+)?)(m|h|d)$")
 
 
@@ -60,6 +97,8 @@ class Scenario:
     record: list[dict]
     selections: list[str] | None
     file: Path
+    card: dict | None = None  # what the rule's card must show and offer (see the module doc)
+    response: dict | None = None  # what the whole response must hold
 
     def request(self, hook: str | None = None, *, fhir_server: str | None = None) -> dict:
         """The CDS Hooks request for this scenario, with every record resource prefetched."""
@@ -116,9 +155,92 @@ def load_scenarios(path: Path, rule_id: str) -> list[Scenario]:
             raise ScenarioError(f"{where} ({s['name']}): {exc}") from exc
         if not drafts:
             raise ScenarioError(f"{where} ({s['name']}): needs at least one draft")
+        for key, allowed in (("card", _CARD_KEYS), ("response", _RESPONSE_KEYS)):
+            if s.get(key) is not None and (not isinstance(s[key], dict) or set(s[key]) - allowed):
+                raise ScenarioError(f"{where} ({s['name']}): `{key}` takes {', '.join(sorted(allowed))}")
+        if s.get("card") and s["expect"] != "fire":
+            raise ScenarioError(f"{where} ({s['name']}): `card` needs expect: fire")
         out.append(Scenario(rule_id, s["name"], s["expect"], s.get("indicator"), s.get("hook"), now,
-                            drafts, record, s.get("selections"), path))
+                            drafts, record, s.get("selections"), path, s.get("card"), s.get("response")))
     return out
+
+
+_CARD_KEYS = frozenset({"indicator", "offers", "not_offers", "recommends", "not_recommends", "says", "not_says",
+                        "max_detail"})
+_RESPONSE_KEYS = frozenset({"cards", "critical", "not_completed", "says", "not_says"})
+NOT_COMPLETED = "Check not completed"
+
+
+def response_problems(cards: list[dict]) -> list[str]:
+    """What a response breaks of issue 9 §4, whatever the scenario: a suggestion label on two cards, more
+    than two critical cards, more than one "Check not completed" card."""
+    problems = []
+    labels = [s["label"] for c in cards for s in {x["label"]: x for x in c.get("suggestions", [])}.values()]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        problems.append("suggestion on two cards: " + "; ".join(repeated))
+    critical = sum(c["indicator"] == "critical" for c in cards)
+    if critical > 2:
+        problems.append(f"{critical} critical cards (at most 2)")
+    not_completed = sum(c["summary"].startswith(NOT_COMPLETED) for c in cards)
+    if not_completed > 1:
+        problems.append(f"{not_completed} 'Check not completed' cards (at most 1)")
+    return problems
+
+
+def _text(card: dict) -> str:
+    return (card.get("summary", "") + "\n" + card.get("detail", "")).lower()
+
+
+def card_problems(card: dict | None, want: dict) -> list[str]:
+    """What the rule's card does not show or offer of ``want`` (a scenario's ``card``)."""
+    if card is None:
+        return ["no card of this rule in the response"]
+    problems = []
+    labels = [s["label"] for s in card.get("suggestions", [])]
+    if want.get("indicator") and card["indicator"] != want["indicator"]:
+        problems.append(f"card shown as {card['indicator']}, expected {want['indicator']}")
+    for phrase in want.get("offers") or []:
+        if not any(str(phrase).lower() in label.lower() for label in labels):
+            problems.append(f"does not offer {phrase!r} (offers: {'; '.join(labels) or 'nothing'})")
+    for phrase in want.get("not_offers") or []:
+        hit = [label for label in labels if str(phrase).lower() in label.lower()]
+        if hit:
+            problems.append(f"offers {hit[0]!r}")
+    recommended = [s["label"] for s in card.get("suggestions", []) if s.get("isRecommended")]
+    for phrase in want.get("recommends") or []:
+        if not any(str(phrase).lower() in label.lower() for label in recommended):
+            problems.append(f"does not recommend {phrase!r} (recommends: {'; '.join(recommended) or 'nothing'})")
+    for phrase in want.get("not_recommends") or []:
+        hit = [label for label in recommended if str(phrase).lower() in label.lower()]
+        if hit:
+            problems.append(f"recommends {hit[0]!r}")
+    text = _text(card)
+    for phrase in want.get("says") or []:
+        if str(phrase).lower() not in text:
+            problems.append(f"does not say {phrase!r}")
+    for phrase in want.get("not_says") or []:
+        if str(phrase).lower() in text:
+            problems.append(f"says {phrase!r}")
+    if want.get("max_detail") and len(card.get("detail", "")) > int(want["max_detail"]):
+        problems.append(f"detail has {len(card.get('detail', ''))} characters (at most {want['max_detail']})")
+    return problems
+
+
+def whole_response_problems(cards: list[dict], want: dict) -> list[str]:
+    problems = []
+    for key, count in (("cards", len(cards)), ("critical", sum(c["indicator"] == "critical" for c in cards)),
+                       ("not_completed", sum(c["summary"].startswith(NOT_COMPLETED) for c in cards))):
+        if key in want and count != int(want[key]):
+            problems.append(f"{count} {key.replace('_', ' ')} cards in the response, expected {want[key]}")
+    text = "\n".join(_text(c) for c in cards)
+    for phrase in want.get("says") or []:
+        if str(phrase).lower() not in text:
+            problems.append(f"no card says {phrase!r}")
+    for phrase in want.get("not_says") or []:
+        if str(phrase).lower() in text:
+            problems.append(f"a card says {phrase!r}")
+    return problems
 
 
 def _time(value, now: datetime) -> str:
@@ -181,7 +303,68 @@ def expand_draft(item: dict, index: int, now: datetime) -> dict:
     _set_medication(resource, item, "drug", "dosageInstruction")
     if item.get("reason"):
         resource["reasonCode"] = [{"coding": [_coding(str(item["reason"]))]}]
+    _set_reason_reference(resource, item, now)
+    _set_course(resource, item, now)
     return resource
+
+
+def _duration(value) -> dict:
+    m = _REL.match(str(value).lstrip("+"))
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 14d, 12h)")
+    return {"value": float(m.group(1)), "unit": {"m": "min", "h": "h", "d": "d"}[m.group(2)],
+            "system": "http://unitsofmeasure.org", "code": {"m": "min", "h": "h", "d": "d"}[m.group(2)]}
+
+
+def _period(value, now: datetime) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError("a period needs start and/or end")
+    return {k: _time(value[k], now) for k in ("start", "end") if value.get(k) is not None}
+
+
+def _set_reason_reference(resource: dict, item: dict, now: datetime) -> None:
+    refs = []
+    for ref in ([item["reason_ref"]] if isinstance(item.get("reason_ref"), str) else item.get("reason_ref") or []):
+        refs.append({"reference": ref if "/" in ref or ref.startswith("#") else f"Condition/{ref}"})
+    if item.get("reason_contained"):
+        cond = expand_record(dict(item["reason_contained"], id="reason"), 0, now)
+        resource.setdefault("contained", []).append(cond)
+        refs.append({"reference": "#reason"})
+    if refs:
+        resource["reasonReference"] = refs
+
+
+def _set_course(resource: dict, item: dict, now: datetime) -> None:
+    """Course end fields (boundsPeriod/boundsDuration on every dosage, dispenseRequest, effectivePeriod)."""
+    repeat = {}
+    if item.get("bounds"):
+        repeat["boundsPeriod"] = _period(item["bounds"], now)
+    if item.get("bounds_duration"):
+        repeat["boundsDuration"] = _duration(item["bounds_duration"])
+    if repeat:
+        field = "dosageInstruction" if "dosageInstruction" in resource or resource["resourceType"] == "MedicationRequest" \
+            else "dosage"
+        dosages = resource.get(field)
+        if dosages is None:
+            dosages = [{"text": item.get("text") or "as directed"}]
+        for d in (dosages if isinstance(dosages, list) else [dosages]):
+            d["timing"] = {"repeat": dict(repeat)}
+        resource[field] = dosages
+    dispense = {}
+    if item.get("supply"):
+        dispense["expectedSupplyDuration"] = _duration(item["supply"])
+    if item.get("validity"):
+        dispense["validityPeriod"] = _period(item["validity"], now)
+    if dispense:
+        resource["dispenseRequest"] = dispense
+    if item.get("prn"):  # as needed: every dosage gets asNeededBoolean
+        field = "dosageInstruction" if resource["resourceType"] == "MedicationRequest" else "dosage"
+        dosages = resource.get(field) or [{"text": item.get("text") or "as needed"}]
+        for d in (dosages if isinstance(dosages, list) else [dosages]):
+            d["asNeededBoolean"] = True
+        resource[field] = dosages
+    if item.get("period"):
+        resource["effectivePeriod"] = _period(item["period"], now)
 
 
 def _set_medication(resource: dict, item: dict, key: str, dosage_field: str) -> None:
@@ -223,18 +406,27 @@ def expand_record(item: dict, index: int, now: datetime) -> dict:
         _set_medication(r, item, "given", "dosage")
         if "dosage" in r:
             r["dosage"] = {"text": r["dosage"]["text"], "route": r["dosage"]["route"]}
+        if item.get("period"):
+            del r["effectiveDateTime"]
+            r["effectivePeriod"] = _period(item["period"], now)
         return r
     if "ordered" in item:
         r = {"resourceType": "MedicationRequest", "id": rid, "status": item.get("status", "active"),
              "intent": "order", "subject": subject, "authoredOn": _time(item.get("at", "-7d"), now)}
         _set_medication(r, item, "ordered", "dosageInstruction")
+        _set_course(r, item, now)
         return r
     if "taking" in item:
         r = {"resourceType": "MedicationStatement", "id": rid, "status": item.get("status", "active"),
-             "subject": subject, "dateAsserted": _time(item.get("at", "-30d"), now)}
+             "subject": subject}
+        if item.get("asserted", True):
+            r["dateAsserted"] = _time(item.get("at", "-30d"), now)
+        if item.get("taken") is not None:
+            r["effectiveDateTime"] = _time(item["taken"], now)
         _set_medication(r, item, "taking", "dosage")
         if "dosage" in r:
             r["dosage"] = [r["dosage"]]
+        _set_course(r, item, now)
         return r
     if "bp" in item:
         sbp, dbp = item["bp"]
@@ -258,6 +450,9 @@ def expand_record(item: dict, index: int, now: datetime) -> dict:
             r["valueQuantity"] = {"value": item["value"], "unit": item.get("unit", "1")}
         elif "result" in item:
             r["valueCodeableConcept"] = {"text": str(item["result"])}
+        if item.get("interpretation"):
+            codes = item["interpretation"] if isinstance(item["interpretation"], list) else [item["interpretation"]]
+            r["interpretation"] = [{"coding": [{"system": INTERPRETATION, "code": str(c)}]} for c in codes]
         return r
     if "procedure" in item:
         return {"resourceType": "Procedure", "id": rid, "status": "completed",
@@ -286,7 +481,7 @@ def run_scenarios(rulebook, settings, rule_ids: list[str] | None = None,
     """Run every rule's scenarios on each hook the rule serves. Returns results and problems
     (a rule without scenarios, or without at least one firing and one non-firing scenario).
     ``progress(iterable, total)`` optionally wraps the rules (e.g. in a progress bar)."""
-    from .hook_call import call_service
+    from .hook_call import EXCEPTED, FIRED, SHADOW, SUPPRESSED, call_service
     from .services import SERVICE_FOR_HOOK
     results: list[ScenarioResult] = []
     problems: list[str] = []
@@ -312,12 +507,22 @@ def run_scenarios(rulebook, settings, rule_ids: list[str] | None = None,
                                       settings=settings)
                 outcome, indicator = "no-fire", None
                 for f in result.findings:
-                    if f.rule.id == rule.id and f.evidence:
-                        outcome, indicator = ("fire" if f.fired else "suppressed"), f.indicator
+                    if f.rule.id == rule.id and f.outcome in (FIRED, SHADOW, EXCEPTED, SUPPRESSED):
+                        outcome, indicator = ("fire" if f.outcome in (FIRED, SHADOW) else "suppressed"), f.indicator
                         break
                 ok = outcome == sc.expect and (sc.indicator is None or outcome != "fire" or indicator == sc.indicator)
                 msg = "" if ok else (f"expected {sc.expect}" + (f" ({sc.indicator})" if sc.indicator else "")
                                      + f", got {outcome}" + (f" ({indicator})" if indicator else ""))
+                cards = result.response["cards"]
+                wrong = response_problems(cards)
+                if ok and sc.card:
+                    card = next((c for c in cards if c["source"].get("topic", {}).get("code") == rule.id), None)
+                    wrong += card_problems(card, sc.card)
+                if sc.response:
+                    wrong += whole_response_problems(cards, sc.response)
+                if wrong:
+                    ok = False
+                    msg = "; ".join(([msg] if msg else []) + wrong)
                 results.append(ScenarioResult(sc, hook, outcome, indicator, ok, msg))
     settings.fixed_now = None
     return results, problems

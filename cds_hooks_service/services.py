@@ -121,9 +121,9 @@ def observation_panels(rules_dir: Path) -> dict[Concept, frozenset[Concept]]:
 def _observation_valuesets(rule) -> list[str]:
     names = []
     for check in rule.checks.values():
-        if check.kind == "observation":
-            for item in check.spec.get("any") or []:
-                names += [n for n in item.get("valueSets") or [] if n not in names]
+        if check.kind in ("observation", "score"):
+            for item in check.spec.get("any") or check.spec.get("items") or []:
+                names += [n for n in item.get("valueSets") or item.get("observation") or [] if n not in names]
     return names
 
 

@@ -1,18 +1,15 @@
 """Shared pytest fixtures. Fixture modules that start real servers live in tests/plugins/."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+
+from tests.helpers import REPO, SCENARIO_NOW  # noqa: F401 (also imported from here by older test modules)
 
 pytest_plugins = [
     "tests.plugins.postgres",
     "tests.plugins.fhir_server",
     "tests.plugins.fault_server",
 ]
-
-REPO = Path(__file__).resolve().parent.parent
-SCENARIO_NOW = "2026-03-01T12:00:00Z"
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +63,56 @@ def app(make_app):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+# -- the fast loop: `pytest -m "not slow"` ---------------------------------------------------------------
+# Slow: a test that starts a server process (gunicorn, PostgreSQL, the FHIR test servers), a browser, a load
+# generator or other processes, builds a wheel, watches files for changes, runs a property-based fuzzer
+# (schemathesis/hypothesis) over the HTTP API, or measures scaling. Recognised here from the source of the
+# test, of the module-level helpers it names and of its fixtures, so a new test of that kind is marked
+# without anyone remembering to.
+_SLOW_FIXTURES = {"postgres_url", "fresh_postgres_url", "_postgres_cluster", "fhir_server", "open_fhir_server"}
+_SLOW_WORDS = ("GunicornService", "make_server(", "chromium", "playwright", "wrk", "bdist_wheel", "pip wheel", "schemathesis",
+               "@given(", "hypothesis", "subprocess.", "multiprocessing", "Process(", "start_watching",
+               "FaultServer", "fault_server", "simple_icd_10_cm")
+
+
+def _source(function) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
+
+
+def _sources(function) -> list[str]:
+    """The function's source and that of the module-level functions and classes of its module it names."""
+    import inspect
+
+    out = [_source(function)]
+    code, module = getattr(function, "__code__", None), getattr(function, "__module__", None)
+    for name in (code.co_names if code is not None else ()):
+        obj = getattr(function, "__globals__", {}).get(name)
+        if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module and obj is not function:
+            out.append(_source(obj))
+    return out
+
+
+def _uses_slow_parts(item) -> bool:
+    if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "postgresql" in callspec.id:
+        return True
+    functions = [getattr(item, "function", None)]  # the test and the fixtures it uses (e.g. one starting gunicorn)
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
+        functions += [d.func for d in defs if not d.func.__module__.startswith(("_pytest", "pytest"))]
+    return any(word in text for f in functions if f is not None for text in _sources(f) for word in _SLOW_WORDS)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") is None and _uses_slow_parts(item):
+            item.add_marker(pytest.mark.slow)

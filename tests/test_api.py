@@ -6,44 +6,11 @@ import logging
 
 import pytest
 
-from cds_hooks_service.scenarios import expand_draft, expand_record, prefetch_for
-from cds_hooks_service.facts import parse_time
 from tests import sandbox_client as sandbox
 from tests.cds_checks import check_response, topics
-from tests.conftest import REPO, SCENARIO_NOW
-
-SIGN = "/cds-services/migraine-med-safety-sign"
-SELECT = "/cds-services/migraine-med-safety-select"
-NOW = parse_time(SCENARIO_NOW)
-MIGRAINE = {"condition": "G43.909", "display": "Migraine, unspecified"}
-HYDROMORPHONE = {"drug": "897745", "text": "hydromorphone 2 MG/ML Injectable Solution", "route": "IV"}
-
-
-def request_body(hook="order-sign", drafts=(HYDROMORPHONE,), record=(MIGRAINE,), patient="example-patient",
-                 selections=None):
-    draft_resources = [expand_draft(dict(d), i, NOW) for i, d in enumerate(drafts)]
-    context = {"userId": "Practitioner/example", "patientId": patient,
-               "draftOrders": {"resourceType": "Bundle", "entry": [{"resource": r} for r in draft_resources]}}
-    if hook == "order-select":
-        context["selections"] = selections or [f"MedicationRequest/{draft_resources[0]['id']}"]
-    return {"hook": hook, "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea", "context": context,
-            "prefetch": prefetch_for([expand_record(dict(r), i, NOW) for i, r in enumerate(record)])}
-
-
-def post(client, url, body, **kw):
-    return client.post(url, data=json.dumps(body), content_type="application/json", **kw)
-
-
-def assert_error(response, status, field=None):
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert body["resourceType"] == "OperationOutcome"
-    issue = body["issue"][0]
-    assert issue["severity"] == "error" and issue["details"]["text"]
-    if field:
-        assert field in issue.get("expression", [""])[0] or field in issue["details"]["text"], body
-    return issue
-
+# MIGRAINE, NOW, SCENARIO_NOW: also for test modules of other branches that still import them from here
+from tests.helpers import (HYDROMORPHONE, MIGRAINE, NOW, REPO, SCENARIO_NOW, SELECT, SIGN,  # noqa: F401
+                           assert_error, post, request_body)
 
 # -- discovery ---------------------------------------------------------------------------------------
 def test_discovery_lists_one_service_per_hook_with_allowed_prefetch(client):

@@ -11,6 +11,7 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.medicationrequest import MedicationRequest
 
@@ -54,7 +55,7 @@ def test_every_example_is_its_own_patient_with_a_name_and_unique_resource_ids():
                 assert request["prefetch"]["patient"]["name"] == patient["name"]
                 refs = {e["resource"]["subject"]["reference"] for e in request["context"]["draftOrders"]["entry"]}
                 assert refs == {f"Patient/{patient['id']}"}
-                resource_ids.update(f"MedicationRequest/{e['resource']['id']}"
+                resource_ids.update(f"{e['resource']['resourceType']}/{e['resource']['id']}"
                                     for e in request["context"]["draftOrders"]["entry"] if hook == "order-sign")
         assert all(ref.startswith(f"Patient/{patient['id']}") for ref in _references(bundle) if ref.startswith("Patient/"))
     assert max(patients.values()) == 1 and max(names.values()) == 1, (patients.most_common(2), names.most_common(2))
@@ -86,8 +87,11 @@ def test_shift_times_moves_date_times_and_dates_and_nothing_else():
 def test_example_request_answers_as_expected_with_todays_clock(make_app, example, hook):
     client = make_app(fixed_now=None).test_client()  # the real clock, as in production
     body = example.load(hook)
-    for entry in body["context"]["draftOrders"]["entry"]:
-        MedicationRequest.model_validate(entry["resource"])  # the drafts are strict R4 too
+    for entry in body["context"]["draftOrders"]["entry"]:  # the drafts (and a Condition they cite) are strict R4 too
+        resource = entry["resource"]
+        model = MedicationRequest if resource["resourceType"] == "MedicationRequest" \
+            else get_fhir_model_class(resource["resourceType"])
+        model.model_validate(resource)
     r = client.post(URL[hook], json=body)
     assert r.status_code == 200, r.get_data(as_text=True)
     response = r.get_json()
@@ -141,9 +145,9 @@ def test_examples_load_puts_every_patient_in_a_fhir_server_and_the_service_reads
 # The README's "Which examples the Sandbox can reach" table: the patient, and a product of the Sandbox's drug list
 SANDBOX_ORDERS = {
     "opioid-iv-hydromorphone-active-migraine-diagnosis": ("1049502", "12 HR Oxycodone Hydrochloride 10 MG Extended Release Oral Tablet"),
-    "triptan-reverse-sumatriptan-sc-drafted-5-h-after-i": ("1163613", "Sumatriptan Pill"),
-    "cyp3a4-reverse-fluconazole-drafted-2-h-after-dhe-w": ("201896", "Ketoconazole 200 MG Oral Tablet [Nizoral]"),
-    "pressor-reverse-norepinephrine-infusion-drafted-5": ("996721", "Pseudoephedrine Hydrochloride 60 MG"),
+    "triptan-reverse-sumatriptan-sc-drafted-5-h-28dbf6": ("1163613", "Sumatriptan Pill"),
+    "cyp3a4-reverse-fluconazole-drafted-2-h-afte-620335": ("201896", "Ketoconazole 200 MG Oral Tablet [Nizoral]"),
+    "pressor-reverse-norepinephrine-infusion-dra-b698f7": ("996721", "Pseudoephedrine Hydrochloride 60 MG"),
 }
 
 

@@ -5,7 +5,7 @@ import json
 
 from cds_hooks_service.scenarios import expand_draft, expand_record
 from tests.cds_checks import check_response, topics
-from tests.test_api import NOW, SIGN, SELECT, post
+from tests.helpers import NOW, SIGN, SELECT, post
 
 RECORD = [
     {"condition": "G43.909", "display": "Migraine"},

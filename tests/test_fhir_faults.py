@@ -9,8 +9,9 @@ The defined answer, for every fault below:
 
 * HTTP **200** with a spec-exact CDS Hooks response; never a 5xx, never a hang (the call returns within the
   time budget `CDS_TIME_BUDGET` plus a small margin, whatever the FHIR server does).
-* For each triggered rule that could not see data it needs and did not fire: an **info card**
-  "Check not completed: <rule title>", whose detail names each piece of data that could not be read
+* One **info card** for every triggered rule that could not see data it needs and did not fire (issue 9 §4:
+  at most one per response): "Check not completed: <rule title>" (or "<n> safety checks ..."), whose detail
+  lists each such check as "- <rule title>" and names each piece of data that could not be read
   (`patient_data.DATA_LABELS`) with the reason in plain words: "<label>: <plain reason>" (below).
   Never `{"cards": []}` when a check could not run.
 * A card that fires on the draft alone (e.g. an opioid whose order reason is migraine, DHE drafted with
@@ -118,12 +119,16 @@ class Answer:
         return self.body["cards"]
 
     def not_completed(self) -> dict[str, dict]:
-        """summary title -> info card, for the "Check not completed" cards."""
+        """check title -> the one "Check not completed" card (issue 9 §4: at most one per response, listing
+        every check it could not complete as "- <title>" lines)."""
+        cards = [c for c in self.cards if c["summary"].startswith("Check not completed: ")]
+        assert len(cards) <= 1, [c["summary"] for c in cards]
         out = {}
-        for c in self.cards:
-            if c["summary"].startswith("Check not completed: "):
-                assert c["indicator"] == "info"
-                out[c["summary"][len("Check not completed: "):]] = c
+        for c in cards:
+            assert c["indicator"] == "info"
+            for line in c["detail"].split("\n"):
+                if line.startswith("- "):
+                    out[line[2:]] = c
         return out
 
 
@@ -279,16 +284,16 @@ def _assert_fault_answer(answer, fault, server, caplog, rule_by_id, expected_rul
     titles = {rule_by_id[r].title: r for r in expected_rules}
     not_completed = answer.not_completed()
     assert set(not_completed) == set(titles), (sorted(not_completed), sorted(titles))
+    needs = set().union(*(rule_by_id[r].needs for r in expected_rules))
     for title, card in not_completed.items():
-        rule = rule_by_id[titles[title]]
         assert card["source"]["topic"]["code"] == "data-unavailable"
         assert "could not be read" in card["detail"] and "Check the record by hand" in card["detail"]
-        assert_names_exactly(card["detail"], set(rule.needs), fault.shown)
+        assert_names_exactly(card["detail"], needs, fault.shown)
         for word in ("HTTP", "Error", "Exception", "OperationOutcome", "timed out", "budget"):
             assert word not in card["detail"], (word, card["detail"])  # no status codes, no exception names
         assert_shows_nothing_secret(card["summary"] + card["detail"], server)
     shown = topics(answer.body)
-    assert shown.count("data-unavailable") == len(expected_rules)
+    assert shown.count("data-unavailable") == 1  # one card naming every check not completed
     assert {t for t in shown if t != "data-unavailable"} == set(fired)
     if not fired:
         assert_shows_nothing_secret(json.dumps(answer.body), server)
@@ -330,12 +335,12 @@ def test_fault_order_select_opioid(fault, fault_server, make_fault_server, make_
 @pytest.mark.parametrize("hook", ["order-sign", "order-select"])
 def test_fault_dhe_every_dhe_rule_is_named(fault, hook, fault_server, make_fault_server, make_app, caplog,
                                            rule_by_id):
-    """DHE triggers four rules needing six kinds of data: one "not completed" card per rule, each naming exactly
-    the data that rule needs."""
+    """DHE triggers four rules needing six kinds of data: one "not completed" card naming the four checks and
+    exactly the data they need (issue 9 §4: at most one such card per response)."""
     url = fault.install(fault_server, make_fault_server)
     answer = call(_app(make_app, fault, url), hook_body(url, drafts=(DHE,), hook=hook), SIGN if hook == "order-sign" else SELECT)
     _assert_fault_answer(answer, fault, fault_server, caplog, rule_by_id, DHE_RULES)
-    assert len(answer.cards) == 4
+    assert len(answer.cards) == 1
     if fault.reaches_server and fault.id != "next-link-foreign-origin":
         assert fault_server.requested_types() == {
             "Condition", "MedicationRequest", "MedicationAdministration", "MedicationStatement", "Observation",

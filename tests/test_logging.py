@@ -14,7 +14,7 @@ import pytest
 from cds_hooks_service import logs
 from tests import sandbox_client as sandbox
 from tests.conftest import REPO
-from tests.test_api import SIGN, post, request_body
+from tests.helpers import SIGN, post, request_body
 
 HOOK_INSTANCE = request_body()["hookInstance"]
 

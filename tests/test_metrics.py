@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import sandbox_client as sandbox
 from tests.conftest import REPO, SCENARIO_NOW
 from tests.plugins.gunicorn_service import GunicornService, free_port, wait_for
-from tests.test_api import SIGN, post, request_body
+from tests.helpers import SIGN, post, request_body
 
 HOOK_COUNT = "cds_hook_duration_seconds_count"
 

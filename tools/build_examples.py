@@ -17,6 +17,7 @@ Usage: python tools/build_examples.py [--check]   (--check: exit 1 if the files 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import uuid
@@ -44,18 +45,21 @@ def _uuid(*parts: str) -> str:
 
 class Identity:
     """The ids and name of one example: patient ``<rule prefix>-<scenario slug>`` (stable when scenarios are added;
-    at most 50 characters), its encounter, its resources' ids prefixed with it (FHIR ids: at most 64); the
+    at most 50 characters: a longer one is cut and ends with a hash of the name), its encounter, its resources' ids prefixed with it (FHIR ids: at most 64); the
     name (given name by position in the rule's scenarios, family name per rule)."""
 
     def __init__(self, rule_id: str, number: int, slug: str, ids: set[str]):
-        self.patient_id = f"{PATIENT_PREFIX.get(rule_id, rule_id)}-{slug}"[:50].rstrip("-")
+        self.patient_id = f"{PATIENT_PREFIX.get(rule_id, rule_id)}-{slug}"
+        if len(self.patient_id) > 50:  # shortened, with a hash of the whole name so that it stays unique
+            self.patient_id = f"{self.patient_id[:43].rstrip('-')}-{hashlib.sha1(slug.encode()).hexdigest()[:6]}"
         given = GIVEN_NAMES[(number - 1) % len(GIVEN_NAMES)]
         if number > len(GIVEN_NAMES):
             given += f" {number}"
         family = FAMILY_NAMES.get(rule_id) or rule_id.split("-")[0].capitalize() + "test"
         self.name = [{"use": "official", "family": family, "given": [given]}]
         self.ids = {PATIENT_ID: self.patient_id, ENCOUNTER_ID: f"{self.patient_id}-enc"}
-        self.ids.update({i: f"{self.patient_id}-{i}" for i in ids})
+        # resource ids: the patient id, shortened where the id would pass FHIR's 64 characters, then the scenario's id
+        self.ids.update({i: f"{self.patient_id[:63 - len(i)].rstrip('-')}-{i}" for i in ids})
         too_long = [i for i in self.ids.values() if len(i) > 64]
         if too_long:
             raise SystemExit(f"FHIR ids longer than 64 characters: {too_long}")

@@ -381,6 +381,16 @@ VALUESETS: dict[str, dict] = {
             {"set": "condition_anchor_snomed", "where": {"category": "hepatic"}},
         ],
     },
+    "cond-hepatic-encephalopathy": {
+        "title": "Hepatic encephalopathy",
+        "description": "Hepatic encephalopathy or hepatic coma (Child-Pugh score item). Every code here is also "
+                       "in cond-severe-hepatic-impairment.",
+        "include": [
+            {"set": "condition_anchor_snomed", "codes": ["13920009"]},
+            {"set": "severe_hepatic_impairment_icd10cm",
+             "codes": ["B19.0", "B19.11", "B19.21", "K70.41", "K72.01", "K72.11", "K72.91"]},
+        ],
+    },
     "cond-severe-renal-impairment": {
         "title": "Severe renal impairment",
         "description": "CKD stage 4/5, end-stage renal disease and dialysis.",
@@ -473,6 +483,21 @@ VALUESETS: dict[str, dict] = {
         "title": "Estimated glomerular filtration rate",
         "description": "eGFR (CKD-EPI, CKD-EPI 2021, MDRD) observations.",
         "include": [{"set": "observation_loinc", "codes": ["62238-1", "98979-8", "48642-3", "48643-1"]}],
+    },
+    "obs-bilirubin-total": {
+        "title": "Bilirubin, total (serum or plasma)",
+        "description": "Total bilirubin, mass per volume (Child-Pugh score).",
+        "include": [{"set": "observation_loinc", "codes": ["1975-2"]}],
+    },
+    "obs-albumin": {
+        "title": "Albumin (serum or plasma)",
+        "description": "Albumin, mass per volume (Child-Pugh score).",
+        "include": [{"set": "observation_loinc", "codes": ["1751-7"]}],
+    },
+    "obs-inr": {
+        "title": "INR",
+        "description": "International normalised ratio (Child-Pugh score).",
+        "include": [{"set": "observation_loinc", "codes": ["6301-6", "34714-6"]}],
     },
     "obs-pregnancy-test": {
         "title": "Pregnancy test (hCG)",

@@ -1,0 +1,44 @@
+"""The one log line per hook call: service, HTTP status, duration and cards by indicator.
+
+It holds no patient data, no token and no client-chosen text: the service id is one of this service's
+(``unknown`` otherwise), the rest are numbers. Logged after the response is built, on the API's logger.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+from flask import Flask, g, request
+
+from .services import SERVICES
+
+log = logging.getLogger("cds_hooks_service.api")  # the one line per hook call belongs to the API's log
+
+
+def hook_result(result) -> None:
+    """Keep the answered call's cards per indicator for its log line."""
+    g.cds_cards = dict(Counter(card["indicator"] for card in result.response["cards"]))
+
+
+def _start() -> None:
+    g.cds_call_started = time.perf_counter()
+
+
+def _log_hook_call(response):
+    if request.endpoint != "cds.hook" or not log.isEnabledFor(logging.INFO):
+        return response
+    elapsed = time.perf_counter() - g.get("cds_call_started", time.perf_counter())
+    service_id = (request.view_args or {}).get("service_id")
+    service = service_id if service_id in SERVICES else "unknown"
+    cards = g.get("cds_cards", {})
+    by_indicator = " (" + ", ".join(f"{k} {v}" for k, v in sorted(cards.items())) + ")" if cards else ""
+    log.info("hook %s answered %d in %.1f ms: %d card(s)%s", service, response.status_code, elapsed * 1000,
+             sum(cards.values()), by_indicator,
+             extra={"status": response.status_code, "cards": cards, "duration_ms": round(elapsed * 1000, 2)})
+    return response
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(_start)
+    app.after_request(_log_hook_call)

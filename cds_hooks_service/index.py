@@ -1,0 +1,215 @@
+"""The patient's record and the order session's drafts, indexed once by concept.
+
+One pass over the request turns resources into facts keyed by concept (RxNorm ingredient or product,
+condition code, LOINC code, procedure code). A resource is normalised in full only when its codes (or,
+for a medication without a known code, its names) hit a concept that some loaded rule can match; the
+rest are dropped after a dictionary look-up. Checks then ask the index for the facts of their value
+sets: the cost of a call is linear in the resources, the drafts and the findings, never
+drafts x resources or rules x resources.
+
+Nothing here knows HTTP, the store or the FHIR client.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Generic, Iterable, TypeVar
+
+from .facts import (DRAFT_TYPES, IGNORED_MEDICATION_STATUSES, MEDICATION_TYPES, ConditionFact, MedicationFact,
+                    MedicationIndex, Normaliser, ObservationFact, ProcedureFact, codeable_concepts,
+                    reason_condition)
+from .terminology import Concept
+
+F = TypeVar("F")
+RECORD_MEDICATION_KEYS = ("medicationRequests", "medicationAdministrations", "medicationStatements")
+
+
+@dataclass(frozen=True)
+class RuleConcepts:
+    """Every concept a check of the loaded rules can match, per kind of fact: anything else needs no fact."""
+
+    medications: frozenset[Concept]
+    conditions: frozenset[Concept]
+    observations: frozenset[Concept]
+    procedures: frozenset[Concept]
+
+    @classmethod
+    def of(cls, rulebook) -> "RuleConcepts":
+        """Computed once per loaded rulebook (a reload makes a new rulebook, so a new set)."""
+        cached = rulebook.__dict__.get("_rule_concepts")
+        if cached is None:
+            kinds: dict[str, set[Concept]] = {"medication": set(), "condition": set(), "observation": set(),
+                                              "procedure": set()}
+            for rule in rulebook.rules:
+                for trigger in rule.triggers:
+                    kinds["medication"] |= trigger.drafted
+                for c in rule.checks.values():
+                    if c.kind in ("medication", "drafted"):
+                        kinds["medication"] |= c.valueset
+                    elif c.kind == "medicationClasses":
+                        for vs in c.classes.values():
+                            kinds["medication"] |= vs
+                    elif c.kind == "condition":
+                        kinds["condition"] |= c.valueset
+                    elif c.kind == "observation":
+                        for vs, _, _ in c.observations:
+                            kinds["observation"] |= vs
+                    elif c.kind == "score":
+                        for vs, _, _ in c.observations:
+                            kinds["observation"] |= vs
+                        kinds["condition"] |= c.valueset
+                    elif c.kind == "procedure":
+                        kinds["procedure"] |= c.valueset
+            cached = cls(*(frozenset(kinds[k]) for k in ("medication", "condition", "observation", "procedure")))
+            rulebook.__dict__["_rule_concepts"] = cached
+        return cached
+
+
+class ConceptIndex(Generic[F]):
+    """Facts (anything with ``concepts``) keyed by concept; look-ups return facts in their original order."""
+
+    def __init__(self, facts: Iterable[F]):
+        self.facts: list[F] = list(facts)
+        by: dict[Concept, list[int]] = {}
+        for i, fact in enumerate(self.facts):
+            for c in fact.concepts:
+                by.setdefault(c, []).append(i)
+        self._by = by
+        self._keys = frozenset(by)
+        self._cache: dict[frozenset, list[F]] = {}
+        self._positions: dict[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    def position(self, fact: F) -> int:
+        """Where a fact stands in the original order (the map is built on first use)."""
+        if self._positions is None:
+            self._positions = {id(f): i for i, f in enumerate(self.facts)}
+        return self._positions[id(fact)]
+
+    def matching(self, valueset: frozenset[Concept]) -> list[F]:
+        """The facts with a concept in ``valueset``, in order. Cost: the smaller of the value set and the
+        concepts present, plus the hits (set intersection iterates the smaller set)."""
+        found = self._cache.get(valueset)
+        if found is None:
+            hits = valueset & self._keys
+            if len(hits) == 1:
+                positions = self._by[next(iter(hits))]
+            else:
+                positions = sorted({i for c in hits for i in self._by[c]})
+            found = self._cache[valueset] = [self.facts[i] for i in positions]
+        return found
+
+
+class RecordIndex:
+    """The facts of one hook call: drafts, and the record's medications, conditions, observations and
+    procedures, each a :class:`ConceptIndex` built on first use. ``concepts`` None (the explain trace) keeps every fact.
+
+    ``shared`` holds, per (rule id, check name), what a check found that does not depend on the draft
+    being judged, so that a check costs its hits once per call, not once per draft.
+    """
+
+    def __init__(self, resources: dict[str, list[dict]], normaliser: Normaliser, medications: MedicationIndex,
+                 drafts: list[MedicationFact], concepts: RuleConcepts | None):
+        self.stats: Counter = Counter()  # resources seen / normalised in full / skipped after a look-up
+        self.drafts = ConceptIndex(drafts)
+        self.shared: dict[tuple[str, str], object] = {}
+        self._resources, self._normaliser, self._medication_index = resources, normaliser, medications
+        self._concepts = concepts
+        self._exclude = frozenset(d.ref for d in drafts)  # the drafts themselves, if the EHR also returns them
+
+    # Each kind is indexed on first use: a call whose checks read no observation never looks at one.
+    @cached_property
+    def medications(self) -> ConceptIndex[MedicationFact]:
+        return ConceptIndex(self._medications(self._resources, self._normaliser, self._medication_index,
+                                              self._exclude, self._concepts))
+
+    @cached_property
+    def conditions(self) -> ConceptIndex[ConditionFact]:
+        return ConceptIndex(self._conditions(self._resources, self._normaliser, self._concepts))
+
+    @cached_property
+    def observations(self) -> ConceptIndex[ObservationFact]:
+        return ConceptIndex(self._observations(self._resources, self._normaliser, self._concepts))
+
+    @cached_property
+    def procedures(self) -> ConceptIndex[ProcedureFact]:
+        return ConceptIndex(self._procedures(self._resources, self._normaliser, self._concepts))
+
+    @cached_property
+    def _conditions_by_ref(self) -> dict[str, dict]:
+        """The record's Condition resources by "Condition/id", for reasonReference (built on first use)."""
+        out = dict(self._medication_index.conditions)
+        for r in self._of(self._resources, "conditions", ("Condition",)):
+            if isinstance(r.get("id"), str):
+                out.setdefault(f"Condition/{r['id']}", r)
+        return out
+
+    def reasons_of(self, draft: MedicationFact) -> tuple[tuple, tuple[str, ...]]:
+        """A draft's reasons: its reasonCode and the Conditions its reasonReference points at, wherever they
+        are (contained, in the draft bundle, or in the record)."""
+        if not draft.reason_refs:
+            return draft.reasons, draft.reason_texts
+        reasons, texts = list(draft.reasons), list(draft.reason_texts)
+        for ref in draft.reason_refs:
+            found = reason_condition(ref, draft.resource, self._conditions_by_ref)
+            if found is not None:
+                c, t = codeable_concepts(found.get("code"))
+                reasons += c
+                texts += t
+        return tuple(reasons), tuple(texts)
+
+    @staticmethod
+    def _of(resources: dict[str, list[dict]], key: str, rtypes: tuple[str, ...]) -> Iterable[dict]:
+        for r in resources.get(key) or []:
+            if isinstance(r, dict) and r.get("resourceType") in rtypes:
+                yield r
+
+    def _medications(self, resources, normaliser, medications, exclude, concepts) -> list[MedicationFact]:
+        out = []
+        for key in RECORD_MEDICATION_KEYS:
+            for r in self._of(resources, key, MEDICATION_TYPES + DRAFT_TYPES):
+                self.stats["resources"] += 1
+                drug = normaliser.drug(r, medications)
+                if concepts is not None and concepts.medications.isdisjoint(drug[0].concepts):
+                    self.stats["skipped"] += 1
+                    continue
+                self.stats["normalised"] += 1
+                fact = normaliser.medication(r, medications, drug=drug)
+                if fact.ref not in exclude and fact.status not in IGNORED_MEDICATION_STATUSES:
+                    out.append(fact)
+        return out
+
+    def _conditions(self, resources, normaliser, concepts) -> list[ConditionFact]:
+        relevant = concepts.conditions if concepts is not None else None
+        out = []
+        for r in self._of(resources, "conditions", ("Condition",)):
+            self.stats["resources"] += 1
+            fact = normaliser.condition(r, relevant)
+            self.stats["normalised" if fact else "skipped"] += 1
+            if fact:
+                out.append(fact)
+        return out
+
+    def _observations(self, resources, normaliser, concepts) -> list[ObservationFact]:
+        relevant = concepts.observations if concepts is not None else None
+        out: list[ObservationFact] = []
+        for r in self._of(resources, "observations", ("Observation",)):
+            self.stats["resources"] += 1
+            facts = normaliser.observations(r, relevant)
+            self.stats["normalised" if facts else "skipped"] += 1
+            out += facts
+        return out
+
+    def _procedures(self, resources, normaliser, concepts) -> list[ProcedureFact]:
+        relevant = concepts.procedures if concepts is not None else None
+        out = []
+        for r in self._of(resources, "procedures", ("Procedure",)):
+            self.stats["resources"] += 1
+            fact = normaliser.procedure(r, relevant)
+            self.stats["normalised" if fact else "skipped"] += 1
+            if fact:
+                out.append(fact)
+        return out

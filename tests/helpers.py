@@ -1,0 +1,86 @@
+"""Test helpers shared by the test modules: request bodies, posting, error assertions, large bodies.
+
+Test modules import these from here (never from another test module).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cds_hooks_service.facts import parse_time
+from cds_hooks_service.scenarios import ENCOUNTER_ID, PATIENT_ID, USER_ID, expand_draft, expand_record, prefetch_for
+
+REPO = Path(__file__).resolve().parent.parent
+SCENARIO_NOW = "2026-03-01T12:00:00Z"
+NOW = parse_time(SCENARIO_NOW)
+SIGN = "/cds-services/migraine-med-safety-sign"
+SELECT = "/cds-services/migraine-med-safety-select"
+MIGRAINE = {"condition": "G43.909", "display": "Migraine, unspecified"}
+HYDROMORPHONE = {"drug": "897745", "text": "hydromorphone 2 MG/ML Injectable Solution", "route": "IV"}
+DHE = {"drug": "3418", "text": "dihydroergotamine 1 mg IV", "route": "IV"}
+SUMATRIPTAN_GIVEN = {"given": "37418", "text": "sumatriptan 6 mg SC", "route": "SC"}
+
+
+def request_body(hook="order-sign", drafts=(HYDROMORPHONE,), record=(MIGRAINE,), patient="example-patient",
+                 selections=None):
+    draft_resources = [expand_draft(dict(d), i, NOW) for i, d in enumerate(drafts)]
+    context = {"userId": "Practitioner/example", "patientId": patient,
+               "draftOrders": {"resourceType": "Bundle", "entry": [{"resource": r} for r in draft_resources]}}
+    if hook == "order-select":
+        context["selections"] = selections or [f"MedicationRequest/{draft_resources[0]['id']}"]
+    return {"hook": hook, "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea", "context": context,
+            "prefetch": prefetch_for([expand_record(dict(r), i, NOW) for i, r in enumerate(record)])}
+
+
+def post(client, url, body, **kw):
+    return client.post(url, data=json.dumps(body), content_type="application/json", **kw)
+
+
+def assert_error(response, status, field=None):
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["resourceType"] == "OperationOutcome"
+    issue = body["issue"][0]
+    assert issue["severity"] == "error" and issue["details"]["text"]
+    if field:
+        assert field in issue.get("expression", [""])[0] or field in issue["details"]["text"], body
+    return issue
+
+
+# -- large bodies (scaling and hostile-input tests) -----------------------------------------------------
+_FILLER = [  # record entries no rule looks at, and some that rules do (a mix as in a real record)
+    {"condition": "E11.9", "display": "Type 2 diabetes mellitus"},
+    {"condition": "I10", "display": "Essential hypertension"},
+    {"ordered": "314076", "text": "lisinopril 10 MG Oral Tablet", "route": "PO"},
+    {"ordered": "313160", "text": "sumatriptan 100 MG Oral Tablet", "route": "PO", "status": "completed"},
+    {"given": "26225", "text": "ondansetron 4 mg IV", "route": "IV"},
+    {"given": "35827", "text": "ketorolac 15 mg IV", "route": "IV"},
+    {"taking": "8787", "text": "propranolol"},
+    {"bp": [132, 84]},
+    {"observation": "62238-1", "value": 88, "unit": "mL/min/{1.73_m2}"},
+    {"observation": "718-7", "value": 13.2, "unit": "g/dL"},
+    {"procedure": "80146002", "display": "Appendectomy"},
+]
+
+
+def record_items(n: int, *, triptans: int = 0) -> list[dict]:
+    """``n`` shorthand record items: a migraine diagnosis, ``triptans`` sumatriptan doses in the past day
+    and the rest a realistic mix, each dated in the past."""
+    items: list[dict] = [dict(MIGRAINE)]
+    items += [dict(SUMATRIPTAN_GIVEN, at=f"-{1 + i % 20}h") for i in range(triptans)]
+    i = 0
+    while len(items) < n:
+        items.append(dict(_FILLER[i % len(_FILLER)], at=f"-{2 + i % 900}h"))
+        i += 1
+    return items[:n]
+
+
+def large_body(n_drafts: int, n_record: int, *, triptans: int = 0, draft=DHE) -> dict:
+    """An order-sign with ``n_drafts`` copies of ``draft`` (own ids) and a record of ``n_record`` resources."""
+    drafts = [expand_draft(dict(draft, id=f"d{i}"), i, NOW) for i in range(n_drafts)]
+    record = [expand_record(item, i, NOW) for i, item in enumerate(record_items(n_record, triptans=triptans))]
+    return {"hook": "order-sign", "hookInstance": f"large-{n_drafts}-{n_record}-{triptans}",
+            "context": {"userId": USER_ID, "patientId": PATIENT_ID, "encounterId": ENCOUNTER_ID,
+                        "draftOrders": {"resourceType": "Bundle", "type": "collection",
+                                        "entry": [{"resource": d} for d in drafts]}},
+            "prefetch": prefetch_for(record)}
