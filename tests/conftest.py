@@ -1,6 +1,8 @@
 """Shared pytest fixtures. Fixture modules that start real servers live in tests/plugins/."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.helpers import REPO, SCENARIO_NOW  # noqa: F401 (also imported from here by older test modules)
@@ -116,3 +118,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") is None and _uses_slow_parts(item):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def rules_copy(tmp_path):
+    """A copy of the shipped rules and cards to edit: returns the rules folder (cards/ beside it)."""
+    shutil.copytree(REPO / "rules", tmp_path / "rules")
+    shutil.copytree(REPO / "cards", tmp_path / "cards")
+    return tmp_path / "rules"

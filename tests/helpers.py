@@ -84,3 +84,10 @@ def large_body(n_drafts: int, n_record: int, *, triptans: int = 0, draft=DHE) ->
                         "draftOrders": {"resourceType": "Bundle", "type": "collection",
                                         "entry": [{"resource": d} for d in drafts]}},
             "prefetch": prefetch_for(record)}
+
+
+def edit(path, old, new):
+    """Replace the first `old` in a file by `new`; the test fails if `old` is not there."""
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))

@@ -12,21 +12,9 @@ import pytest
 
 from cds_hooks_service.cli import main
 from tests.conftest import REPO, SCENARIO_NOW
+from tests.helpers import edit
 
 EXAMPLE = REPO / "fhir_examples/opioid-in-migraine/text-only-tall-man-name.order-sign.json"
-
-
-@pytest.fixture
-def rules_copy(tmp_path):
-    shutil.copytree(REPO / "rules", tmp_path / "rules")
-    shutil.copytree(REPO / "cards", tmp_path / "cards")
-    return tmp_path / "rules"
-
-
-def edit(path, old, new):
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
 
 
 def where(path, new_text, value):

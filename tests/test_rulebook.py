@@ -9,19 +9,7 @@ import yaml
 
 from cds_hooks_service.rulebook import Located, RulebookError, Suggestion, load_rulebook
 from tests.conftest import REPO
-
-
-@pytest.fixture
-def rules_copy(tmp_path):
-    shutil.copytree(REPO / "rules", tmp_path / "rules")
-    shutil.copytree(REPO / "cards", tmp_path / "cards")
-    return tmp_path / "rules"
-
-
-def edit(path, old, new):
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
+from tests.helpers import edit
 
 
 def problems(rules_dir, **kw) -> list[str]:
