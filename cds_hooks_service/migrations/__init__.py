@@ -11,11 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+# alembic and SQLAlchemy are imported where used: the CLI registers `db` for every command, and the
+# pharmacists' commands (validate, test, explain, replay) must run without SQLAlchemy.
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 UPGRADE_COMMAND = "cds-hooks-service db upgrade"
@@ -25,7 +22,9 @@ class SchemaVersionError(RuntimeError):
     """The database's schema is not the one this version of the service uses; the message says what to do."""
 
 
-def alembic_config(url: str | None = None) -> Config:
+def alembic_config(url: str | None = None):
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(SCRIPT_DIR))
     if url is not None:
@@ -34,6 +33,8 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
@@ -41,6 +42,10 @@ def prepare_schema(conn, metadata) -> None:
     """Create an empty database at the newest revision, or check that an existing one is at it.
 
     Runs inside the store's first write transaction (serialised between processes by its caller)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import inspect
+
     script = ScriptDirectory.from_config(alembic_config())
     head = script.get_current_head()
     context = MigrationContext.configure(conn)
@@ -81,6 +86,9 @@ def _engine(url: str):
 
 def upgrade(url: str) -> tuple[str | None, str]:
     """Bring the database at ``url`` to the newest revision; returns (revision before, revision after)."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
     engine = _engine(url)
     try:
         with engine.begin() as conn:
@@ -97,6 +105,8 @@ def upgrade(url: str) -> tuple[str | None, str]:
 
 
 def current_revision(url: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     engine = _engine(url)
     try:
         with engine.connect() as conn:
