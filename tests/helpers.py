@@ -91,3 +91,20 @@ def edit(path, old, new):
     text = path.read_text()
     assert old in text, f"{old!r} not in {path}"
     path.write_text(text.replace(old, new, 1))
+
+
+def load_patient(server, record, extra_conditions: int = 0) -> str:
+    """Load a new patient with the scenario-style `record` (times relative to NOW) into a FHIR test server,
+    plus `extra_conditions` unrelated ones (history that makes the search page); returns the patient id."""
+    patient = server.unique_id("pat")
+    resources = [{"resourceType": "Patient", "id": patient}]
+    for i, item in enumerate(record):
+        r = expand_record(dict(item), i, NOW)
+        r["id"] = server.unique_id(r["resourceType"][:4].lower())
+        r["subject"] = {"reference": f"Patient/{patient}"}
+        resources.append(r)
+    for _ in range(extra_conditions):
+        resources.append({"resourceType": "Condition", "id": server.unique_id("c"), "subject": {"reference": f"Patient/{patient}"},
+                          "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "J06.9"}]}})
+    server.load(resources)
+    return patient

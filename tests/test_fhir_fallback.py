@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 
-from cds_hooks_service.scenarios import expand_draft, expand_record
+from cds_hooks_service.scenarios import expand_draft
 from tests.cds_checks import check_response, topics
-from tests.helpers import NOW, SIGN, SELECT, post
+from tests.helpers import NOW, SIGN, SELECT, load_patient, post
 
 RECORD = [
     {"condition": "G43.909", "display": "Migraine"},
@@ -15,18 +15,7 @@ RECORD = [
 
 
 def _load_patient(server, record=RECORD, extra=0):
-    patient = server.unique_id("pat")
-    resources = [{"resourceType": "Patient", "id": patient}]
-    for i, item in enumerate(record):
-        r = expand_record(dict(item), i, NOW)
-        r["id"] = server.unique_id(r["resourceType"][:4].lower())
-        r["subject"] = {"reference": f"Patient/{patient}"}
-        resources.append(r)
-    for i in range(extra):  # enough unrelated history to need several pages (the server pages at 20)
-        resources.append({"resourceType": "Condition", "id": server.unique_id("c"), "subject": {"reference": f"Patient/{patient}"},
-                          "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "J06.9"}]}})
-    server.load(resources)
-    return patient
+    return load_patient(server, record, extra_conditions=extra)  # the server pages at 20
 
 
 def _body(server, patient, hook="order-sign", token=None, prefetch=None):

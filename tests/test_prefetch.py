@@ -12,12 +12,12 @@ import requests
 from cds_hooks_service import services
 from cds_hooks_service.facts import Normaliser
 from cds_hooks_service.rulebook import RulebookError, load_rulebook
-from cds_hooks_service.scenarios import expand_draft, expand_record
+from cds_hooks_service.scenarios import expand_draft
 from cds_hooks_service.services import (MAX_QUERY_CHARS, R4_STATUSES, parse_template, prefetch_problems,
                                         read_statuses, render_query)
 from tests.cds_checks import check_response, topics
 from tests.conftest import REPO
-from tests.test_api import NOW, SIGN, post
+from tests.helpers import NOW, SIGN, load_patient, post
 
 # The observations template as it was typed by hand before (3 of the 27 pregnancy-test codes).
 OLD_OBSERVATIONS = ("Observation?patient={{context.patientId}}&code=" + ",".join(
@@ -108,15 +108,7 @@ def test_validate_fails_when_a_rule_reads_statuses_the_query_leaves_out(rulebook
 
 # --- end to end: prefetch absent -> fallback on the real FHIR server -> card ------------------------------
 def _load(server, record):
-    patient = server.unique_id("pat")
-    resources = [{"resourceType": "Patient", "id": patient}]
-    for i, item in enumerate(record):
-        r = expand_record(dict(item), i, NOW)
-        r["id"] = server.unique_id(r["resourceType"][:4].lower())
-        r["subject"] = {"reference": f"Patient/{patient}"}
-        resources.append(r)
-    server.load(resources)
-    return patient
+    return load_patient(server, record)
 
 
 def _dhe_body(server, patient):
