@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from flask import Flask, jsonify
 
+from cds_hooks_service.config import Settings
+from cds_hooks_service.rulebook import load_rulebook
 from cds_hooks_service.services import SERVICES
 
 app = Flask(__name__)
-DISCOVERY = {"services": [s.discovery() for s in SERVICES.values()]}
+_settings = Settings()
+_prefetch = load_rulebook(_settings.rules_dir, _settings.cards_dir).prefetch  # the same templates the service sends
+DISCOVERY = {"services": [s.discovery(_prefetch) for s in SERVICES.values()]}
 
 
 @app.get("/cds-services")
