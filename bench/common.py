@@ -165,9 +165,13 @@ def sign_body(n_resources: int, seed: int, now: datetime) -> dict:
 
 
 def _template_codes() -> set[str]:
-    from cds_hooks_service.services import PREFETCH  # noqa: E402
+    """The observation codes of the discovery templates, which are generated from the shipped rules."""
+    from cds_hooks_service.config import Settings  # noqa: E402
+    from cds_hooks_service.rulebook import load_rulebook  # noqa: E402
 
-    query = PREFETCH["observations"].split("code=")[1].split("&")[0]
+    settings = Settings()
+    prefetch = load_rulebook(settings.rules_dir, settings.cards_dir).prefetch
+    query = prefetch["observations"].split("code=")[1].split("&")[0]
     return {c.split("|")[-1] for c in query.split(",")}
 
 
@@ -266,10 +270,14 @@ class Service:
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)  # Ctrl-C reaches only the bench, which then stops the service itself
         log.close()
+        self._wait_healthy("the service", timeout)
+
+    def _wait_healthy(self, what: str, timeout: float) -> None:
+        """Until GET /healthz answers 200; ServiceFailure with the log's tail if the process exits or time runs out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServiceFailure(f"the service exited with code {self.proc.returncode} while starting:\n"
+                raise ServiceFailure(f"{what} exited with code {self.proc.returncode} while starting:\n"
                                      + self.log_tail())
             try:
                 if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
@@ -277,7 +285,7 @@ class Service:
             except requests.RequestException:
                 pass
             time.sleep(0.1)
-        raise ServiceFailure(f"/healthz did not answer 200 within {timeout:.0f} s:\n" + self.log_tail())
+        raise ServiceFailure(f"{what}: /healthz did not answer 200 within {timeout:.0f} s:\n" + self.log_tail())
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -315,17 +323,7 @@ class BareFlask(Service):
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServiceFailure(f"the bare Flask app exited with code {self.proc.returncode}:\n" + self.log_tail())
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise ServiceFailure("the bare Flask app did not answer within 30 s:\n" + self.log_tail())
+        self._wait_healthy("the bare Flask app", timeout)
 
 
 def worker_pids(master: int) -> list[int]:
