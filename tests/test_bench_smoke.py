@@ -1,0 +1,24 @@
+"""Smoke test of bench/hook_latency.py: the benchmark behind the README's performance figures still runs
+(it starts the service and the bare Flask floor app, builds every body, measures every case). The figures
+themselves are not asserted: speed is measured in bench/, not in timed tests."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_hook_latency_bench_runs_every_case():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hook_latency.py"), "--n", "5", "--warmup", "1", "--xlarge", "100",
+         "--json"], cwd=REPO, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.dumps(json.loads(proc.stdout))
+    for case in ("discovery", "bare", "small", "large", "xlarge"):
+        assert case in figures, f"{case!r} missing from the bench output"
