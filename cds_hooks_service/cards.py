@@ -444,9 +444,11 @@ def render_card(finding, *, now: datetime, patient_id: str | None, encounter_id:
     if suggestions:
         card["selectionBehavior"] = rule.selection_behavior
         card["suggestions"] = suggestions
-    if rule.override_reasons:
-        card["overrideReasons"] = [{"system": OVERRIDE_REASON_SYSTEM, "code": r["code"], "display": r["display"]}
-                                   for r in rule.override_reasons]
+    excluded_reasons = getattr(finding, "excluded_override_reasons", frozenset())  # reasons that do not fit
+    reasons = [{"system": OVERRIDE_REASON_SYSTEM, "code": r["code"], "display": r["display"]}
+               for r in rule.override_reasons if r["code"] not in excluded_reasons]
+    if reasons:
+        card["overrideReasons"] = reasons
     links = [{"label": ref["label"], "url": ref["url"], "type": "absolute"}
              for ref in [rule.source] + rule.references if ref.get("url")]
     if links:

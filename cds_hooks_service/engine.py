@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from .facts import (DRAFT_TYPES, MEDICATION_TYPES, NEGATIVE_INTERPRETATIONS, POSITIVE_INTERPRETATIONS, MedicationFact,
-                    MedicationIndex, Normaliser, ObservationFact, add_time, milli_iu_per_ml, parse_time, route_matches)
+                    MedicationIndex, Normaliser, ObservationFact, add_time, category_matches, milli_iu_per_ml,
+                    order_categories, parse_time, route_matches)
 from .index import RecordIndex
-from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, normalise_unit
+from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, normalise_unit, reason_offered
 
 _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 
@@ -48,6 +49,7 @@ class Finding:
     suppressed_by: Evidence | None = None
     trace: list[dict] = field(default_factory=list)
     excluded_suggestions: frozenset[str] = frozenset()  # left out by their `only_if`/`unless` checks
+    excluded_override_reasons: frozenset[str] = frozenset()  # codes left out by their `only_if`/`unless` checks
     possible: bool = False  # the level rests on unconfirmed diagnoses only, lowered one step ("possible")
     # Set once by hook_call.record: fired | excepted | suppressed | shadow | not fired, and why it is not shown.
     outcome: str = ""
@@ -347,7 +349,11 @@ class Evaluation:
             ok = not self.draft.concepts.isdisjoint(c.valueset)
         if ok and spec.get("route"):
             ok = route_matches(self.draft.route, spec["route"])
-        items = [{"kind": "drafted", "display": self.draft.display, "route": self.draft.route}] if ok else []
+        categories = order_categories(self.draft.resource)
+        if ok and spec.get("category"):
+            ok = category_matches(categories, spec["category"])
+        items = [{"kind": "drafted", "display": self.draft.display, "route": self.draft.route,
+                  "category": ", ".join(sorted(categories)) or None}] if ok else []
         return items, len(items), ("the drafted order matches" if ok else "the drafted order does not match")
 
     def _combined(self, results: list[Evidence]):
@@ -429,7 +435,8 @@ def evaluate_rule(rule: Rule, draft: MedicationFact, ctx: HookContext, record: R
                 break
         excluded = frozenset(s.id for s in rule.suggestions if not s.offered(ev.check))
         return Finding(rule, draft, trig.name, indicator, evidence, cautions, suppressed, ev.trace or [], excluded,
-                       possible=possible)
+                       possible=possible, excluded_override_reasons=frozenset(
+                           r["code"] for r in rule.override_reasons if not reason_offered(r, ev.check)))
     if trace and ev.trace is not None:
         return Finding(rule, draft, "", rule.indicator, [], [], None, ev.trace)  # not fired; trace only
     return None

@@ -111,6 +111,32 @@ def route_matches(route: str | None, allowed: frozenset[str] | set[str] | list[s
             or (r == "auto-injector" and ("intramuscular" in allowed or "subcutaneous" in allowed)))
 
 
+# MedicationRequest.category (FHIR R4 code system medicationrequest-category; the STU3 URL too): where the
+# medication is to be taken. "unknown" in a rule's category filter: the order states none of these.
+ORDER_CATEGORY_SYSTEMS = frozenset({"http://terminology.hl7.org/CodeSystem/medicationrequest-category",
+                                    "http://hl7.org/fhir/medication-request-category"})
+ORDER_CATEGORIES = frozenset({"inpatient", "outpatient", "community", "discharge"})
+
+
+def order_categories(resource: dict) -> frozenset[str]:
+    """The medicationrequest-category codes of an order (a coding without a system counts; the Sandbox
+    sends ``category`` as one object, R4 as a list)."""
+    found = set()
+    for cc in as_list(resource.get("category")):
+        if not isinstance(cc, dict):
+            continue
+        for coding in as_list(cc.get("coding")):
+            if isinstance(coding, dict) and coding.get("code") in ORDER_CATEGORIES \
+                    and coding.get("system") in ORDER_CATEGORY_SYSTEMS | {None}:
+                found.add(coding["code"])
+    return frozenset(found)
+
+
+def category_matches(categories: frozenset[str], allowed) -> bool:
+    """A rule's category filter: any stated category in ``allowed``; "unknown" when none is stated."""
+    return bool(categories & set(allowed)) or (not categories and "unknown" in allowed)
+
+
 def parse_time(value: object) -> datetime | None:
     """A FHIR date/dateTime/instant as an aware UTC datetime; partial dates take their first instant."""
     if not isinstance(value, str) or len(value) < 4:

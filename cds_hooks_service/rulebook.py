@@ -156,6 +156,12 @@ class Suggestion:
         return all(found(n) for n in self.only_if) and not any(found(n) for n in self.unless)
 
 
+def reason_offered(reason: dict, found: Callable[[str], object]) -> bool:
+    """Whether a card shows this override reason (a rule's ``overrideReasons`` entry): every ``only_if`` check
+    and no ``unless`` check found evidence for the finding."""
+    return all(found(n) for n in reason.get("only_if", ())) and not any(found(n) for n in reason.get("unless", ()))
+
+
 @dataclass
 class CardTemplate:
     name: str
@@ -990,6 +996,18 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         if sid in ids[:i]:
             problem(("suggestions", i, "id"), f"found {sid!r} a second time; allowed: suggestion ids unique within a rule")
 
+    # Override reasons: each shown only on a card whose finding it fits (its only_if/unless checks).
+    override_reasons = []
+    for i, r in enumerate(doc.get("overrideReasons") or []):
+        if r["code"] in [o["code"] for o in override_reasons]:
+            problem(("overrideReasons", i, "code"), f"found {r['code']!r} a second time; allowed: override reason "
+                    "codes unique within a rule")
+        only_if = known_checks(r.get("only_if") or [], ("overrideReasons", i, "only_if"))
+        unless = known_checks(r.get("unless") or [], ("overrideReasons", i, "unless"))
+        for n in set(only_if) & set(unless):
+            problem(("overrideReasons", i), f"check {n!r} is in both only_if and unless: the reason could never be shown")
+        override_reasons.append({"code": r["code"], "display": r["display"], "only_if": only_if, "unless": unless})
+
     cited = {}
     for where, source_id in [(("source",), doc["source"])] + [(("references", i), r)
                                                                for i, r in enumerate(doc.get("references") or [])]:
@@ -1023,6 +1041,7 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         return None
     referenced = in_card | {n for t in triggers for n in t.when} | set(exceptions) | set(cautions) \
         | {n for names, _ in adjust for n in names} | {n for s in suggestions for n in s.only_if + s.unless} \
+        | {n for r in override_reasons for n in r["only_if"] + r["unless"]} \
         | {n for c in checks.values() for n in c.children}
     for name in checks:
         if name not in referenced and not checks[name].shared:
@@ -1036,7 +1055,7 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         triggers=triggers, checks=checks,
         exceptions=exceptions, cautions=cautions, adjust=adjust, card=card,
         selection_behavior=doc.get("selectionBehavior", "at-most-one"), suggestions=suggestions,
-        override_reasons=doc.get("overrideReasons") or [], path=path, needs=needs, raw=doc,
+        override_reasons=override_reasons, path=path, needs=needs, raw=doc,
         basis=doc.get("basis"), policies=rule_policies,
     )
 

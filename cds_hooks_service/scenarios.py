@@ -8,6 +8,7 @@ as full FHIR (anything with ``resourceType``) or in a shorthand that expands to 
       text: hydromorphone 2 mg IV               status: active          # clinicalStatus (default active)
       route: IV        # IV | IM | SC | PO | nasal (text)  verification: confirmed
       reason: G43.909  # reasonCode             encounter: true         # diagnosis on this encounter
+      category: discharge  # MedicationRequest.category (inpatient | outpatient | community | discharge)
       medication: {contained: true}  # code via a contained Medication
                                               - given: "37418"          # MedicationAdministration
                                                 at: -2h                 # time relative to `now`
@@ -47,6 +48,8 @@ Course and reason extensions (drafts and medication record items):
     says: ["3 h ago"]           # in the summary or detail (case-insensitive)
     not_says: [ConnectionError]
     max_detail: 1200            # characters of the detail
+    override_reasons: [BP re-checked]      # part of an override reason shown on this card (case-insensitive)
+    not_override_reasons: [BP re-checked]  # no override reason on this card contains it
 
 ``response`` (optional) asserts the whole response: ``cards`` (how many), ``critical`` (how many critical),
 ``not_completed`` (how many "Check not completed" cards), ``says`` / ``not_says`` (in any card's text).
@@ -78,6 +81,7 @@ _ROUTES = {  # SNOMED CT route codes (FHIR R4 SNOMED CT Route Codes value set)
     "TRANSDERMAL": ("45890007", "Transdermal route"),
 }
 INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+ORDER_CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/medicationrequest-category"
 _REL = re.compile(r"^([+-]?\d+(?:\.\d+)?)(m|h|d)$")
 
 
@@ -166,7 +170,7 @@ def load_scenarios(path: Path, rule_id: str) -> list[Scenario]:
 
 
 _CARD_KEYS = frozenset({"indicator", "offers", "not_offers", "recommends", "not_recommends", "says", "not_says",
-                        "max_detail"})
+                        "max_detail", "override_reasons", "not_override_reasons"})
 _RESPONSE_KEYS = frozenset({"cards", "critical", "not_completed", "says", "not_says"})
 NOT_COMPLETED = "Check not completed"
 
@@ -222,6 +226,14 @@ def card_problems(card: dict | None, want: dict) -> list[str]:
     for phrase in want.get("not_says") or []:
         if str(phrase).lower() in text:
             problems.append(f"says {phrase!r}")
+    reasons = [r["display"] for r in card.get("overrideReasons", [])]
+    for phrase in want.get("override_reasons") or []:
+        if not any(str(phrase).lower() in r.lower() for r in reasons):
+            problems.append(f"does not offer the override reason {phrase!r} (reasons: {'; '.join(reasons) or 'none'})")
+    for phrase in want.get("not_override_reasons") or []:
+        hit = [r for r in reasons if str(phrase).lower() in r.lower()]
+        if hit:
+            problems.append(f"offers the override reason {hit[0]!r}")
     if want.get("max_detail") and len(card.get("detail", "")) > int(want["max_detail"]):
         problems.append(f"detail has {len(card.get('detail', ''))} characters (at most {want['max_detail']})")
     return problems
@@ -303,6 +315,8 @@ def expand_draft(item: dict, index: int, now: datetime) -> dict:
     _set_medication(resource, item, "drug", "dosageInstruction")
     if item.get("reason"):
         resource["reasonCode"] = [{"coding": [_coding(str(item["reason"]))]}]
+    if item.get("category"):  # inpatient | outpatient | community | discharge (MedicationRequest.category)
+        resource["category"] = [{"coding": [{"system": ORDER_CATEGORY_SYSTEM, "code": str(item["category"])}]}]
     _set_reason_reference(resource, item, now)
     _set_course(resource, item, now)
     return resource
