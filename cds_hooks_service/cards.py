@@ -31,7 +31,7 @@ from jinja2.filters import FILTERS
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from jinja2.visitor import NodeTransformer
 
-from .facts import as_list, parse_time
+from .facts import as_list, order_categories, parse_time
 
 log = logging.getLogger(__name__)
 RULE_TOPIC_SYSTEM = "https://migraine-med-safety.example.org/fhir/CodeSystem/rule"
@@ -332,7 +332,9 @@ def template_context(finding, now: datetime) -> dict:
         "indicator": finding.indicator,
         "possible": getattr(finding, "possible", False),
         "draft": {"display": draft.display, "route": draft.route or "route not stated",
-                  "matched_by": draft.matched_by, "names": list(draft.matched_names)},
+                  "matched_by": draft.matched_by, "names": list(draft.matched_names),
+                  # MedicationRequest.category: inpatient, outpatient, community, discharge (None: not stated)
+                  "category": ", ".join(sorted(order_categories(draft.resource or {}))) or None},
         "evidence": [_evidence_dict(e) for e in finding.evidence],
         "cautions": [_evidence_dict(e) for e in finding.cautions],
         "checks": {e.check: _evidence_dict(e) for e in finding.evidence + finding.cautions},
@@ -380,7 +382,8 @@ def load_time_problems(template, rule_doc: dict) -> list[str]:
     context = {
         "rule": {"id": rule_doc.get("id"), "title": rule_doc.get("title"), "source": _example_source(rule_doc.get("source"))},
         "indicator": rule_doc.get("indicator", "warning"),
-        "draft": {"display": "Example medication 10 mg", "route": "oral", "matched_by": "code", "names": ["example"]},
+        "draft": {"display": "Example medication 10 mg", "route": "oral", "matched_by": "code", "names": ["example"],
+                  "category": "discharge"},
         "evidence": list(checks.values()), "cautions": [], "checks": checks,
         "now": _EXAMPLE_NOW, "ago": lambda value: _ago(value, _EXAMPLE_NOW),
         "from_now": lambda value: _in(value, _EXAMPLE_NOW), "possible": False,
