@@ -1006,7 +1006,8 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         unless = known_checks(r.get("unless") or [], ("overrideReasons", i, "unless"))
         for n in set(only_if) & set(unless):
             problem(("overrideReasons", i), f"check {n!r} is in both only_if and unless: the reason could never be shown")
-        override_reasons.append({"code": r["code"], "display": r["display"], "only_if": only_if, "unless": unless})
+        override_reasons.append({"code": r["code"], "display": label_text(r["display"], ("overrideReasons", i, "display")),
+                                 "only_if": only_if, "unless": unless})
 
     cited = {}
     for where, source_id in [(("source",), doc["source"])] + [(("references", i), r)
