@@ -60,7 +60,7 @@ NESTED_CASES = [
      ["checks.bp-at-or-over-160-100.observation.any[0].op: found '=>'; allowed: '>=', '>', '<=', '<', 'positive'"]),
     ("opioid-in-migraine.yaml", "indicator: warning\nsource", "indicator: severe\nsource", "severe",
      ["indicator: found 'severe'; allowed: 'info', 'warning', 'critical'"]),
-    ("opioid-in-migraine.yaml", "version: 1.0.0", "version: 1.0", "1.0",
+    ("opioid-in-migraine.yaml", "version: 1.1.0", "version: 1.0", "1.0",
      ["version: found 1.0 (a number); allowed: a version of three numbers such as 1.0.0"]),
     ("opioid-in-migraine.yaml", "title: Opioid ordered", "titel: Opioid ordered", "titel",
      ["titel: unknown field 'titel' (did you mean 'title'?); allowed fields:",
