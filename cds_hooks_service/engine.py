@@ -15,7 +15,7 @@ from .facts import (DRAFT_TYPES, MEDICATION_TYPES, NEGATIVE_INTERPRETATIONS, POS
                     MedicationIndex, Normaliser, ObservationFact, add_time, category_matches, milli_iu_per_ml,
                     order_categories, parse_time, route_matches)
 from .index import RecordIndex
-from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, normalise_unit, reason_offered
+from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, normalise_unit
 
 _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 
@@ -49,11 +49,11 @@ class Finding:
     suppressed_by: Evidence | None = None
     trace: list[dict] = field(default_factory=list)
     excluded_suggestions: frozenset[str] = frozenset()  # left out by their `only_if`/`unless` checks
-    excluded_override_reasons: frozenset[str] = frozenset()  # codes left out by their `only_if`/`unless` checks
     possible: bool = False  # the level rests on unconfirmed diagnoses only, lowered one step ("possible")
     # Set once by hook_call.record: fired | excepted | suppressed | shadow | not fired, and why it is not shown.
     outcome: str = ""
     reason: str = ""
+    excluded_override_reasons: frozenset[str] = frozenset()  # override reason codes that do not fit this finding
 
     def matched(self, check_name: str) -> bool:
         return any(e.check == check_name for e in self.evidence + self.cautions)
@@ -411,6 +411,12 @@ def _indicator(rule: Rule, evidence: list[Evidence]) -> tuple[str, bool]:
     top = max((lv for lv, _ in levels), key=INDICATOR_RANK.__getitem__)
     confirmed_top = any(lv == top and not lowered for lv, lowered in levels)
     return top, not confirmed_top
+
+
+def reason_offered(reason: dict, found) -> bool:
+    """Whether a card shows this override reason (a rule's ``overrideReasons`` entry): every ``only_if`` check
+    and no ``unless`` check found evidence for the finding. ``found(name)`` is the (cached) check evaluation."""
+    return all(found(n) for n in reason.get("only_if", ())) and not any(found(n) for n in reason.get("unless", ()))
 
 
 def triggered(rule: Rule, draft: MedicationFact) -> list[Trigger]:

@@ -156,12 +156,6 @@ class Suggestion:
         return all(found(n) for n in self.only_if) and not any(found(n) for n in self.unless)
 
 
-def reason_offered(reason: dict, found: Callable[[str], object]) -> bool:
-    """Whether a card shows this override reason (a rule's ``overrideReasons`` entry): every ``only_if`` check
-    and no ``unless`` check found evidence for the finding."""
-    return all(found(n) for n in reason.get("only_if", ())) and not any(found(n) for n in reason.get("unless", ()))
-
-
 @dataclass
 class CardTemplate:
     name: str
@@ -1042,8 +1036,8 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         return None
     referenced = in_card | {n for t in triggers for n in t.when} | set(exceptions) | set(cautions) \
         | {n for names, _ in adjust for n in names} | {n for s in suggestions for n in s.only_if + s.unless} \
-        | {n for r in override_reasons for n in r["only_if"] + r["unless"]} \
         | {n for c in checks.values() for n in c.children}
+    referenced |= {n for r in override_reasons for n in r["only_if"] + r["unless"]}
     for name in checks:
         if name not in referenced and not checks[name].shared:
             problems.add(locator, ("checks", name), f"check {name!r} is not used (no trigger, exception, caution, "

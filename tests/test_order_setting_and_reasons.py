@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from cds_hooks_service.facts import category_matches, order_categories
-from cds_hooks_service.rulebook import RulebookError, load_rulebook, reason_offered
+from cds_hooks_service.engine import reason_offered
+from cds_hooks_service.rulebook import RulebookError, load_rulebook
 from tests.helpers import edit
 
 R4 = "http://terminology.hl7.org/CodeSystem/medicationrequest-category"
