@@ -95,11 +95,14 @@ def appended_reserve(rule, trigger, rulebook) -> int:
     return max(len(lead), len(pointer) + len(downgraded)) + len(more) + ALTERNATIVE_NOTES_RESERVE
 
 
-def longest_details(rulebook, max_items: int) -> list[dict]:
-    """Per rule: the longest detail its template renders with a maximal evidence list, with the service's
-    appended lines counted. Each: rule, trigger, indicator, template (characters), appended, total."""
+def longest_details(rulebook, max_items: int, rule_ids=None) -> list[dict]:
+    """Per rule (those of ``rule_ids``, or all): the longest detail its template renders with a maximal
+    evidence list, with the service's appended lines counted. Each: rule, trigger, indicator, template
+    (characters), appended, total."""
     out = []
     for rule in rulebook.rules:
+        if rule_ids and rule.id not in rule_ids:
+            continue
         worst = None
         for trigger in rule.triggers:
             reserve = appended_reserve(rule, trigger, rulebook)
@@ -115,10 +118,10 @@ def longest_details(rulebook, max_items: int) -> list[dict]:
     return out
 
 
-def length_problems(rulebook, max_items: int, limit: int = DETAIL_MAX_CHARS) -> list[str]:
-    """One line per card whose detail can exceed ``limit`` characters (``test`` reports them as errors)."""
+def length_problems(rulebook, max_items: int, rule_ids=None, limit: int = DETAIL_MAX_CHARS) -> list[str]:
+    """One line per card whose detail can exceed ``limit`` characters (``test`` reports them)."""
     return [f"card {r['rule']}.yaml: detail can reach {r['total']} characters with a long record "
             f"(trigger {r['trigger']}, {r['indicator']}: {r['template']} from the template, {r['appended']} kept for "
             f"what the service appends); at most {limit}: list fewer entries per check (count the rest), "
             "state the basis in one line, and put long lists behind a link (rules/sources.yaml)"
-            for r in longest_details(rulebook, max_items) if r["total"] > limit]
+            for r in longest_details(rulebook, max_items, rule_ids) if r["total"] > limit]
