@@ -106,3 +106,34 @@ def test_explain_says_a_merged_finding_is_on_the_other_orders_card(tmp_path, cap
     text = capsys.readouterr().out
     assert f"{RULE} on {SUMATRIPTAN_REF}: merged into the card of {RULE} for {DHE_REF}" in text
     assert text.count("FIRED") == 1
+
+
+THREE_PROBLEMS = [dict(SUMATRIPTAN_GIVEN, at="-3h"),
+                  {"ordered": "21212", "text": "clarithromycin 500 mg PO BID"},
+                  {"condition": "I25.10", "display": "Atherosclerotic heart disease"}]
+
+
+def test_the_lead_card_holding_the_orders_actions_is_attributed_to_its_own_rule(make_app, store_url):
+    """The lead card of an order carries the actions of the order's other cards too, but it stands for its own
+    rule's finding only: accepting its "cancel" is that rule's acceptance, and an override of it at
+    order-select silences that rule at order-sign, not the order's other problems (each keeps its own card,
+    uuid and override)."""
+    client = make_app(database_url=store_url).test_client()
+    cards = _cards(post(client, SELECT, request_body(hook="order-select", drafts=[DHE], record=THREE_PROBLEMS)))
+    lead, others = cards[0], cards[1:]
+    assert len(others) == 2 and all("suggestions" not in c for c in others)
+    _override(client, SELECT, lead)
+    after = _cards(post(client, SIGN, request_body(drafts=[DHE], record=THREE_PROBLEMS)))
+    rules = {c["source"]["topic"]["code"] for c in after}
+    assert lead["source"]["topic"]["code"] not in rules
+    assert rules == {c["source"]["topic"]["code"] for c in others}
+
+    new_lead = after[0]
+    cancel = next(s for s in new_lead["suggestions"] if s.get("isRecommended"))
+    item = {"card": new_lead["uuid"], "outcome": "accepted", "outcomeTimestamp": SCENARIO_NOW,
+            "acceptedSuggestions": [{"id": cancel["uuid"]}]}
+    assert client.post(SIGN + "/feedback", json={"feedback": [item]}).status_code == 200
+    stats = _stats(store_url)
+    assert stats[new_lead["source"]["topic"]["code"]]["accepted"] == 1
+    assert sum(r["accepted"] for r in stats.values()) == 1
+    assert stats[lead["source"]["topic"]["code"]]["overridden"] == 1
