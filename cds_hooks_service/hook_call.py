@@ -5,7 +5,8 @@ decide  drafts to facts; which rules trigger (none: no patient data is read); ga
         (CPU time of the request's thread)
 record  the cards to issue are recorded (client, rule, one-way key: no patient data); the store answers
         which were overridden at order-select for the same draft. Then every finding gets its one
-        outcome: fired, excepted (and why), suppressed (overridden), shadow, or not fired
+        outcome: fired, excepted (and why), suppressed (overridden), shadow, merged (a conflict between two
+        drafted orders: on the other order's card, sharing its outcome), or not fired
 render  cards for the fired findings, most severe first, within the cards and bytes of one response: per
         drafted order a lead card holding the actions (each suggestion once per response), at most two
         critical cards, one card per conflict between two drafted orders; what could not be read; one
