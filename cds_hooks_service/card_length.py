@@ -108,7 +108,10 @@ def longest_details(rulebook, max_items: int, rule_ids=None) -> list[dict]:
             reserve = appended_reserve(rule, trigger, rulebook)
             for indicator in ("critical", "warning", "info"):
                 finding = _finding(rule, trigger, indicator, max_items)
-                detail = rule.card.detail.render(template_context(finding, _NOW)).strip()
+                try:
+                    detail = rule.card.detail.render(template_context(finding, _NOW)).strip()
+                except Exception:  # noqa: BLE001 - a template that cannot render is reported by `validate` and
+                    continue  # the scenarios (sent with the rule's plain text); its length is not the question
                 row = {"rule": rule.id, "trigger": trigger.name, "indicator": indicator, "template": len(detail),
                        "appended": reserve, "total": len(detail) + reserve}
                 if worst is None or row["total"] > worst["total"]:
