@@ -14,6 +14,7 @@ SQLite file and PostgreSQL, through the HTTP API.
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -137,3 +138,21 @@ def test_the_lead_card_holding_the_orders_actions_is_attributed_to_its_own_rule(
     assert stats[new_lead["source"]["topic"]["code"]]["accepted"] == 1
     assert sum(r["accepted"] for r in stats.values()) == 1
     assert stats[lead["source"]["topic"]["code"]]["overridden"] == 1
+
+
+def test_explain_of_a_live_call_names_the_overridden_card_a_merged_finding_shared(make_app, tmp_path, caplog):
+    """With CDS_DEBUG_TRACE: at order-sign after the DHE order's conflict card was overridden at order-select,
+    both findings of the conflict are suppressed, the merged one naming the card that stood for it."""
+    caplog.set_level(logging.INFO)
+    client = make_app(database_url=f"sqlite:///{tmp_path / 'trace.sqlite3'}", debug_trace=True).test_client()
+    drafts = [DHE, SUMATRIPTAN]
+    (card,) = _cards(post(client, SELECT, request_body(hook="order-select", drafts=drafts, record=[],
+                                                       selections=[DHE_REF])))
+    _override(client, SELECT, card)
+    caplog.clear()
+    assert _cards(post(client, SIGN, request_body(drafts=drafts, record=[]))) == []
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("explain ")]
+    rows = {(r["rule"], r["draft"]): r["outcome"] for r in json.loads(line[len("explain "):])["rules"]}
+    assert rows[(RULE, DHE_REF)] == "suppressed: overridden for this draft order at order-select"
+    assert rows[(RULE, SUMATRIPTAN_REF)] == (f"suppressed: the card of {RULE} for {DHE_REF}, which stands for this "
+                                            "conflict, was overridden at order-select")
