@@ -334,7 +334,7 @@ def template_context(finding, now: datetime) -> dict:
         "draft": {"display": draft.display, "route": draft.route or "route not stated",
                   "matched_by": draft.matched_by, "names": list(draft.matched_names),
                   # MedicationRequest.category: inpatient, outpatient, community, discharge (None: not stated)
-                  "category": ", ".join(sorted(order_categories(draft.resource or {}))) or None},
+                  "category": ", ".join(sorted(order_categories(getattr(draft, "resource", None) or {}))) or None},
         "evidence": [_evidence_dict(e) for e in finding.evidence],
         "cautions": [_evidence_dict(e) for e in finding.cautions],
         "checks": {e.check: _evidence_dict(e) for e in finding.evidence + finding.cautions},
