@@ -428,6 +428,9 @@ def render_card(finding, *, now: datetime, patient_id: str | None, encounter_id:
         summary_text = "Possible (unconfirmed diagnosis): " + summary_text  # clinical.md §4.0: one level lower
     if len(summary_text) > SUMMARY_MAX:
         summary_text = summary_text[: SUMMARY_MAX - 1].rstrip() + "…"
+    safety = alternative_lines(finding, alternatives, now)
+    if safety:
+        detail = (detail + "\n\n" if detail else "") + "\n\n".join(safety)
     if finding.draft.matched_by == "name":
         detail += ("\n\n_Recognised from the order's name ("
                    + markdown_escape(", ".join(finding.draft.matched_names)) + "), not from a code: please check._")
@@ -456,6 +459,63 @@ def render_card(finding, *, now: datetime, patient_id: str | None, encounter_id:
     return card
 
 
+def drug_name(alt: dict) -> str:
+    """The drug an alternative orders, as its order text starts: ``ketorolac 15 mg IV once`` -> Ketorolac."""
+    words = str(alt.get("text") or "").split()
+    return words[0][:1].upper() + words[0][1:] if words else "This alternative"
+
+
+def _short(text, limit: int = 60) -> str:
+    text = " ".join(_plain(text).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _number_text(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else _plain(value)
+
+
+def finding_phrase(name: str, item: dict, now: datetime) -> str:
+    """The patient's own finding behind a left-out alternative, in a few words: ``latest eGFR 22 mL/min/1.73m2
+    (3 days ago)``, ``Pregnancy: Pregnant state (active)``, ``NSAID ...: ibuprofen 400 mg, given 5 h ago``."""
+    ago = _ago(item.get("time"), now) or "date not recorded"
+    kind = item.get("kind")
+    if kind == "observation":
+        value = item.get("value")
+        shown = f" {_number_text(value)} {_plain(item.get('unit'))}".rstrip() if value is not None else ""
+        return f"{name}{shown} ({ago})"
+    if kind == "condition":
+        return f"{name}: {_short(item.get('display') or item.get('code'))} ({_plain(item.get('status')) or 'status unknown'})"
+    if kind == "medication":
+        how = _plain(item.get("how"))
+        when = "" if how == "ordered now" or not item.get("time") else f" {ago}"
+        return f"{name}: {_short(item.get('display'))}, {how}{when}"
+    if kind == "procedure":
+        return f"{name}: {_short(item.get('display'))} ({ago})"
+    return name
+
+
+def alternative_lines(finding, alternatives: dict, now: datetime) -> list[str]:
+    """One line per alternative the card leaves out for this patient (its contraindications in
+    alternatives.yaml), then one line per offered alternative naming what the service could not check."""
+    lines = []
+    checks = getattr(finding.rule, "checks", {}) or {}
+    for left in getattr(finding, "left_out", ()):
+        e = left.evidence
+        check = checks.get(e.check)
+        name = (getattr(check, "finding", None) or e.label) if check is not None else e.label
+        phrase = finding_phrase(name, e.items[0], now) if e.items else name
+        lines.append(f"**{markdown_escape(drug_name(alternatives.get(left.alternative) or {}))} not offered:** "
+                     f"{markdown_escape(phrase)}.")
+    offered = dict.fromkeys(a for s in finding.rule.suggestions if s.id not in finding.excluded_suggestions
+                            for a in getattr(s, "alternatives", ()))
+    for name in offered:
+        alt = alternatives.get(name) or {}
+        if alt.get("notChecked"):
+            lines.append(f"_{markdown_escape(drug_name(alt))}: not checked here: "
+                         f"{markdown_escape(', '.join(alt['notChecked']))}._")
+    return lines
+
+
 def _source(rule) -> dict:
     source = {"label": rule.source["label"],
               "topic": {"system": RULE_TOPIC_SYSTEM, "code": rule.id, "display": rule.title}}
@@ -477,7 +537,10 @@ def _suggestion(s, finding, card_uuid, patient_id, encounter_id, user_id, altern
                             "resourceId": finding.draft.ref})
         else:
             alt = alternatives[action["create"]]
-            actions.append({"type": "create", "description": alt["description"],
+            description = alt["description"]
+            if alt.get("notChecked"):
+                description += f" (not checked here: {', '.join(alt['notChecked'])})"
+            actions.append({"type": "create", "description": description,
                             "resource": medication_request(alt, finding.draft.resource, patient_id, encounter_id,
                                                            user_id)})
     out = {"label": s.label, "uuid": suggestion_uuid(card_uuid, s.id), "actions": actions}

@@ -37,6 +37,14 @@ class Evidence:
         return self.total - len(self.items)
 
 
+@dataclass(frozen=True)
+class LeftOut:
+    """An alternative no suggestion of the card offers, because one of its contraindications (alternatives.yaml,
+    checks of shared.yaml) found evidence in this patient's record: the card says so in one line."""
+    alternative: str  # its name in alternatives.yaml
+    evidence: Evidence  # the first contraindication found
+
+
 @dataclass
 class Finding:
     rule: Rule
@@ -47,7 +55,8 @@ class Finding:
     cautions: list[Evidence]
     suppressed_by: Evidence | None = None
     trace: list[dict] = field(default_factory=list)
-    excluded_suggestions: frozenset[str] = frozenset()  # left out by their `only_if`/`unless` checks
+    excluded_suggestions: frozenset[str] = frozenset()  # left out by their `only_if`/`unless` checks or contraindications
+    left_out: tuple[LeftOut, ...] = ()  # alternatives left out for a contraindication, in suggestion order
     possible: bool = False  # the level rests on unconfirmed diagnoses only, lowered one step ("possible")
     # Set once by hook_call.record: fired | excepted | suppressed | shadow | not fired, and why it is not shown.
     outcome: str = ""
@@ -427,12 +436,36 @@ def evaluate_rule(rule: Rule, draft: MedicationFact, ctx: HookContext, record: R
             if any(ev.check(n) for n in when):
                 indicator, possible = adjusted, False
                 break
-        excluded = frozenset(s.id for s in rule.suggestions if not s.offered(ev.check))
+        excluded, left_out = unsafe_alternatives(rule, ev.check, rulebook.alternatives)
         return Finding(rule, draft, trig.name, indicator, evidence, cautions, suppressed, ev.trace or [], excluded,
-                       possible=possible)
+                       left_out, possible=possible)
     if trace and ev.trace is not None:
         return Finding(rule, draft, "", rule.indicator, [], [], None, ev.trace)  # not fired; trace only
     return None
+
+
+def unsafe_alternatives(rule: Rule, found, alternatives: dict) -> tuple[frozenset[str], tuple[LeftOut, ...]]:
+    """The suggestions the card leaves out, and why for those left out for the patient's safety.
+
+    A suggestion is left out by its own ``only_if``/``unless`` (the rule's logic: no line on the card), or
+    because an alternative it orders has a contraindication (its ``contraindications`` in alternatives.yaml)
+    that finds evidence: then one :class:`LeftOut` per alternative, whichever card offers it. ``found(name)``
+    is the (memoised) check evaluation of the finding."""
+    excluded: set[str] = set()
+    left_out: dict[str, LeftOut] = {}
+    for s in rule.suggestions:
+        if not s.offered(found):
+            excluded.add(s.id)
+            continue
+        for alt in s.alternatives:
+            if alt not in left_out:
+                hit = next((e for e in (found(n) for n in alternatives[alt].get("contraindications") or ()) if e), None)
+                if hit is None:
+                    continue
+                left_out[alt] = LeftOut(alt, hit)
+            excluded.add(s.id)
+            break
+    return frozenset(excluded), tuple(left_out.values())
 
 
 def draft_facts(draft_orders: object, normaliser: Normaliser) -> tuple[list[MedicationFact], MedicationIndex]:
