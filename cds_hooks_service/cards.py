@@ -516,6 +516,21 @@ def alternative_lines(finding, alternatives: dict, now: datetime) -> list[str]:
     return lines
 
 
+def drop_repeated_lines(card: dict, finding, alternatives: dict, now: datetime, seen: set[str]) -> None:
+    """The lines of :func:`alternative_lines` once per response: a line an earlier card already shows (the same
+    alternative left out, or not checked, for another rule's card of the same patient) is not repeated."""
+    paragraphs = (card.get("detail") or "").split("\n\n")
+    for line in alternative_lines(finding, alternatives, now):
+        if line in seen and line in paragraphs:
+            paragraphs.remove(line)
+        seen.add(line)
+    detail = "\n\n".join(paragraphs)
+    if detail:
+        card["detail"] = detail
+    else:
+        card.pop("detail", None)
+
+
 def _source(rule) -> dict:
     source = {"label": rule.source["label"],
               "topic": {"system": RULE_TOPIC_SYSTEM, "code": rule.id, "display": rule.title}}

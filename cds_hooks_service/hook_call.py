@@ -25,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 
 import orjson
 
-from .cards import info_card, markdown_escape, render_card, unrecommend_cancellation
+from .cards import drop_repeated_lines, info_card, markdown_escape, render_card, unrecommend_cancellation
 from .clients import OPEN_CLIENT, Client
 from .engine import Finding, HookContext, draft_facts, evaluate_rule, triggered
 from .errors import PreconditionFailed
@@ -254,8 +254,10 @@ def render(decision: Decision, card_ids: dict[int, str], *, rulebook: Rulebook, 
     critical = 0
     lead_summary: dict[str, str] = {}
     merged = [m for m in decision.findings if m.outcome == MERGED]
+    alternative_lines: set[str] = set()  # "<drug> not offered: ..." lines already shown (one card says each)
     for f in shown:
         card = _finding_card(f, card_ids[id(f)], ctx, rulebook, unavailable)
+        drop_repeated_lines(card, f, rulebook.alternatives, ctx.now, alternative_lines)
         _add_mirror_suggestions(card, f, merged, ctx, rulebook)
         first = lead[f.draft.ref]
         if first is f:
