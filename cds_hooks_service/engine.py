@@ -436,7 +436,9 @@ def evaluate_rule(rule: Rule, draft: MedicationFact, ctx: HookContext, record: R
             if any(ev.check(n) for n in when):
                 indicator, possible = adjusted, False
                 break
-        excluded, left_out = unsafe_alternatives(rule, ev.check, rulebook.alternatives)
+        # A suppressed finding shows no card: its suggestions (and their contraindications) are not evaluated.
+        excluded, left_out = unsafe_alternatives(rule, ev.check, rulebook.alternatives) if suppressed is None \
+            else (frozenset(), ())
         return Finding(rule, draft, trig.name, indicator, evidence, cautions, suppressed, ev.trace or [], excluded,
                        left_out, possible=possible)
     if trace and ev.trace is not None:
