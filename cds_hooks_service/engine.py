@@ -127,7 +127,9 @@ class Evaluation:
         return evidence
 
     def _shared(self, c: Check, compute) -> _Found:
-        key = (self.rule.id, c.name)
+        # A check of shared.yaml is the same in every rule (a rule cannot redefine it), so it is computed once per
+        # call for all rules: the contraindications of an alternative several cards offer cost one look-up.
+        key = ("(shared)" if c.shared else self.rule.id, c.name)
         found = self.record.shared.get(key)
         if found is None:
             found = self.record.shared[key] = compute(c)

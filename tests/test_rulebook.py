@@ -82,11 +82,13 @@ def test_unused_value_set_policy_and_check_are_warnings(rules_copy):
     (rules_copy / "valuesets/cond-unused.json").write_text(text)
     edit(rules_copy / "shared.yaml", "\nchecks:\n", "  unused-number:\n    value: 5\n    unit: mg\n    meaning: nothing at all\n"
          "    basis: a test\n    signOff: {status: pending}\n\nchecks:\n")
+    edit(rules_copy / "opioid-in-migraine.yaml", "  oral-route:\n",
+         "  left-over:\n    label: Left over\n    condition: {valueSets: [cond-raynaud], status: any}\n  oral-route:\n")
     rb = load_rulebook(rules_copy, rules_copy.parent / "cards")  # warnings do not stop loading
     warnings = [str(w) for w in rb.warnings]
     assert any("cond-unused.json" in w and "value set 'cond-unused' is not used by any rule" in w for w in warnings)
     assert any("shared.yaml:" in w and "policy 'unused-number' is not used by any rule" in w for w in warnings)
-    assert any("opioid-in-migraine.yaml:" in w and "check 'dhe-or-ergot-within-24h' is not used" in w for w in warnings)
+    assert any("opioid-in-migraine.yaml:" in w and "check 'left-over' is not used" in w for w in warnings)
     assert not any("cond-raynaud" in w for w in warnings)
 
 
@@ -169,10 +171,11 @@ def test_a_shared_policy_is_defined_once_and_used_by_every_rule(rules_copy):
                      "ketamine-non-refractory-migraine", "opioid-in-migraine"]  # the last five: ketorolac's eGFR check
     for rule_id in users:
         assert rb.get(rule_id).checks["egfr-below-30"].observations[0][1:] == ("<", 30)
-    for rule_id in users:  # no eGFR cut-off written in the rules themselves
-        assert 'op: "<", value: {policy: egfr-severe-renal-cutoff}' in (rules_copy / f"{rule_id}.yaml").read_text() \
-            or rule_id != "dhe-contraindicated-condition"
+    # the eGFR check is written once, in shared.yaml; no eGFR cut-off is written in the rules themselves
+    assert 'op: "<", value: {policy: egfr-severe-renal-cutoff}' in (rules_copy / "shared.yaml").read_text()
+    for rule_id in users:
         assert 'op: "<", value: 30' not in (rules_copy / f"{rule_id}.yaml").read_text()
+        assert "egfr-below-30:" not in (rules_copy / f"{rule_id}.yaml").read_text()
     # One edit in shared.yaml changes every rule, and the labels that show the number.
     edit(rules_copy / "shared.yaml", "  egfr-severe-renal-cutoff:\n    value: 30", "  egfr-severe-renal-cutoff:\n    value: 25")
     rb = load_rulebook(rules_copy, rules_copy.parent / "cards")
