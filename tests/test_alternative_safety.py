@@ -225,3 +225,29 @@ def test_patient_text_in_the_line_is_escaped(rulebook, make_settings):
     card = _card(_cards(rulebook, make_settings(), drafts=[HYDROMORPHONE], record=record), "opioid-in-migraine")
     line = next(p for p in card["detail"].split("\n\n") if "Ketorolac not offered" in p)
     assert "<b>" not in line and "&lt;b&gt;" in line and "\\*\\*bold" in line and "\\[link\\](http" in line
+
+
+def test_a_shared_check_is_computed_once_per_call_for_every_rule(rulebook):
+    """Ketorolac's eGFR check on the three DHE cards of one order is one look-up of the record."""
+    from cds_hooks_service.engine import HookContext, draft_facts, evaluate_rule
+    from cds_hooks_service.facts import Normaliser
+    from cds_hooks_service.index import RecordIndex, RuleConcepts
+    from cds_hooks_service.scenarios import expand_draft, expand_record
+
+    normaliser = Normaliser(rulebook.terminology)
+    facts, meds = draft_facts({"resourceType": "Bundle", "entry": [{"resource": expand_draft(dict(DHE), 0, NOW)}]},
+                              normaliser)
+    record = [dict(SUMATRIPTAN_GIVEN, at="-3h"), {"ordered": "21212", "text": "clarithromycin 500 mg PO BID"}, CAD,
+              {"observation": "62238-1", "value": 60, "unit": "mL/min/1.73m2", "at": "-3d"}]
+    resources: dict[str, list] = {}
+    for i, item in enumerate(record):
+        r = expand_record(dict(item), i, NOW)
+        key = {"Condition": "conditions", "Observation": "observations", "MedicationRequest": "medicationRequests",
+               "MedicationAdministration": "medicationAdministrations"}[r["resourceType"]]
+        resources.setdefault(key, []).append(r)
+    index = RecordIndex(resources, normaliser, meds, facts, RuleConcepts.of(rulebook))
+    ctx = HookContext("order-sign", NOW, "p", None, None, facts, facts)
+    findings = [evaluate_rule(rulebook.get(r), facts[0], ctx, index, rulebook)
+                for r in ("dhe-contraindicated-condition", "dhe-cyp3a4-inhibitor", "dhe-triptan-ergot-24h")]
+    assert all(f is not None and "replace-ketorolac" not in f.excluded_suggestions for f in findings)
+    assert [k for k in index.shared if k[1] == "egfr-below-30"] == [("(shared)", "egfr-below-30")]
