@@ -501,11 +501,16 @@ def alternative_lines(finding, alternatives: dict, now: datetime) -> list[str]:
     checks = getattr(finding.rule, "checks", {}) or {}
     for left in getattr(finding, "left_out", ()):
         e = left.evidence
+        drug = markdown_escape(drug_name(alternatives.get(left.alternative) or {}))
+        if e is None:  # its contraindications could not be checked: the data they read was not read
+            from .patient_data import DATA_LABELS  # here: patient_data imports this module
+            lines.append(f"**{drug} not offered:** not checked, could not be read: "
+                         + markdown_escape(", ".join(DATA_LABELS.get(k, k) for k in left.unread)) + ".")
+            continue
         check = checks.get(e.check)
         name = (getattr(check, "finding", None) or e.label) if check is not None else e.label
         phrase = finding_phrase(name, e.items[0], now) if e.items else name
-        lines.append(f"**{markdown_escape(drug_name(alternatives.get(left.alternative) or {}))} not offered:** "
-                     f"{markdown_escape(phrase)}.")
+        lines.append(f"**{drug} not offered:** {markdown_escape(phrase)}.")
     offered = dict.fromkeys(a for s in finding.rule.suggestions if s.id not in finding.excluded_suggestions
                             for a in getattr(s, "alternatives", ()))
     for name in offered:

@@ -42,7 +42,8 @@ class LeftOut:
     """An alternative no suggestion of the card offers, because one of its contraindications (alternatives.yaml,
     checks of shared.yaml) found evidence in this patient's record: the card says so in one line."""
     alternative: str  # its name in alternatives.yaml
-    evidence: Evidence  # the first contraindication found
+    evidence: Evidence | None  # the first contraindication found; None: it could not be checked, see `unread`
+    unread: tuple[str, ...] = ()  # data keys a contraindication needs that could not be read at all
 
 
 @dataclass
@@ -76,6 +77,7 @@ class HookContext:
     drafts: list[MedicationFact]  # every medication draft of the order session
     targets: list[MedicationFact]  # the drafts to judge (selections for order-select, all for order-sign)
     max_evidence_items: int = 10  # items listed per check; the rest are counted
+    unread: frozenset[str] = frozenset()  # data keys that could not be read at all (hook_call sets them)
 
 
 def _when(t: datetime | None) -> str | None:
@@ -439,8 +441,8 @@ def evaluate_rule(rule: Rule, draft: MedicationFact, ctx: HookContext, record: R
                 indicator, possible = adjusted, False
                 break
         # A suppressed finding shows no card: its suggestions (and their contraindications) are not evaluated.
-        excluded, left_out = unsafe_alternatives(rule, ev.check, rulebook.alternatives) if suppressed is None \
-            else (frozenset(), ())
+        excluded, left_out = unsafe_alternatives(rule, ev.check, rulebook.alternatives, ctx.unread) \
+            if suppressed is None else (frozenset(), ())
         return Finding(rule, draft, trig.name, indicator, evidence, cautions, suppressed, ev.trace or [], excluded,
                        left_out, possible=possible)
     if trace and ev.trace is not None:
@@ -448,13 +450,16 @@ def evaluate_rule(rule: Rule, draft: MedicationFact, ctx: HookContext, record: R
     return None
 
 
-def unsafe_alternatives(rule: Rule, found, alternatives: dict) -> tuple[frozenset[str], tuple[LeftOut, ...]]:
+def unsafe_alternatives(rule: Rule, found, alternatives: dict,
+                        unread: frozenset[str] = frozenset()) -> tuple[frozenset[str], tuple[LeftOut, ...]]:
     """The suggestions the card leaves out, and why for those left out for the patient's safety.
 
     A suggestion is left out by its own ``only_if``/``unless`` (the rule's logic: no line on the card), or
     because an alternative it orders has a contraindication (its ``contraindications`` in alternatives.yaml)
-    that finds evidence: then one :class:`LeftOut` per alternative, whichever card offers it. ``found(name)``
-    is the (memoised) check evaluation of the finding."""
+    that finds evidence: then one :class:`LeftOut` per alternative, whichever card offers it. An alternative
+    whose contraindication could not be checked because the data it reads could not be read at all (``unread``
+    data keys) is left out too: an unchecked alternative is not offered as if it were safe. ``found(name)`` is
+    the (memoised) check evaluation of the finding."""
     excluded: set[str] = set()
     left_out: dict[str, LeftOut] = {}
     for s in rule.suggestions:
@@ -463,10 +468,13 @@ def unsafe_alternatives(rule: Rule, found, alternatives: dict) -> tuple[frozense
             continue
         for alt in s.alternatives:
             if alt not in left_out:
-                hit = next((e for e in (found(n) for n in alternatives[alt].get("contraindications") or ()) if e), None)
-                if hit is None:
+                names = alternatives[alt].get("contraindications") or ()
+                hit = next((e for e in (found(n) for n in names) if e), None)
+                missing = tuple(sorted({k for n in names for k in rule.checks[n].needs} & unread)) if hit is None \
+                    else ()
+                if hit is None and not missing:
                     continue
-                left_out[alt] = LeftOut(alt, hit)
+                left_out[alt] = LeftOut(alt, hit, missing)
             excluded.add(s.id)
             break
     return frozenset(excluded), tuple(left_out.values())

@@ -32,7 +32,8 @@ from .errors import PreconditionFailed
 from .facts import MedicationFact, Normaliser
 from .index import RecordIndex, RuleConcepts
 from .limits import Limits
-from .patient_data import DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather, gaps_note
+from .patient_data import (DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather, gaps_note,
+                           is_partly_read)
 from .rulebook import Rule, Rulebook
 from .services import CdsService
 
@@ -122,6 +123,7 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
         return None
 
     data = _gather(live, body, rulebook, settings, session, client)
+    ctx.unread = frozenset(k for k, why in data.unavailable.items() if not is_partly_read(why))  # alternatives
     record_index = RecordIndex(data.resources, normaliser, medications, drafts,
                                None if trace else RuleConcepts.of(rulebook))
     decision = Decision(ctx, [], data, live)
@@ -140,17 +142,18 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
 
 def _gather(live, body: dict, rulebook: Rulebook, settings, session, client: Client) -> PatientData:
     needs = set().union(*(rule.needs for rule, _ in live))
-    data = gather(needs, body, templates=rulebook.prefetch, budget=settings.time_budget,
+    optional = set().union(*(rule.alternative_needs for rule, _ in live)) - needs  # alternatives' data only
+    data = gather(needs | optional, body, templates=rulebook.prefetch, budget=settings.time_budget,
                   connect_timeout=settings.fhir_connect_timeout, read_timeout=settings.fhir_read_timeout,
                   session=session, allowed_servers=client.fhir_servers,
                   private_networks=getattr(settings, "fhir_private_networks", ()),
                   ca_bundle=getattr(settings, "fhir_ca_bundle", None))
-    untrusted = sorted(k for k, why in data.unavailable.items() if why == UNTRUSTED_FHIR_SERVER)
+    untrusted = sorted(k for k, why in data.unavailable.items() if why == UNTRUSTED_FHIR_SERVER and k in needs)
     if untrusted:  # as without fhirServer (CDS Hooks 2.0: 412 when the data can be had neither way)
         raise PreconditionFailed("cannot evaluate the safety rules: prefetch lacks " + ", ".join(untrusted)
                                  + " and the FHIR server named in fhirServer is not trusted for this client",
                                  field="fhirServer")
-    missing_server = sorted(k for k, why in data.unavailable.items() if why == NO_FHIR_SERVER)
+    missing_server = sorted(k for k, why in data.unavailable.items() if why == NO_FHIR_SERVER and k in needs)
     if missing_server:
         raise PreconditionFailed(
             "cannot evaluate the safety rules: prefetch lacks " + ", ".join(missing_server)

@@ -209,6 +209,7 @@ class Rule:
     raw: dict = field(default_factory=dict, repr=False)
     basis: str | None = None
     policies: dict[str, Policy] = field(default_factory=dict)  # the policies this rule uses
+    alternative_needs: frozenset[str] = frozenset()  # data keys only its alternatives' contraindications read
 
 
 @dataclass
@@ -1069,7 +1070,14 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         if name not in referenced and not checks[name].shared:
             problems.add(locator, ("checks", name), f"check {name!r} is not used (no trigger, exception, caution, "
                          "adjust, suggestion, other check or card refers to it)", key=True, severity="warning")
-    needs = frozenset().union(*(c.needs for c in checks.values())) if checks else frozenset()
+    # The data the rule's own logic needs (its checks and the shared ones it lists; needs are transitive), and
+    # the further data only its alternatives' contraindications need: read when available, but its absence
+    # leaves the alternative out ("not offered: ... could not be read") instead of stopping the rule.
+    roots = [n for n in list(doc["checks"]) + list(doc.get("shared") or []) if n in checks]
+    needs = frozenset().union(*(checks[n].needs for n in roots))
+    alternative_needs = frozenset().union(*(checks[n].needs for s in suggestions for a in s.alternatives
+                                            for n in alternatives[a].get("contraindications") or [] if n in checks)) \
+        - needs
     return Rule(
         id=doc["id"], title=doc["title"], version=doc["version"], enabled=doc.get("enabled", True),
         mode=doc.get("mode", "active"), hooks=frozenset(doc["hooks"]), indicator=doc["indicator"],
@@ -1078,6 +1086,7 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         exceptions=exceptions, cautions=cautions, adjust=adjust, card=card,
         selection_behavior=doc.get("selectionBehavior", "at-most-one"), suggestions=suggestions,
         override_reasons=doc.get("overrideReasons") or [], path=path, needs=needs, raw=doc,
+        alternative_needs=alternative_needs,
         basis=doc.get("basis"), policies=rule_policies,
     )
 
