@@ -340,7 +340,10 @@ def _finding_card(f: Finding, card_id: str, ctx: HookContext, rulebook: Rulebook
     if more:
         card["detail"] = card.get("detail", "") + f"\n\n_And {more} more matching record " \
             f"entr{'y' if more == 1 else 'ies'} not listed._"
-    note = gaps_note(f.rule.needs, unavailable)  # data not read, or only partly read
+    # data not read, or only partly read (the data only alternatives read: when partly read; when not read at all,
+    # the alternative is not offered and its own line says so)
+    note = gaps_note(f.rule.needs | {k for k in f.rule.alternative_needs if k in unavailable
+                                     and is_partly_read(unavailable[k])}, unavailable)
     if note:
         card["detail"] = card.get("detail", "") + "\n\n" + note
     return card

@@ -83,9 +83,11 @@ def test_contraindication_checks_are_part_of_every_rule_offering_the_alternative
             continue
         for name in rulebook.alternatives["ketorolac-iv"]["contraindications"]:
             assert rule.checks[name].shared, (rule.id, name)
-    # so the data they read is prefetched and a read failure is reported on the card (rule.needs)
+    # so the data they read is prefetched / read; it is not what the rule's own logic needs
     opioid = rulebook.get("opioid-in-migraine")
-    assert {"observations", "procedures", "medicationAdministrations"} <= opioid.needs
+    assert opioid.needs == {"conditions"}
+    assert opioid.alternative_needs == {"observations", "procedures", "medicationAdministrations",
+                                        "medicationRequests", "medicationStatements"}
     assert "62238-1" in rulebook.prefetch["observations"]
 
 
@@ -251,3 +253,19 @@ def test_a_shared_check_is_computed_once_per_call_for_every_rule(rulebook):
                 for r in ("dhe-contraindicated-condition", "dhe-cyp3a4-inhibitor", "dhe-triptan-ergot-24h")]
     assert all(f is not None and "replace-ketorolac" not in f.excluded_suggestions for f in findings)
     assert [k for k in index.shared if k[1] == "egfr-below-30"] == [("(shared)", "egfr-below-30")]
+
+
+@pytest.mark.parametrize("hook", ["order-select", "order-sign"])
+def test_data_only_an_alternative_needs_missing_leaves_it_out_not_the_card(rulebook, make_settings, hook):
+    """No observations or procedures prefetched and no fhirServer: the opioid rule itself needs neither (no 412,
+    no "not completed"), but ketorolac cannot be checked, so it is not offered and the card says why."""
+    body = request_body(hook=hook, drafts=[HYDROMORPHONE], record=[MIGRAINE])
+    del body["prefetch"]["observations"], body["prefetch"]["procedures"]
+    result = call_service(SERVICE_FOR_HOOK[hook], body, rulebook=rulebook, store=None, settings=make_settings())
+    [card] = result.response["cards"]
+    assert card["source"]["topic"]["code"] == "opioid-in-migraine"
+    assert not any("ketorolac" in label.lower() for label in _labels(card))
+    assert any("prochlorperazine" in label for label in _labels(card))
+    assert "**Ketorolac not offered:** not checked, could not be read: blood pressure, eGFR and pregnancy test " \
+           "results, procedures." in card["detail"]
+    assert "_Not checked" not in card["detail"]  # the rule's own data was read whole
