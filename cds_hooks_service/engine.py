@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from .facts import (DRAFT_TYPES, MEDICATION_TYPES, NEGATIVE_INTERPRETATIONS, POSITIVE_INTERPRETATIONS, MedicationFact,
                     MedicationIndex, Normaliser, ObservationFact, add_time, milli_iu_per_ml, parse_time, route_matches)
 from .index import RecordIndex
-from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, normalise_unit
+from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, contraindications, normalise_unit
 
 _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 
@@ -468,7 +468,7 @@ def unsafe_alternatives(rule: Rule, found, alternatives: dict,
             continue
         for alt in s.alternatives:
             if alt not in left_out:
-                names = alternatives[alt].get("contraindications") or ()
+                names = contraindications(alternatives[alt])
                 hit = next((e for e in (found(n) for n in names) if e), None)
                 missing = tuple(sorted({k for n in names for k in rule.checks[n].needs} & unread)) if hit is None \
                     else ()

@@ -724,6 +724,12 @@ def _load_alternatives(path: Path, validator, problems: Problems) -> tuple[dict[
     return doc or {}, located
 
 
+def contraindications(alt) -> tuple[str, ...]:
+    """The check names an alternative lists under ``contraindications`` (a broken entry: the names it has)."""
+    names = alt.get("contraindications") if isinstance(alt, dict) else None
+    return tuple(n for n in names if isinstance(n, str)) if isinstance(names, list) else ()
+
+
 def _check_alternative_contraindications(alternatives: dict, located: Located | None, shared: Shared,
                                        problems: Problems) -> set[str]:
     """Every name in an alternative's ``contraindications`` is a check of shared.yaml. Returns the names used."""
@@ -731,7 +737,7 @@ def _check_alternative_contraindications(alternatives: dict, located: Located | 
     for name, alt in alternatives.items():
         if not isinstance(alt, dict) or (located is not None and name in located.broken):
             continue
-        for i, check in enumerate(alt.get("contraindications") or []):
+        for i, check in enumerate(contraindications(alt)):
             if check in shared.checks:
                 used.add(check)
                 continue
@@ -868,8 +874,8 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         for action in s.get("actions") or [] if isinstance(s, dict) else []:
             alt_name = action.get("create") if isinstance(action, dict) else None
             alt = alternatives.get(alt_name) if isinstance(alt_name, str) else None
-            for name in (alt.get("contraindications") or []) if isinstance(alt, dict) else []:
-                if not isinstance(name, str) or name not in shared.checks:
+            for name in contraindications(alt):
+                if name not in shared.checks:
                     continue  # reported once, on alternatives.yaml
                 if name in doc["checks"]:
                     problem(("checks", name), f"check {name!r} is defined in this rule, but it is also a contraindication "
@@ -1064,7 +1070,7 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         return None
     referenced = in_card | {n for t in triggers for n in t.when} | set(exceptions) | set(cautions) \
         | {n for names, _ in adjust for n in names} | {n for s in suggestions for n in s.only_if + s.unless} \
-        | {n for s in suggestions for a in s.alternatives for n in alternatives[a].get("contraindications") or []} \
+        | {n for s in suggestions for a in s.alternatives for n in contraindications(alternatives[a])} \
         | {n for c in checks.values() for n in c.children}
     for name in checks:
         if name not in referenced and not checks[name].shared:
@@ -1076,7 +1082,7 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
     roots = [n for n in list(doc["checks"]) + list(doc.get("shared") or []) if n in checks]
     needs = frozenset().union(*(checks[n].needs for n in roots))
     alternative_needs = frozenset().union(*(checks[n].needs for s in suggestions for a in s.alternatives
-                                            for n in alternatives[a].get("contraindications") or [] if n in checks)) \
+                                            for n in contraindications(alternatives[a]) if n in checks)) \
         - needs
     return Rule(
         id=doc["id"], title=doc["title"], version=doc["version"], enabled=doc.get("enabled", True),

@@ -57,10 +57,23 @@ def test_unknown_check_in_an_alternatives_contraindications_names_file_and_alter
            in errors[0]
 
 
-def test_contraindications_must_be_a_list_of_names(rules_copy):
-    edit(rules_copy / "alternatives.yaml", "contraindications: [egfr-below-30,", "contraindications: [Egfr below 30,")
+@pytest.mark.parametrize("new,words", [
+    ("contraindications: [Egfr below 30,", "ketorolac-iv.contraindications[0]: found 'Egfr below 30'"),
+    ("contraindications: [{x: 1},", "ketorolac-iv.contraindications[0]: found a mapping"),
+])
+def test_contraindications_must_be_a_list_of_names(rules_copy, new, words):
+    edit(rules_copy / "alternatives.yaml", "contraindications: [egfr-below-30,", new)
+    errors = _errors(rules_copy)  # reported, never a crash
+    assert len(errors) == 1 and "alternatives.yaml" in errors[0] and words in errors[0], errors
+
+
+def test_contraindications_not_a_list_is_one_error(rules_copy):
+    text = (rules_copy / "alternatives.yaml").read_text()
+    start = text.index("  contraindications: [egfr-below-30,")
+    end = text.index("]", start) + 1
+    (rules_copy / "alternatives.yaml").write_text(text[:start] + "  contraindications: egfr-below-30" + text[end:])
     errors = _errors(rules_copy)
-    assert any("alternatives.yaml" in e and "ketorolac-iv.contraindications[0]" in e for e in errors), errors
+    assert len(errors) == 1 and "ketorolac-iv.contraindications: found 'egfr-below-30'; allowed: a list" in errors[0]
 
 
 def test_a_rule_may_not_shadow_a_contraindication_of_an_alternative_it_offers(rules_copy):
