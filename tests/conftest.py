@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Fixture modules that start real servers live in tests/plugins/."""
 from __future__ import annotations
 
+import functools
 import shutil
 
 import pytest
@@ -28,13 +29,31 @@ def fixture_fhir_servers(request) -> tuple[str, ...]:
     return tuple(request.getfixturevalue(n).base_url for n in names if n in request.fixturenames)
 
 
+@pytest.fixture(scope="session")
+def sqlite_store_template(tmp_path_factory):
+    """An empty store file made once per run by the service's own start-up (schema at the newest revision):
+    each test's default store is a copy of it. Creating the schema costs about 10 times the copy (DDL, Alembic
+    stamp, fsyncs), paid by every app a test makes. Tests of the creation itself (test_migrations, the
+    restart tests) use their own database URL."""
+    from cds_hooks_service.store import FeedbackStore
+
+    path = tmp_path_factory.mktemp("store-template") / "store.sqlite3"
+    FeedbackStore(f"sqlite:///{path}").engine.dispose()  # closing the last connection folds the WAL into the file
+    assert not path.with_name(path.name + "-wal").exists()
+    return path
+
+
 @pytest.fixture
-def make_settings(tmp_path, request):
+def make_settings(tmp_path, request, sqlite_store_template):
     from cds_hooks_service.config import Settings
     from cds_hooks_service.facts import parse_time
 
+    store = tmp_path / "store.sqlite3"
+
     def make(**overrides):
-        base = dict(database_url=f"sqlite:///{tmp_path / 'store.sqlite3'}", instance_dir=tmp_path,
+        if "database_url" not in overrides and not store.exists():
+            shutil.copyfile(sqlite_store_template, store)
+        base = dict(database_url=f"sqlite:///{store}", instance_dir=tmp_path,
                     suppression_secret=b"test-secret", fixed_now=parse_time(SCENARIO_NOW),
                     public_url="http://localhost",  # the test client's root: the JWT aud of the tests
                     fhir_servers=fixture_fhir_servers(request),
@@ -79,6 +98,7 @@ _SLOW_WORDS = ("GunicornService", "make_server(", "chromium", "playwright", "wrk
                "FaultServer", "fault_server", "simple_icd_10_cm")
 
 
+@functools.cache  # one function's source is read once per run (collection: every test names several)
 def _source(function) -> str:
     import inspect
 
@@ -88,7 +108,8 @@ def _source(function) -> str:
         return ""
 
 
-def _sources(function) -> list[str]:
+@functools.cache
+def _sources(function) -> tuple[str, ...]:
     """The function's source and that of the module-level functions and classes of its module it names."""
     import inspect
 
@@ -98,7 +119,7 @@ def _sources(function) -> list[str]:
         obj = getattr(function, "__globals__", {}).get(name)
         if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module and obj is not function:
             out.append(_source(obj))
-    return out
+    return tuple(out)
 
 
 def _uses_slow_parts(item) -> bool:
