@@ -81,6 +81,31 @@ def app(make_app):
     return make_app()
 
 
+@pytest.fixture(scope="session")
+def shared_app(tmp_path_factory, rulebook, sqlite_store_template):
+    """One app per set of settings for the whole run, for the many cases (one per example, per scenario) that
+    only post a hook call and read the answer: an app costs about as much as the call. A test that changes
+    what the app holds (feedback, overrides, reloads, settings, a FHIR server) makes its own with make_app."""
+    from cds_hooks_service import create_app
+    from cds_hooks_service.config import Settings
+    from cds_hooks_service.facts import parse_time
+
+    apps: dict[tuple, object] = {}
+
+    def get(**overrides):
+        key = tuple(sorted(overrides.items()))
+        if key not in apps:
+            folder = tmp_path_factory.mktemp("shared-app")
+            shutil.copyfile(sqlite_store_template, folder / "store.sqlite3")
+            settings = dict(database_url=f"sqlite:///{folder / 'store.sqlite3'}", instance_dir=folder,
+                            suppression_secret=b"test-secret", fixed_now=parse_time(SCENARIO_NOW),
+                            public_url="http://localhost", listen_hosts=("127.0.0.1",))
+            apps[key] = create_app(Settings(**(settings | overrides)), rulebook=rulebook)
+        return apps[key]
+
+    return get
+
+
 @pytest.fixture
 def client(app):
     return app.test_client()

@@ -73,7 +73,8 @@ def test_every_rule_card_carries_its_sources_from_the_sources_file(rulebook):
 
 @pytest.mark.parametrize("path", sorted((REPO / "fhir_examples").glob("*/*.order-*.json")),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_example_requests_get_only_primary_links(client, path):
+def test_example_requests_get_only_primary_links(shared_app, path):
+    client = shared_app().test_client()
     body = json.loads(path.read_text())
     service = SERVICE_FOR_HOOK[body["hook"]]
     r = client.post(f"/cds-services/{service.id}", json=body)
