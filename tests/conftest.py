@@ -12,6 +12,7 @@ pytest_plugins = [
     "tests.plugins.postgres",
     "tests.plugins.fhir_server",
     "tests.plugins.fault_server",
+    "tests.plugins.terminology_cache",
 ]
 
 
