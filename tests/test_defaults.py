@@ -16,10 +16,9 @@ import pytest
 from cds_hooks_service.cli import main
 from cds_hooks_service.config import SANDBOX_ORIGIN, ConfigError, Settings
 from cds_hooks_service.ratelimit import FailureLimiter
-from tests.conftest import REPO
-from tests.plugins.gunicorn_service import GunicornService, cleaned_env, free_port
-from tests.test_api import SIGN, post, request_body
-from tests.test_slow_clients import procfile_command
+from tests.helpers import REPO
+from tests.plugins.gunicorn_service import GunicornService, cleaned_env, free_port, procfile_command
+from tests.helpers import SIGN, post, request_body
 
 ISSUERS = REPO / "tests/fixtures/sandbox/issuers-sandbox.json"
 TOKEN = "t" * 32

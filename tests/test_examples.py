@@ -18,7 +18,7 @@ from fhir.resources.R4B.medicationrequest import MedicationRequest
 from cds_hooks_service.cli import main as cli
 from cds_hooks_service.examples import examples, shift_times
 from tests.cds_checks import check_response, topics
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.plugins.gunicorn_service import GunicornService
 
 EXAMPLES = REPO / "fhir_examples"

@@ -13,7 +13,7 @@ from cds_hooks_service.rulebook import RulebookError, load_rulebook
 from cds_hooks_service.scenarios import load_scenarios, scenario_file
 from cds_hooks_service.services import SERVICE_FOR_HOOK
 from cds_hooks_service.sources import url_problem
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # clinical.md §3.0, verbatim: the only hosts a card may link to (over https).
 PRIMARY_HOSTS = {
