@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
-from .cards import SUMMARY_MAX, template_context
+from .cards import SUMMARY_MAX, alternative_notes_reserve, template_context
 from .engine import Evidence
 
 DETAIL_MAX_CHARS = 1200  # issue 9 §4: "details are short (about 1,200 characters at most)"
@@ -92,7 +92,8 @@ def appended_reserve(rule, trigger, rulebook) -> int:
     downgraded = ("\n\n_A critical finding, shown as a warning only because this response already holds 2 "
                   "critical cards._")
     more = "\n\n_And 999 more matching record entries not listed._"
-    return max(len(lead), len(pointer) + len(downgraded)) + len(more) + ALTERNATIVE_NOTES_RESERVE
+    return max(len(lead), len(pointer) + len(downgraded)) + len(more) \
+        + alternative_notes_reserve(rule, rulebook.alternatives)  # the alternatives' lines (alt-safety)
 
 
 def longest_details(rulebook, max_items: int, rule_ids=None) -> list[dict]:

@@ -26,14 +26,15 @@ from datetime import datetime, timedelta, timezone
 
 import orjson
 
-from .cards import info_card, markdown_escape, render_card, unrecommend_cancellation
+from .cards import drop_repeated_lines, info_card, markdown_escape, render_card, unrecommend_cancellation
 from .clients import OPEN_CLIENT, Client
 from .engine import Finding, HookContext, draft_facts, evaluate_rule, triggered
 from .errors import PreconditionFailed
 from .facts import MedicationFact, Normaliser
 from .index import RecordIndex, RuleConcepts
 from .limits import Limits
-from .patient_data import DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather, gaps_note
+from .patient_data import (DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather, gaps_note,
+                           is_partly_read)
 from .rulebook import Rule, Rulebook
 from .services import CdsService
 
@@ -143,6 +144,7 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
         return None
 
     data = _gather(live, body, rulebook, settings, session, client)
+    ctx.unread = frozenset(k for k, why in data.unavailable.items() if not is_partly_read(why))  # alternatives
     record_index = RecordIndex(data.resources, normaliser, medications, drafts,
                                None if trace else RuleConcepts.of(rulebook))
     decision = Decision(ctx, [], data, live)
@@ -161,17 +163,18 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
 
 def _gather(live, body: dict, rulebook: Rulebook, settings, session, client: Client) -> PatientData:
     needs = set().union(*(rule.needs for rule, _ in live))
-    data = gather(needs, body, templates=rulebook.prefetch, budget=settings.time_budget,
+    optional = set().union(*(rule.alternative_needs for rule, _ in live)) - needs  # alternatives' data only
+    data = gather(needs | optional, body, templates=rulebook.prefetch, budget=settings.time_budget,
                   connect_timeout=settings.fhir_connect_timeout, read_timeout=settings.fhir_read_timeout,
                   session=session, allowed_servers=client.fhir_servers,
                   private_networks=getattr(settings, "fhir_private_networks", ()),
                   ca_bundle=getattr(settings, "fhir_ca_bundle", None))
-    untrusted = sorted(k for k, why in data.unavailable.items() if why == UNTRUSTED_FHIR_SERVER)
+    untrusted = sorted(k for k, why in data.unavailable.items() if why == UNTRUSTED_FHIR_SERVER and k in needs)
     if untrusted:  # as without fhirServer (CDS Hooks 2.0: 412 when the data can be had neither way)
         raise PreconditionFailed("cannot evaluate the safety rules: prefetch lacks " + ", ".join(untrusted)
                                  + " and the FHIR server named in fhirServer is not trusted for this client",
                                  field="fhirServer")
-    missing_server = sorted(k for k, why in data.unavailable.items() if why == NO_FHIR_SERVER)
+    missing_server = sorted(k for k, why in data.unavailable.items() if why == NO_FHIR_SERVER and k in needs)
     if missing_server:
         raise PreconditionFailed(
             "cannot evaluate the safety rules: prefetch lacks " + ", ".join(missing_server)
@@ -289,8 +292,10 @@ def render(decision: Decision, card_ids: dict[int, str], *, rulebook: Rulebook, 
     critical = 0
     lead_summary: dict[str, str] = {}
     merged = [m for m in decision.findings if m.outcome == MERGED]
+    alternative_lines: set[str] = set()  # "<drug> not offered: ..." lines already shown (one card says each)
     for f in shown:
         card = _finding_card(f, card_ids[id(f)], ctx, rulebook, unavailable)
+        drop_repeated_lines(card, f, rulebook.alternatives, ctx.now, alternative_lines)
         _add_mirror_suggestions(card, f, merged, ctx, rulebook)
         first = lead[f.draft.ref]
         if first is f:
@@ -370,7 +375,10 @@ def _finding_card(f: Finding, card_id: str, ctx: HookContext, rulebook: Rulebook
     if more:
         card["detail"] = card.get("detail", "") + f"\n\n_And {more} more matching record " \
             f"entr{'y' if more == 1 else 'ies'} not listed._"
-    note = gaps_note(f.rule.needs, unavailable)  # data not read, or only partly read
+    # data not read, or only partly read (the data only alternatives read: when partly read; when not read at all,
+    # the alternative is not offered and its own line says so)
+    note = gaps_note(f.rule.needs | {k for k in f.rule.alternative_needs if k in unavailable
+                                     and is_partly_read(unavailable[k])}, unavailable)
     if note:
         card["detail"] = card.get("detail", "") + "\n\n" + note
     return card
