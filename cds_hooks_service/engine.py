@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from .facts import (DRAFT_TYPES, MEDICATION_TYPES, NEGATIVE_INTERPRETATIONS, POSITIVE_INTERPRETATIONS, MedicationFact,
                     MedicationIndex, Normaliser, ObservationFact, add_time, milli_iu_per_ml, parse_time, route_matches)
 from .index import RecordIndex
-from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, normalise_unit
+from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, contraindications, normalise_unit
 
 _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 
@@ -37,6 +37,15 @@ class Evidence:
         return self.total - len(self.items)
 
 
+@dataclass(frozen=True)
+class LeftOut:
+    """An alternative no suggestion of the card offers, because one of its contraindications (alternatives.yaml,
+    checks of shared.yaml) found evidence in this patient's record: the card says so in one line."""
+    alternative: str  # its name in alternatives.yaml
+    evidence: Evidence | None  # the first contraindication found; None: it could not be checked, see `unread`
+    unread: tuple[str, ...] = ()  # data keys a contraindication needs that could not be read at all
+
+
 @dataclass
 class Finding:
     rule: Rule
@@ -47,7 +56,8 @@ class Finding:
     cautions: list[Evidence]
     suppressed_by: Evidence | None = None
     trace: list[dict] = field(default_factory=list)
-    excluded_suggestions: frozenset[str] = frozenset()  # left out by their `only_if`/`unless` checks
+    excluded_suggestions: frozenset[str] = frozenset()  # left out by their `only_if`/`unless` checks or contraindications
+    left_out: tuple[LeftOut, ...] = ()  # alternatives left out for a contraindication, in suggestion order
     possible: bool = False  # the level rests on unconfirmed diagnoses only, lowered one step ("possible")
     # Set once by hook_call.record: fired | excepted | suppressed | shadow | not fired, and why it is not shown.
     outcome: str = ""
@@ -67,6 +77,7 @@ class HookContext:
     drafts: list[MedicationFact]  # every medication draft of the order session
     targets: list[MedicationFact]  # the drafts to judge (selections for order-select, all for order-sign)
     max_evidence_items: int = 10  # items listed per check; the rest are counted
+    unread: frozenset[str] = frozenset()  # data keys that could not be read at all (hook_call sets them)
 
 
 def _when(t: datetime | None) -> str | None:
@@ -118,7 +129,9 @@ class Evaluation:
         return evidence
 
     def _shared(self, c: Check, compute) -> _Found:
-        key = (self.rule.id, c.name)
+        # A check of shared.yaml is the same in every rule (a rule cannot redefine it), so it is computed once per
+        # call for all rules: the contraindications of an alternative several cards offer cost one look-up.
+        key = ("(shared)" if c.shared else self.rule.id, c.name)
         found = self.record.shared.get(key)
         if found is None:
             found = self.record.shared[key] = compute(c)
@@ -427,12 +440,44 @@ def evaluate_rule(rule: Rule, draft: MedicationFact, ctx: HookContext, record: R
             if any(ev.check(n) for n in when):
                 indicator, possible = adjusted, False
                 break
-        excluded = frozenset(s.id for s in rule.suggestions if not s.offered(ev.check))
+        # A suppressed finding shows no card: its suggestions (and their contraindications) are not evaluated.
+        excluded, left_out = unsafe_alternatives(rule, ev.check, rulebook.alternatives, ctx.unread) \
+            if suppressed is None else (frozenset(), ())
         return Finding(rule, draft, trig.name, indicator, evidence, cautions, suppressed, ev.trace or [], excluded,
-                       possible=possible)
+                       left_out, possible=possible)
     if trace and ev.trace is not None:
         return Finding(rule, draft, "", rule.indicator, [], [], None, ev.trace)  # not fired; trace only
     return None
+
+
+def unsafe_alternatives(rule: Rule, found, alternatives: dict,
+                        unread: frozenset[str] = frozenset()) -> tuple[frozenset[str], tuple[LeftOut, ...]]:
+    """The suggestions the card leaves out, and why for those left out for the patient's safety.
+
+    A suggestion is left out by its own ``only_if``/``unless`` (the rule's logic: no line on the card), or
+    because an alternative it orders has a contraindication (its ``contraindications`` in alternatives.yaml)
+    that finds evidence: then one :class:`LeftOut` per alternative, whichever card offers it. An alternative
+    whose contraindication could not be checked because the data it reads could not be read at all (``unread``
+    data keys) is left out too: an unchecked alternative is not offered as if it were safe. ``found(name)`` is
+    the (memoised) check evaluation of the finding."""
+    excluded: set[str] = set()
+    left_out: dict[str, LeftOut] = {}
+    for s in rule.suggestions:
+        if not s.offered(found):
+            excluded.add(s.id)
+            continue
+        for alt in s.alternatives:
+            if alt not in left_out:
+                names = contraindications(alternatives[alt])
+                hit = next((e for e in (found(n) for n in names) if e), None)
+                missing = tuple(sorted({k for n in names for k in rule.checks[n].needs} & unread)) if hit is None \
+                    else ()
+                if hit is None and not missing:
+                    continue
+                left_out[alt] = LeftOut(alt, hit, missing)
+            excluded.add(s.id)
+            break
+    return frozenset(excluded), tuple(left_out.values())
 
 
 def draft_facts(draft_orders: object, normaliser: Normaliser) -> tuple[list[MedicationFact], MedicationIndex]:

@@ -2,13 +2,14 @@
 
 For every drafted order it shows how the drug was recognised (code -> ingredient -> value set), and for
 every rule: not triggered (and why), or each check with what it found or missed, the exception that
-suppressed the card, or the override that hid it. The same report is logged for live calls when
+suppressed the card, the override that hid it, or the card it was merged into (one card for a conflict
+between two drafted orders). The same report is logged for live calls when
 CDS_DEBUG_TRACE is on; it holds clinical codes and resource ids, never patient names.
 """
 from __future__ import annotations
 
 from .facts import MedicationFact, codeable_concepts
-from .hook_call import EXCEPTED, NOT_FIRED, SHADOW, SUPPRESSED, HookResult
+from .hook_call import EXCEPTED, MERGED, NOT_FIRED, SHADOW, SUPPRESSED, HookResult
 from .rulebook import Rulebook
 from .terminology import RXNORM
 
@@ -42,6 +43,8 @@ def report(result: HookResult, rulebook: Rulebook, hook: str) -> dict:
                                         "recognised_by": f.draft.matched_by, "ingredients": drug_chain(f.draft, rulebook)})
         if f.outcome in (EXCEPTED, SUPPRESSED):
             outcome = "suppressed: " + f.reason
+        elif f.outcome == MERGED:  # no card of its own: the other drafted order's card stands for it
+            outcome = f"{f.reason} (one card for a conflict between two drafted orders) [{f.indicator}]"
         elif f.outcome != NOT_FIRED:
             outcome = "FIRED" + (" (shadow: counted, not shown)" if f.outcome == SHADOW else "") + f" [{f.indicator}]"
         elif f.trace:

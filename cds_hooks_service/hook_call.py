@@ -5,7 +5,8 @@ decide  drafts to facts; which rules trigger (none: no patient data is read); ga
         (CPU time of the request's thread)
 record  the cards to issue are recorded (client, rule, one-way key: no patient data); the store answers
         which were overridden at order-select for the same draft. Then every finding gets its one
-        outcome: fired, excepted (and why), suppressed (overridden), shadow, or not fired
+        outcome: fired, excepted (and why), suppressed (overridden), shadow, merged (a conflict between two
+        drafted orders: on the other order's card, sharing its outcome), or not fired
 render  cards for the fired findings, most severe first, within the cards and bytes of one response: per
         drafted order a lead card holding the actions (each suggestion once per response), at most two
         critical cards, one card per conflict between two drafted orders; what could not be read; one
@@ -25,14 +26,15 @@ from datetime import datetime, timedelta, timezone
 
 import orjson
 
-from .cards import info_card, markdown_escape, render_card, unrecommend_cancellation
+from .cards import drop_repeated_lines, info_card, markdown_escape, render_card, unrecommend_cancellation
 from .clients import OPEN_CLIENT, Client
 from .engine import Finding, HookContext, draft_facts, evaluate_rule, triggered
 from .errors import PreconditionFailed
 from .facts import MedicationFact, Normaliser
 from .index import RecordIndex, RuleConcepts
 from .limits import Limits
-from .patient_data import DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather, gaps_note
+from .patient_data import (DATA_LABELS, NO_FHIR_SERVER, UNTRUSTED_FHIR_SERVER, PatientData, gather, gaps_note,
+                           is_partly_read)
 from .rulebook import Rule, Rulebook
 from .services import CdsService
 
@@ -74,14 +76,34 @@ class HookResult:
         return [f for f in self.findings if f.outcome in outcomes]
 
 
-def suppression_key(secret: bytes, body: dict, finding: Finding, client_id: str = OPEN_CLIENT.id) -> str:
+def suppression_key(secret: bytes, body: dict, finding: Finding, client_id: str = OPEN_CLIENT.id,
+                    drafts: dict[str, MedicationFact] | None = None) -> str:
     """One-way key for (client, FHIR server, patient, draft order, its drug, rule): no patient data is stored.
-    The client is part of it: one client's override never suppresses another client's card."""
+    The client is part of it: one client's override never suppresses another client's card.
+
+    A conflict between drafted orders only (every evidence item is another drafted order, e.g. DHE and
+    sumatriptan drafted together) is keyed by all its orders, the same from either side (``drafts``: the
+    drafted orders by reference): its one card stands for the finding of each order, so an override of it,
+    given on either order's card, holds for the conflict."""
     context = body.get("context") or {}
-    drug = ",".join(sorted(c[1] for c in finding.draft.concepts))
-    message = "|".join([client_id, str(body.get("fhirServer", "")), str(context.get("patientId", "")),
-                        finding.draft.ref, drug, finding.rule.id])
+    orders = [finding.draft]
+    others = conflict_drafts(finding)
+    if others and drafts is not None and all(ref in drafts for ref in others):
+        orders += [drafts[ref] for ref in sorted(others)]
+    named = sorted((d.ref, ",".join(sorted(c[1] for c in d.concepts))) for d in orders)
+    what = list(named[0]) if len(named) == 1 else ["conflict:" + ";".join(f"{ref}#{drug}" for ref, drug in named)]
+    message = "|".join([client_id, str(body.get("fhirServer", "")), str(context.get("patientId", ""))]
+                       + what + [finding.rule.id])
     return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+
+
+def conflict_drafts(finding: Finding) -> set[str]:
+    """The other drafted orders a finding rests on, when it rests on drafted orders only (none listed beyond the
+    card's cap); empty otherwise."""
+    items = [i for e in finding.evidence for i in e.items]
+    if not items or any(e.more for e in finding.evidence) or any(i.get("source") != "draft" for i in items):
+        return set()
+    return {i.get("ref") for i in items} - {finding.draft.ref, None}
 
 
 def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store, settings,
@@ -122,6 +144,7 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
         return None
 
     data = _gather(live, body, rulebook, settings, session, client)
+    ctx.unread = frozenset(k for k, why in data.unavailable.items() if not is_partly_read(why))  # alternatives
     record_index = RecordIndex(data.resources, normaliser, medications, drafts,
                                None if trace else RuleConcepts.of(rulebook))
     decision = Decision(ctx, [], data, live)
@@ -140,17 +163,18 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
 
 def _gather(live, body: dict, rulebook: Rulebook, settings, session, client: Client) -> PatientData:
     needs = set().union(*(rule.needs for rule, _ in live))
-    data = gather(needs, body, templates=rulebook.prefetch, budget=settings.time_budget,
+    optional = set().union(*(rule.alternative_needs for rule, _ in live)) - needs  # alternatives' data only
+    data = gather(needs | optional, body, templates=rulebook.prefetch, budget=settings.time_budget,
                   connect_timeout=settings.fhir_connect_timeout, read_timeout=settings.fhir_read_timeout,
                   session=session, allowed_servers=client.fhir_servers,
                   private_networks=getattr(settings, "fhir_private_networks", ()),
                   ca_bundle=getattr(settings, "fhir_ca_bundle", None))
-    untrusted = sorted(k for k, why in data.unavailable.items() if why == UNTRUSTED_FHIR_SERVER)
+    untrusted = sorted(k for k, why in data.unavailable.items() if why == UNTRUSTED_FHIR_SERVER and k in needs)
     if untrusted:  # as without fhirServer (CDS Hooks 2.0: 412 when the data can be had neither way)
         raise PreconditionFailed("cannot evaluate the safety rules: prefetch lacks " + ", ".join(untrusted)
                                  + " and the FHIR server named in fhirServer is not trusted for this client",
                                  field="fhirServer")
-    missing_server = sorted(k for k, why in data.unavailable.items() if why == NO_FHIR_SERVER)
+    missing_server = sorted(k for k, why in data.unavailable.items() if why == NO_FHIR_SERVER and k in needs)
     if missing_server:
         raise PreconditionFailed(
             "cannot evaluate the safety rules: prefetch lacks " + ", ".join(missing_server)
@@ -164,7 +188,8 @@ def record(decision: Decision, body: dict, *, store, secret: bytes, service: Cds
     """Record the cards to issue and give every finding its outcome. Returns card ids by id(finding)."""
     mirrors = mirrored_findings(decision.findings)
     to_issue = [f for f in decision.findings if f.evidence and f.suppressed_by is None and id(f) not in mirrors]
-    keys = {id(f): suppression_key(secret, body, f, client.id) for f in to_issue}
+    drafts = {d.ref: d for d in decision.ctx.drafts}
+    keys = {id(f): suppression_key(secret, body, f, client.id, drafts) for f in to_issue}
     card_ids = {id(f): str(uuid.uuid4()) for f in to_issue}
     overridden: set[str] = set()
     if store is not None and to_issue:
@@ -177,18 +202,30 @@ def record(decision: Decision, body: dict, *, store, secret: bytes, service: Cds
         since = ctx.now - SUPPRESSION_WINDOW if service.hook == "order-sign" else None
         overridden = _issue(store, issued, since)
     for f in decision.findings:
+        if id(f) in mirrors:
+            continue
         f.outcome, f.reason = outcome_of(f, keys.get(id(f)) in overridden)
-        if id(f) in mirrors and f.outcome in (FIRED, SHADOW):
-            f.outcome, f.reason = MERGED, "the same conflict is on the card of the other drafted order"
+    for f in decision.findings:  # a merged finding shares the outcome of the card that stands for it
+        if id(f) in mirrors:
+            lead = mirrors[id(f)]
+            f.outcome, f.reason = outcome_of(f, False)
+            if f.outcome in (FIRED, SHADOW):
+                if lead.outcome == SUPPRESSED:
+                    f.outcome, f.reason = SUPPRESSED, f"the card of {lead.rule.id} for {lead.draft.ref}, which " \
+                        "stands for this conflict, was overridden at order-select"
+                else:
+                    f.outcome, f.reason = MERGED, f"merged into the card of {lead.rule.id} for {lead.draft.ref}"
     return card_ids
 
 
-def mirrored_findings(findings: list[Finding]) -> set[int]:
+def mirrored_findings(findings: list[Finding]) -> dict[int, Finding]:
     """Findings that repeat an earlier one from the other side: the same rule for drafted order X, found
     only because of drafted order Y, where Y's finding was found because of X (DHE and sumatriptan drafted
-    together). One conflict between two drafted orders is one card: the first order's."""
+    together). One conflict between two drafted orders is one card: the first order's. Returns, by
+    id(finding), the finding whose card stands for it."""
     named: dict[tuple[str, str], set[str]] = {}  # (rule, draft ref) -> the draft refs its evidence names
-    out: set[int] = set()
+    first: dict[tuple[str, str], Finding] = {}
+    out: dict[int, Finding] = {}
     for f in findings:
         if not f.evidence or f.suppressed_by is not None:
             continue
@@ -196,9 +233,10 @@ def mirrored_findings(findings: list[Finding]) -> set[int]:
         refs = {i.get("ref") for i in items}
         only_drafts = all(i.get("source") == "draft" for i in items) and not any(e.more for e in f.evidence)
         if only_drafts and refs and all(f.draft.ref in named.get((f.rule.id, r), ()) for r in refs):
-            out.add(id(f))
+            out[id(f)] = min((first[(f.rule.id, r)] for r in refs), key=findings.index)
             continue
         named[(f.rule.id, f.draft.ref)] = {i.get("ref") for i in items if i.get("source") == "draft"}
+        first[(f.rule.id, f.draft.ref)] = f
     return out
 
 
@@ -254,8 +292,10 @@ def render(decision: Decision, card_ids: dict[int, str], *, rulebook: Rulebook, 
     critical = 0
     lead_summary: dict[str, str] = {}
     merged = [m for m in decision.findings if m.outcome == MERGED]
+    alternative_lines: set[str] = set()  # "<drug> not offered: ..." lines already shown (one card says each)
     for f in shown:
         card = _finding_card(f, card_ids[id(f)], ctx, rulebook, unavailable)
+        drop_repeated_lines(card, f, rulebook.alternatives, ctx.now, alternative_lines)
         _add_mirror_suggestions(card, f, merged, ctx, rulebook)
         first = lead[f.draft.ref]
         if first is f:
@@ -335,7 +375,10 @@ def _finding_card(f: Finding, card_id: str, ctx: HookContext, rulebook: Rulebook
     if more:
         card["detail"] = card.get("detail", "") + f"\n\n_And {more} more matching record " \
             f"entr{'y' if more == 1 else 'ies'} not listed._"
-    note = gaps_note(f.rule.needs, unavailable)  # data not read, or only partly read
+    # data not read, or only partly read (the data only alternatives read: when partly read; when not read at all,
+    # the alternative is not offered and its own line says so)
+    note = gaps_note(f.rule.needs | {k for k in f.rule.alternative_needs if k in unavailable
+                                     and is_partly_read(unavailable[k])}, unavailable)
     if note:
         card["detail"] = card.get("detail", "") + "\n\n" + note
     return card

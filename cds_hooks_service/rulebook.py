@@ -108,6 +108,7 @@ class Check:
     needs: frozenset[str] = frozenset()
     basis: str | None = None
     shared: bool = False  # defined in shared.yaml
+    finding: str | None = None  # a few words for the "X not offered: <finding> ..." line (default: the label)
     score_items: list["ScoreItem"] = field(default_factory=list)  # kind "score" only
 
 
@@ -149,6 +150,7 @@ class Suggestion:
     unless: tuple[str, ...]
     actions: list[dict]
     only_if: tuple[str, ...] = ()
+    alternatives: tuple[str, ...] = ()  # the alternatives (alternatives.yaml) its create actions order
 
     def offered(self, found: Callable[[str], object]) -> bool:
         """Whether the card offers this suggestion: every ``only_if`` check and no ``unless`` check found
@@ -207,6 +209,7 @@ class Rule:
     raw: dict = field(default_factory=dict, repr=False)
     basis: str | None = None
     policies: dict[str, Policy] = field(default_factory=dict)  # the policies this rule uses
+    alternative_needs: frozenset[str] = frozenset()  # data keys only its alternatives' contraindications read
 
 
 @dataclass
@@ -579,6 +582,7 @@ def load_rulebook(rules_dir: Path, cards_dir: Path | None = None, local_dir: Pat
 
     _check_tests(rules_dir, tests_of, problems, read=scenarios)
     _check_alternative_resources(alternatives, alt_loc, problems)
+    used.shared_checks |= _check_alternative_contraindications(alternatives, alt_loc, shared, problems)
     if not problems.errors:  # with broken rules, "unused" would be noise
         _unused(rules_dir, terminology, alternatives, alt_loc, shared, used, problems)
     if problems.errors:
@@ -720,6 +724,31 @@ def _load_alternatives(path: Path, validator, problems: Problems) -> tuple[dict[
     return doc or {}, located
 
 
+def contraindications(alt) -> tuple[str, ...]:
+    """The check names an alternative lists under ``contraindications`` (a broken entry: the names it has)."""
+    names = alt.get("contraindications") if isinstance(alt, dict) else None
+    return tuple(n for n in names if isinstance(n, str)) if isinstance(names, list) else ()
+
+
+def _check_alternative_contraindications(alternatives: dict, located: Located | None, shared: Shared,
+                                       problems: Problems) -> set[str]:
+    """Every name in an alternative's ``contraindications`` is a check of shared.yaml. Returns the names used."""
+    used: set[str] = set()
+    for name, alt in alternatives.items():
+        if not isinstance(alt, dict) or (located is not None and name in located.broken):
+            continue
+        for i, check in enumerate(contraindications(alt)):
+            if check in shared.checks:
+                used.add(check)
+                continue
+            close = difflib.get_close_matches(str(check), list(shared.checks), n=1)
+            problems.add(located or "alternatives.yaml", (name, "contraindications", i),
+                         f"alternative {name!r}: unknown check {check!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + "; an alternative's contraindications are checks of rules/shared.yaml: "
+                         + (", ".join(sorted(shared.checks)) or "none defined"))
+    return used
+
+
 def _check_alternative_resources(alternatives: dict, located: Located | None, problems: Problems) -> None:
     """Every MedicationRequest a suggestion can create, checked against the FHIR R4 model once, here."""
     if not alternatives:
@@ -839,6 +868,22 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         elif name not in shared.checks:
             problem(("shared", i), f"found {name!r}; allowed: a check of shared.yaml "
                                    f"({', '.join(sorted(shared.checks)) or 'none defined'})")
+    # The contraindications of every alternative this rule's suggestions order (alternatives.yaml) are shared
+    # checks too, taken automatically: one list per alternative, applied on every card that offers it.
+    for i, s in enumerate(doc.get("suggestions") or []):
+        for action in s.get("actions") or [] if isinstance(s, dict) else []:
+            alt_name = action.get("create") if isinstance(action, dict) else None
+            alt = alternatives.get(alt_name) if isinstance(alt_name, str) else None
+            for name in contraindications(alt):
+                if name not in shared.checks:
+                    continue  # reported once, on alternatives.yaml
+                if name in doc["checks"]:
+                    problem(("checks", name), f"check {name!r} is defined in this rule, but it is also a contraindication "
+                            f"of alternative {alt_name!r} (alternatives.yaml), which suggestion "
+                            f"{s.get('id', i)!r} offers; contraindications are the checks of shared.yaml: remove this "
+                            "rule's own check (the shared one is used) or rename it", key=True)
+                elif name not in pending:
+                    pending.append(name)
     while pending:
         name = pending.pop()
         if name in specs or name not in shared.checks:
@@ -886,7 +931,8 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         check = Check(name=name, kind=kind,
                       label=label_text(spec.get("label") or name.replace("-", " "), base + ("label",)),
                       indicator=spec.get("indicator"), spec=body if isinstance(body, dict) else {},
-                      basis=spec.get("basis"), shared=is_shared)
+                      basis=spec.get("basis"), shared=is_shared,
+                      finding=label_text(spec["finding"], base + ("finding",)) if spec.get("finding") else None)
         if kind in ("condition", "medication", "procedure", "orderReason") or (kind == "drafted" and "valueSets" in body):
             check.valueset = valueset_union(body["valueSets"], where + ("valueSets",))
         if kind == "medicationClasses":
@@ -984,7 +1030,8 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         for n in set(only_if) & set(unless):
             problem(("suggestions", i), f"check {n!r} is in both only_if and unless: the suggestion could never be offered")
         suggestions.append(Suggestion(s["id"], label_text(s["label"], ("suggestions", i, "label")), s.get("isRecommended"),
-                                      unless, s["actions"], only_if))
+                                      unless, s["actions"], only_if,
+                                      tuple(a["create"] for a in s["actions"] if a.get("create") in alternatives)))
     ids = [s.id for s in suggestions]
     for i, sid in enumerate(ids):
         if sid in ids[:i]:
@@ -1023,12 +1070,20 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         return None
     referenced = in_card | {n for t in triggers for n in t.when} | set(exceptions) | set(cautions) \
         | {n for names, _ in adjust for n in names} | {n for s in suggestions for n in s.only_if + s.unless} \
+        | {n for s in suggestions for a in s.alternatives for n in contraindications(alternatives[a])} \
         | {n for c in checks.values() for n in c.children}
     for name in checks:
         if name not in referenced and not checks[name].shared:
             problems.add(locator, ("checks", name), f"check {name!r} is not used (no trigger, exception, caution, "
                          "adjust, suggestion, other check or card refers to it)", key=True, severity="warning")
-    needs = frozenset().union(*(c.needs for c in checks.values())) if checks else frozenset()
+    # The data the rule's own logic needs (its checks and the shared ones it lists; needs are transitive), and
+    # the further data only its alternatives' contraindications need: read when available, but its absence
+    # leaves the alternative out ("not offered: ... could not be read") instead of stopping the rule.
+    roots = [n for n in list(doc["checks"]) + list(doc.get("shared") or []) if n in checks]
+    needs = frozenset().union(*(checks[n].needs for n in roots))
+    alternative_needs = frozenset().union(*(checks[n].needs for s in suggestions for a in s.alternatives
+                                            for n in contraindications(alternatives[a]) if n in checks)) \
+        - needs
     return Rule(
         id=doc["id"], title=doc["title"], version=doc["version"], enabled=doc.get("enabled", True),
         mode=doc.get("mode", "active"), hooks=frozenset(doc["hooks"]), indicator=doc["indicator"],
@@ -1037,6 +1092,7 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         exceptions=exceptions, cautions=cautions, adjust=adjust, card=card,
         selection_behavior=doc.get("selectionBehavior", "at-most-one"), suggestions=suggestions,
         override_reasons=doc.get("overrideReasons") or [], path=path, needs=needs, raw=doc,
+        alternative_needs=alternative_needs,
         basis=doc.get("basis"), policies=rule_policies,
     )
 

@@ -104,8 +104,9 @@ def test_record_index_normalises_only_resources_some_rule_can_match(rulebook):
 
 
 def test_record_index_builds_a_kind_only_when_a_check_asks(rulebook):
-    # the opioid rule's trigger evidence is a migraine diagnosis: observations are never looked at
-    findings, index = _evaluate(rulebook, "opioid-in-migraine", [{"drug": "897745", "route": "IV"}],
+    # the opioid rule's trigger evidence is a migraine diagnosis and the fracture reason suppresses it: its
+    # suggestions (ketorolac's eGFR check) are not evaluated, so observations are never looked at
+    findings, index = _evaluate(rulebook, "opioid-in-migraine", [{"drug": "897745", "route": "IV", "reason": "S72.001A"}],
                                 [{"condition": "G43.909"}, {"bp": [120, 80]}])
     assert findings[0] is not None and findings[0].evidence
     assert "observations" not in index.__dict__

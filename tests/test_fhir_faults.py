@@ -316,9 +316,10 @@ def test_fault_order_sign_opioid(fault, fault_server, make_fault_server, make_ap
     answer = call(_app(make_app, fault, url), hook_body(url))
     _assert_fault_answer(answer, fault, fault_server, caplog, rule_by_id, [OPIOID_RULE])
     assert len(answer.cards) == 1
-    if fault.reaches_server:  # only the data opioid-in-migraine needs is asked for
+    if fault.reaches_server:  # only the data opioid-in-migraine and ketorolac's contraindications need is asked for
         assert fault_server.requested_types() == {
-            "Condition", "MedicationRequest", "MedicationAdministration", "MedicationStatement"}
+            "Condition", "MedicationRequest", "MedicationAdministration", "MedicationStatement", "Observation",
+            "Procedure"}
 
 
 @pytest.mark.parametrize("fault", [BY_ID[i] for i in ("slow-no-headers", "http-500", "http-401", "html-200",
@@ -401,7 +402,8 @@ def test_one_failing_key_on_a_real_fhir_server_names_only_that_data(fault_server
                                                                     rule_by_id):
     """Everything is read from the real FHIR server (sekmet) through the fault server, except the Observation
     search, which fails: DHE with coronary artery disease still gets its critical card (with a note naming the
-    observations), and the three rules that need observations are named as not completed, for observations only."""
+    observations). The other DHE rules read observations only for ketorolac's contraindications: they are not
+    "not completed"; ketorolac is not offered, and the card says so once."""
     patient = fhir_server.unique_id("pat")
     cad = expand_record({"condition": "I25.10", "display": "Atherosclerotic heart disease of native coronary artery"},
                         0, NOW)
@@ -418,43 +420,44 @@ def test_one_failing_key_on_a_real_fhir_server_names_only_that_data(fault_server
     assert answer.cards[0]["indicator"] == "critical"
     note = answer.cards[0]["detail"].rsplit("\n\n", 1)[-1]
     assert note == "_Not checked, could not be read: " + markdown_escape(DATA_LABELS["observations"]) + "._"
-    not_completed = answer.not_completed()
-    assert sorted(not_completed) == sorted(rule_by_id[r].title for r in
-                                           ("dhe-cyp3a4-inhibitor", "dhe-triptan-ergot-24h", "dhe-vasopressor"))
-    for card in not_completed.values():
-        assert_names_exactly(card["detail"], {"observations"}, ERROR)
-        assert patient not in card["detail"] and fhir_server.token not in card["detail"]
+    assert "**Ketorolac not offered:** not checked, could not read: lab results." in answer.cards[0]["detail"]
+    assert answer.not_completed() == {}
+    assert not any("ketorolac" in s["label"].lower() for c in answer.cards for s in c.get("suggestions", []))
+    assert all(patient not in c.get("detail", "") for c in answer.cards)
     assert {r.authorization for r in fault_server.requests} == {f"Bearer {fhir_server.token}"}
     assert fhir_server.token not in json.dumps(answer.body) and fhir_server.token not in caplog.text
 
 
 def test_a_fault_on_data_no_triggered_rule_needs_changes_nothing(fault_server, make_app, caplog):
-    """Observations fail, but the opioid rule does not need them: they are not even asked for, and the card is
-    the ordinary one, with no note."""
+    """Observations fail and procedures are slow: the opioid rule's own logic does not need them (only ketorolac's
+    contraindications read them), so the card is the ordinary one with no note and no "not completed" card;
+    ketorolac, which could not be checked, is not offered, and the card says why in one line."""
     migraine = _record({"condition": "G43.909", "display": "Migraine, unspecified"})
     fault_server.default = fs.bundle_of({"Condition": migraine})
     fault_server.route("Observation", fs.status(500))
     fault_server.route("Procedure", fs.slow(5))
     answer = call(make_app(time_budget=BUDGET), hook_body(fault_server.base_url))
     assert topics(answer.body) == [OPIOID_RULE]
-    assert "Not checked" not in answer.cards[0]["detail"]
-    assert "Observation" not in fault_server.requested_types() and "Procedure" not in fault_server.requested_types()
+    assert "_Not checked" not in answer.cards[0]["detail"]
+    assert "**Ketorolac not offered:** not checked, could not read: lab results, procedures." \
+        in answer.cards[0]["detail"]
+    assert not any("ketorolac" in s["label"].lower() for s in answer.cards[0]["suggestions"])
+    assert any("prochlorperazine" in s["label"].lower() for s in answer.cards[0]["suggestions"])
     assert_token_only_as_bearer(fault_server)
     assert_token_not_logged(caplog)
 
 
 def test_prefetched_conditions_and_a_failing_server_for_the_rest(fault_server, make_app, caplog):
-    """Conditions are prefetched (migraine), the medication keys are absent and the server fails: the opioid card
-    fires from the prefetch, and its note names the three medication sources only."""
+    """Conditions are prefetched (migraine), the other keys are absent and the server fails: the opioid card
+    fires from the prefetch; its own logic read all it needs (no note), and ketorolac, whose contraindications
+    read the rest, is not offered, naming what could not be read."""
     migraine = _record({"condition": "G43.909", "display": "Migraine, unspecified"})
     prefetch = {"conditions": fs.searchset(migraine)}
     fault_server.default = fs.status(500)
     answer = call(make_app(time_budget=BUDGET), hook_body(fault_server.base_url, prefetch=prefetch))
     assert topics(answer.body) == [OPIOID_RULE]
     note = answer.cards[0]["detail"].rsplit("\n\n", 1)[-1]
-    labels = sorted(["medicationAdministrations", "medicationRequests", "medicationStatements"])
-    assert note == "_Not checked, could not be read: " + markdown_escape(
-        ", ".join(DATA_LABELS[k] for k in labels)) + "._"
+    assert note == "**Ketorolac not offered:** not checked, could not read: medications, lab results, procedures."
     assert "Condition" not in fault_server.requested_types()
     assert_token_not_logged(caplog)
 
@@ -465,7 +468,7 @@ def test_first_page_prefetched_rest_unreadable(fault_server, make_app, caplog, r
     page = fs.searchset([], next_url=f"{fault_server.base_url}/Condition?patient={PATIENT}&page=2")
     empty = fs.searchset([])
     prefetch = {"conditions": page, "medicationRequests": empty, "medicationAdministrations": empty,
-                "medicationStatements": empty}
+                "medicationStatements": empty, "observations": empty, "procedures": empty}
     fault_server.default = fs.status(503)
     answer = call(make_app(time_budget=BUDGET), hook_body(fault_server.base_url, prefetch=prefetch))
     [card] = answer.cards

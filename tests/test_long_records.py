@@ -24,6 +24,8 @@ from tests.test_fhir_faults import (NOW, OPIOID, OPIOID_FOR_MIGRAINE, OPIOID_RUL
 
 RECORD_SIZE = 5000
 MED_KEYS = ("medicationAdministrations", "medicationRequests", "medicationStatements")
+# What the opioid card reads besides the conditions: ketorolac's contraindications (alternatives.yaml).
+OTHER_KEYS = MED_KEYS + ("observations", "procedures")
 EMPTY = fs.searchset([])
 
 
@@ -119,7 +121,7 @@ def test_prefetched_first_page_is_continued_from_its_next_link(fhir_server, faul
     page = _first_page(fault_server.base_url, rulebook.prefetch["conditions"], patient, fhir_server.token)
     assert any(link["relation"] == "next" for link in page["link"]) and len(page["entry"]) == 1000
     fault_server.requests.clear()
-    prefetch = {"conditions": page} | {k: EMPTY for k in MED_KEYS}
+    prefetch = {"conditions": page} | {k: EMPTY for k in OTHER_KEYS}
     answer = call(make_app(), _body_for(patient, fault_server.base_url, fhir_server.token, prefetch=prefetch))
     assert topics(answer.body) == [OPIOID_RULE]
     assert "partly read" not in answer.cards[0]["detail"]
@@ -136,7 +138,7 @@ def test_prefetched_next_link_to_another_host_is_refused_and_said(fault_server, 
     foreign.default = fs.bundle_of({"Condition": _record({"condition": "G43.909", "display": "Migraine"})})
     page = fs.searchset([], next_url=f"{foreign.base_url}/Condition?patient={PATIENT}&page=2")
     fault_server.default = fs.bundle_of({})
-    prefetch = {"conditions": page} | {k: EMPTY for k in MED_KEYS}
+    prefetch = {"conditions": page} | {k: EMPTY for k in OTHER_KEYS}
     answer = call(make_app(fhir_servers=(fault_server.base_url,)), hook_body(fault_server.base_url, prefetch=prefetch))
     assert foreign.requests == [] and fault_server.requests == []
     [card] = answer.cards
@@ -153,7 +155,7 @@ def test_prefetched_first_page_without_fhir_server_is_used_and_said(make_app):
     the card says the conditions were only partly read."""
     migraine = _record({"condition": "G43.909", "display": "Migraine"})
     page = fs.searchset(migraine, next_url="https://ehr.example.org/fhir/Condition?page=2")
-    prefetch = {"conditions": page} | {k: EMPTY for k in MED_KEYS}
+    prefetch = {"conditions": page} | {k: EMPTY for k in OTHER_KEYS}
     body = hook_body("x", prefetch=prefetch, token=None)
     del body["fhirServer"]
     answer = call(make_app(), body)
@@ -177,7 +179,7 @@ def test_page_cap_keeps_the_newest_pages_and_says_so(fault_server, make_app, cap
     answer = call(make_app(time_budget=5), hook_body(fault_server.base_url))
     assert topics(answer.body) == [OPIOID_RULE]
     note = answer.cards[0]["detail"].rsplit("\n\n", 1)[-1]
-    labels = sorted(["conditions", *MED_KEYS])
+    labels = sorted(["conditions", *OTHER_KEYS])
     assert note == "_Only partly read, the record is longer: " + markdown_escape(
         ", ".join(DATA_LABELS[k] for k in labels)) + "._"
     assert sum(r.rtype == "Condition" for r in fault_server.requests) == MAX_PAGES
@@ -214,8 +216,10 @@ def test_the_draft_alone_card_names_both_kinds_of_gap(fault_server, make_app):
     fault_server.default = behaviour
     answer = call(make_app(time_budget=0.5), hook_body(fault_server.base_url, drafts=(OPIOID_FOR_MIGRAINE,)))
     note = answer.cards[0]["detail"].rsplit("\n\n", 1)[-1]
-    assert note == ("_Not checked, could not be read: " + markdown_escape(", ".join(DATA_LABELS[k] for k in MED_KEYS))
-                    + "; Only partly read, the record is longer: " + markdown_escape(DATA_LABELS["conditions"]) + "._")
+    assert note == "_Only partly read, the record is longer: " + markdown_escape(DATA_LABELS["conditions"]) + "._"
+    # the other data is read only for ketorolac's contraindications: ketorolac is not offered, and says why
+    assert "**Ketorolac not offered:** not checked, could not read: medications, lab results, procedures." \
+        in answer.cards[0]["detail"]
 
 
 def test_a_later_page_that_fails_keeps_the_pages_before(fault_server, make_app):
@@ -230,7 +234,9 @@ def test_a_later_page_that_fails_keeps_the_pages_before(fault_server, make_app):
             return fs.status(503)(h)
         h.reply_json(EMPTY)
     fault_server.default = behaviour
-    answer = call(make_app(time_budget=2), hook_body(fault_server.base_url))
+    # DHE: three of its rules read the medication orders themselves (the opioid rule reads them only for ketorolac)
+    dhe = {"drug": "3418", "text": "dihydroergotamine 1 mg IV", "route": "IV"}
+    answer = call(make_app(time_budget=2), hook_body(fault_server.base_url, drafts=(dhe,)))
     [card] = answer.cards
     assert markdown_escape(f"{DATA_LABELS['medicationRequests']}: only partly read (none read, the rest "
                            "could not be read: the FHIR server answered with an error)") in card["detail"]
@@ -244,7 +250,7 @@ def test_prefetched_next_link_outside_the_base_path_is_refused(fault_server, mak
     """The same host, but outside fhirServer's base path (also with percent-encoded dots a server may decode): not
     requested; the first page is used and the rest is said to be unread."""
     url = link.format(base=fault_server.base_url, origin=fault_server.origin)
-    prefetch = {"conditions": fs.searchset([], next_url=url)} | {k: EMPTY for k in MED_KEYS}
+    prefetch = {"conditions": fs.searchset([], next_url=url)} | {k: EMPTY for k in OTHER_KEYS}
     answer = call(make_app(), hook_body(fault_server.base_url, prefetch=prefetch))
     assert fault_server.requests == []
     [card] = answer.cards

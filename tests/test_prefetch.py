@@ -84,8 +84,9 @@ def test_the_old_hand_typed_query_is_refused_naming_the_missed_codes(rulebook):
     problems = prefetch_problems(rulebook, {**rulebook.prefetch, "observations": OLD_OBSERVATIONS})
     text = "\n".join(m for _, _, m in problems)
     assert "value set 'obs-pregnancy-test': 24 code(s)" in text
-    assert {rule for rule, _, m in problems if "obs-pregnancy-test" in m} == {
-        "dhe-contraindicated-condition", "ketamine-non-refractory-migraine"}
+    assert {rule for rule, _, m in problems if "obs-pregnancy-test" in m} == {  # ketorolac: every rule offering it
+        "dhe-contraindicated-condition", "ketamine-non-refractory-migraine", "opioid-in-migraine",
+        "dhe-cyp3a4-inhibitor", "dhe-triptan-ergot-24h", "dhe-vasopressor"}
 
 
 def test_validate_fails_when_the_observation_codes_no_longer_fit_a_query(tmp_path):

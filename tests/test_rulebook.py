@@ -82,11 +82,13 @@ def test_unused_value_set_policy_and_check_are_warnings(rules_copy):
     (rules_copy / "valuesets/cond-unused.json").write_text(text)
     edit(rules_copy / "shared.yaml", "\nchecks:\n", "  unused-number:\n    value: 5\n    unit: mg\n    meaning: nothing at all\n"
          "    basis: a test\n    signOff: {status: pending}\n\nchecks:\n")
+    edit(rules_copy / "opioid-in-migraine.yaml", "  oral-route:\n",
+         "  left-over:\n    label: Left over\n    condition: {valueSets: [cond-raynaud], status: any}\n  oral-route:\n")
     rb = load_rulebook(rules_copy, rules_copy.parent / "cards")  # warnings do not stop loading
     warnings = [str(w) for w in rb.warnings]
     assert any("cond-unused.json" in w and "value set 'cond-unused' is not used by any rule" in w for w in warnings)
     assert any("shared.yaml:" in w and "policy 'unused-number' is not used by any rule" in w for w in warnings)
-    assert any("opioid-in-migraine.yaml:" in w and "check 'dhe-or-ergot-within-24h' is not used" in w for w in warnings)
+    assert any("opioid-in-migraine.yaml:" in w and "check 'left-over' is not used" in w for w in warnings)
     assert not any("cond-raynaud" in w for w in warnings)
 
 
@@ -166,13 +168,14 @@ def test_a_shared_policy_is_defined_once_and_used_by_every_rule(rules_copy):
     rb = load_rulebook(rules_copy, rules_copy.parent / "cards")
     users = sorted(r.id for r in rb.rules if "egfr-severe-renal-cutoff" in r.policies)
     assert users == ["dhe-contraindicated-condition", "dhe-cyp3a4-inhibitor", "dhe-triptan-ergot-24h", "dhe-vasopressor",
-                     "ketamine-non-refractory-migraine"]
+                     "ketamine-non-refractory-migraine", "opioid-in-migraine"]  # the last five: ketorolac's eGFR check
     for rule_id in users:
         assert rb.get(rule_id).checks["egfr-below-30"].observations[0][1:] == ("<", 30)
-    for rule_id in users:  # no eGFR cut-off written in the rules themselves
-        assert 'op: "<", value: {policy: egfr-severe-renal-cutoff}' in (rules_copy / f"{rule_id}.yaml").read_text() \
-            or rule_id != "dhe-contraindicated-condition"
+    # the eGFR check is written once, in shared.yaml; no eGFR cut-off is written in the rules themselves
+    assert 'op: "<", value: {policy: egfr-severe-renal-cutoff}' in (rules_copy / "shared.yaml").read_text()
+    for rule_id in users:
         assert 'op: "<", value: 30' not in (rules_copy / f"{rule_id}.yaml").read_text()
+        assert "egfr-below-30:" not in (rules_copy / f"{rule_id}.yaml").read_text()
     # One edit in shared.yaml changes every rule, and the labels that show the number.
     edit(rules_copy / "shared.yaml", "  egfr-severe-renal-cutoff:\n    value: 30", "  egfr-severe-renal-cutoff:\n    value: 25")
     rb = load_rulebook(rules_copy, rules_copy.parent / "cards")
@@ -228,8 +231,8 @@ def test_policy_misuse_is_reported(rules_copy, words, old, new):
 
 
 def test_rule_and_shared_definitions_must_not_clash(rules_copy):
-    edit(rules_copy / "opioid-in-migraine.yaml", "shared: [pregnancy, severe-renal-impairment]",
-         "shared: [pregnancy, severe-renal-impairment, oral-route, no-such-shared]")
+    edit(rules_copy / "opioid-in-migraine.yaml", "exceptions: [other-order-reason",
+         "shared: [pregnancy, severe-renal-impairment, oral-route, no-such-shared]\nexceptions: [other-order-reason")
     errors = problems(rules_copy)
     assert any("shared[2]: check 'oral-route' is both defined in this rule and taken from shared.yaml" in e for e in errors)
     assert any("shared[3]: found 'no-such-shared'; allowed: a check of shared.yaml" in e for e in errors)
@@ -239,9 +242,10 @@ def test_a_shared_check_error_points_at_shared_yaml(rules_copy):
     edit(rules_copy / "shared.yaml", "condition: {valueSets: [cond-pregnancy], status: active}",
          "condition: {valueSets: [cond-pregnant], status: active}")
     errors = problems(rules_copy)
-    # Reported once per rule that uses it, each time at shared.yaml's line and column.
+    # Reported once per rule that uses it (all six: ketorolac's contraindications), each time at shared.yaml's
+    # line and column.
     line = next(i for i, t in enumerate((rules_copy / "shared.yaml").read_text().splitlines(), 1) if "cond-pregnant" in t)
-    assert len(errors) == 4 and all(f"shared.yaml:{line}:29: checks.pregnancy.condition.valueSets[0]: unknown value set "
+    assert len(errors) == 6 and all(f"shared.yaml:{line}:29: checks.pregnancy.condition.valueSets[0]: unknown value set "
                           "'cond-pregnant'" in e for e in errors), errors
 
 

@@ -1,0 +1,88 @@
+"""Card details stay short with a long record (issue 9 §4: about 1,200 characters at most).
+
+Every shipped card is rendered with a maximal evidence list (every check of a trigger found, each with
+CDS_MAX_EVIDENCE_ITEMS entries and long names) plus what the service appends to a detail; a template that
+lists everything it is given fails here (and `test` names it)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cds_hooks_service.card_length import DETAIL_MAX_CHARS, length_problems, longest_details
+from cds_hooks_service.cli import main
+from cds_hooks_service.config import Settings
+from cds_hooks_service.limits import Limits
+from cds_hooks_service.rulebook import load_rulebook
+
+from .helpers import edit
+
+SETTINGS = Settings.from_env()
+RULEBOOK = load_rulebook(SETTINGS.rules_dir, SETTINGS.cards_dir, None)
+# Cards this branch does not own and that still list every entry they are given (being reworked by the
+# helper that owns them). Strict: once such a card fits, this test fails until it is taken off the list.
+NOT_YET_SHORT = {
+    "opioid-in-migraine": "cards/opioid-in-migraine.yaml lists every migraine code and prior treatment",
+    "ketamine-non-refractory-migraine": "cards/ketamine-non-refractory-migraine.yaml lists every entry",
+}
+
+
+@pytest.mark.parametrize("rule_id", sorted(r.id for r in RULEBOOK.rules))
+def test_every_shipped_card_fits_with_a_maximal_evidence_list(rule_id):
+    if rule_id in NOT_YET_SHORT:
+        pytest.xfail(NOT_YET_SHORT[rule_id])  # noqa: the strict check below still runs for the others
+    (row,) = longest_details(RULEBOOK, Limits().max_evidence_items, [rule_id])
+    assert row["total"] <= DETAIL_MAX_CHARS, row
+
+
+@pytest.mark.parametrize("rule_id", sorted(NOT_YET_SHORT))
+def test_the_cards_not_yet_short_are_still_too_long(rule_id):
+    """Keeps NOT_YET_SHORT honest: a card that fits must be taken off it (and so be checked above)."""
+    (row,) = longest_details(RULEBOOK, Limits().max_evidence_items, [rule_id])
+    assert row["total"] > DETAIL_MAX_CHARS, f"{rule_id} fits now: remove it from NOT_YET_SHORT"
+
+
+def test_the_dhe_cards_fit_whatever_the_evidence_cap():
+    """The templates list a fixed number of entries and count the rest, so a site raising
+    CDS_MAX_EVIDENCE_ITEMS does not lengthen the detail."""
+    dhe = [r.id for r in RULEBOOK.rules if r.id.startswith("dhe-")]
+    assert len(dhe) == 4
+    for cap in (1, 10, 25):
+        assert length_problems(RULEBOOK, cap, dhe) == []
+
+
+def test_the_service_appendix_is_counted():
+    """The check keeps room for the lines the service appends (the lead card's "Also for this order", the
+    pointer to the lead card with the lead's summary, the downgraded-critical note, "and N more", and ~100
+    characters for the notes of alternatives not offered)."""
+    (row,) = longest_details(RULEBOOK, 10, ["dhe-triptan-ergot-24h"])
+    assert row["appended"] >= 100 + len("_A critical finding, shown as a warning only because this response "
+                                        "already holds 2 critical cards._")
+    assert row["total"] == row["template"] + row["appended"]
+
+
+def test_a_longer_template_is_reported_by_test(rules_copy, capsys):
+    """A pharmacist's edit that lists every entry again is named by `test`, with the characters it reaches, and
+    fails the rule's worst-case scenarios (`max_detail: 1200`)."""
+    card = rules_copy.parent / "cards" / "dhe-triptan-ergot-24h.yaml"
+    edit(card, "{% for item in recent.found[:2] %}", "{% for item in recent.found %}")
+    edit(card, "item.display|truncate(25)", "item.display")
+    rulebook = load_rulebook(rules_copy, rules_copy.parent / "cards", None)
+    (problem,) = length_problems(rulebook, 10, ["dhe-triptan-ergot-24h"])
+    assert problem.startswith("card dhe-triptan-ergot-24h.yaml: detail can reach ") and "at most 1200" in problem
+
+    assert main(["test", "--rules", str(rules_copy), "--rule", "dhe-triptan-ergot-24h", "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["warnings"] == [problem]
+    too_long = [r["scenario"] for r in doc["results"] if not r["passed"]]
+    assert too_long and all(name.startswith("§4 worst case") for name in too_long)
+    assert all("characters (at most 1200)" in r["message"] for r in doc["results"] if not r["passed"])
+    main(["test", "--rules", str(rules_copy), "--rule", "dhe-triptan-ergot-24h"])
+    assert f"warning: {problem}" in capsys.readouterr().err
+
+
+def test_the_shipped_dhe_cards_are_not_reported(capsys):
+    rules = ["dhe-contraindicated-condition", "dhe-cyp3a4-inhibitor", "dhe-triptan-ergot-24h", "dhe-vasopressor"]
+    assert main(["test", *[a for r in rules for a in ("--rule", r)], "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["warnings"] == [] and doc["failed"] == 0
