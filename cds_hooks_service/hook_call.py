@@ -146,7 +146,7 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
     data = _gather(live, body, rulebook, settings, session, client)
     ctx.unread = frozenset(k for k, why in data.unavailable.items() if not is_partly_read(why))  # alternatives
     record_index = RecordIndex(data.resources, normaliser, medications, drafts,
-                               None if trace else RuleConcepts.of(rulebook))
+                               None if trace else RuleConcepts.of(rulebook, [rule for rule, _ in live]))
     decision = Decision(ctx, [], data, live)
     # The deadline counts this request's own CPU time (its thread's): other requests sharing the worker's
     # GIL, or other processes of a loaded machine, do not make a check "not completed"; its own work does.

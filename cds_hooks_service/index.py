@@ -35,13 +35,18 @@ class RuleConcepts:
     procedures: frozenset[Concept]
 
     @classmethod
-    def of(cls, rulebook) -> "RuleConcepts":
-        """Computed once per loaded rulebook (a reload makes a new rulebook, so a new set)."""
-        cached = rulebook.__dict__.get("_rule_concepts")
+    def of(cls, rulebook, rules=None) -> "RuleConcepts":
+        """The concepts of ``rules`` (default: every loaded rule). Computed once per loaded rulebook and set of
+        rules (a reload makes a new rulebook, so new sets): a call indexes only what the rules that trigger on
+        its drafts can match, so an opioid order never normalises the blood-pressure readings the DHE rules read."""
+        rules = tuple(rulebook.rules) if rules is None else tuple(rules)
+        key = frozenset(rule.id for rule in rules)
+        cache = rulebook.__dict__.setdefault("_rule_concepts", {})
+        cached = cache.get(key)
         if cached is None:
             kinds: dict[str, set[Concept]] = {"medication": set(), "condition": set(), "observation": set(),
                                               "procedure": set()}
-            for rule in rulebook.rules:
+            for rule in rules:
                 for trigger in rule.triggers:
                     kinds["medication"] |= trigger.drafted
                 for c in rule.checks.values():
@@ -61,8 +66,8 @@ class RuleConcepts:
                         kinds["condition"] |= c.valueset
                     elif c.kind == "procedure":
                         kinds["procedure"] |= c.valueset
-            cached = cls(*(frozenset(kinds[k]) for k in ("medication", "condition", "observation", "procedure")))
-            rulebook.__dict__["_rule_concepts"] = cached
+            cached = cache[key] = cls(*(frozenset(kinds[k]) for k in ("medication", "condition", "observation",
+                                                                      "procedure")))
         return cached
 
 

@@ -112,6 +112,42 @@ def test_record_index_builds_a_kind_only_when_a_check_asks(rulebook):
     assert "observations" not in index.__dict__
 
 
+def test_a_call_indexes_only_what_the_rules_triggered_by_its_drafts_can_match(rulebook, monkeypatch):
+    # an opioid order (whose ketorolac alternative reads eGFR) never normalises the blood-pressure readings that
+    # only the DHE rules read
+    loinc = "http://loinc.org"
+    opioid = RuleConcepts.of(rulebook, [rulebook.get("opioid-in-migraine")])
+    every = RuleConcepts.of(rulebook)
+    assert (loinc, "8480-6") in every.observations and (loinc, "8480-6") not in opioid.observations
+    assert (loinc, "62238-1") in opioid.observations
+    assert RuleConcepts.of(rulebook, [rulebook.get("opioid-in-migraine")]) is opioid  # computed once
+    normaliser = Normaliser(rulebook.terminology)
+    record = _resources([{"bp": [150, 95], "at": "-1h"}, {"observation": "62238-1", "value": 22, "unit": "mL/min/{1.73_m2}",
+                                                          "at": "-2d"}])
+    index = RecordIndex(record, normaliser, None, [], opioid)
+    assert [o.value for o in index.observations.facts] == [22.0]
+    assert (index.stats["normalised"], index.stats["skipped"]) == (1, 1)
+
+    from cds_hooks_service import hook_call
+    from cds_hooks_service.config import Settings
+    from cds_hooks_service.limits import Limits
+    from cds_hooks_service.services import SERVICE_FOR_HOOK
+    from tests.helpers import HYDROMORPHONE, MIGRAINE, request_body
+
+    seen = []
+    real = hook_call.RecordIndex
+
+    def spy(resources, normaliser, medications, drafts, concepts):
+        seen.append(concepts)
+        return real(resources, normaliser, medications, drafts, concepts)
+
+    monkeypatch.setattr(hook_call, "RecordIndex", spy)
+    body = request_body("order-sign", [HYDROMORPHONE], [MIGRAINE])
+    hook_call.decide(SERVICE_FOR_HOOK["order-sign"], body, rulebook=rulebook, settings=Settings(), limits=Limits(),
+                     now=NOW)
+    assert seen == [opioid]
+
+
 # -- the engine ------------------------------------------------------------------------------------------
 def test_evidence_lists_at_most_the_limit_newest_first_and_counts_the_rest(rulebook):
     record = [{"given": "37418", "text": "sumatriptan 6 mg SC", "route": "SC", "at": f"-{h}h"} for h in range(1, 26)]
