@@ -128,4 +128,3 @@ def test_the_compiled_check_refuses_what_it_must():
                         "properties": {"a": {"type": "string", "pattern": "^x+$", "maxLength": 3}}})
     assert check({"a": "xx"}) and not check({}) and not check({"a": "y"}) and not check({"a": "xxxx"})
     assert not check({"a": "x", "b": 1}) and check({"a": "x", "b": 1, "c": 2})
-
