@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import jsonschema
@@ -1161,14 +1161,22 @@ def _load_card(cards_dir: Path, name: str, problems: Problems) -> CardTemplate |
     compiled, asts = {}, {}
     for key, env in (("summary", SUMMARY_ENV), ("detail", DETAIL_ENV)):
         try:
-            asts[key] = env.parse(doc[key])
-            compiled[key] = env.from_string(asts[key])  # compiled from the same parse
+            asts[key], compiled[key] = _compile_template(env, doc[key])
         except TemplateSyntaxError as exc:
             problems.add(located, (key,), f"template syntax error: {exc.message}",
                          line=_template_line(located, key, exc.lineno or 1))
     if len(compiled) != 2:
         return None
     return CardTemplate(name, compiled["summary"], compiled["detail"], _CardSource(located, doc, asts))
+
+
+@lru_cache(maxsize=256)
+def _compile_template(env, source: str):
+    """(parse tree, template) of a card text, compiled from the same parse. Kept per process by text: a reload,
+    `validate` or `test` compiles only the texts that changed (both are read-only once made; a syntax error is
+    raised again each time)."""
+    ast = env.parse(source)
+    return ast, env.from_string(ast)
 
 
 def _template_line(located: Located, key: str, lineno: int) -> int | None:
@@ -1187,6 +1195,11 @@ def _uncounted(node: nodes.Node) -> nodes.Node:
 def template_check_names(ast: nodes.Template, var: str = "checks") -> list[tuple[str, int]]:
     """(name, template line) for every ``checks['name']``, ``checks.get('name')`` and ``checks[v]`` where v
     runs over (or is set to) a literal list of names; ``var="policy"`` finds ``policy['name']`` the same way."""
+    return list(_template_names(ast, var))
+
+
+@lru_cache(maxsize=512)  # by parse tree (identity): the trees of unchanged texts are shared (_compile_template)
+def _template_names(ast: nodes.Template, var: str) -> tuple[tuple[str, int], ...]:
     literal_lists: dict[str, list[str]] = {}
     for node in ast.find_all((nodes.For, nodes.Assign)):
         target, value = (node.target, node.iter) if isinstance(node, nodes.For) else (node.target, node.node)
@@ -1216,7 +1229,7 @@ def template_check_names(ast: nodes.Template, var: str = "checks") -> list[tuple
     for node in ast.find_all(nodes.Getattr):
         if isinstance(node.node, nodes.Name) and node.node.name == var and node.attr != "get":
             out.append((node.attr, node.lineno))
-    return out
+    return tuple(out)
 
 
 def _check_card_references(card: CardTemplate, rule_id: str, checks: dict[str, Check], triggers: list[Trigger],

@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Fixture modules that start real servers live in tests/plugins/."""
 from __future__ import annotations
 
+import functools
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ pytest_plugins = [
     "tests.plugins.postgres",
     "tests.plugins.fhir_server",
     "tests.plugins.fault_server",
+    "tests.plugins.terminology_cache",
 ]
 
 
@@ -28,13 +30,31 @@ def fixture_fhir_servers(request) -> tuple[str, ...]:
     return tuple(request.getfixturevalue(n).base_url for n in names if n in request.fixturenames)
 
 
+@pytest.fixture(scope="session")
+def sqlite_store_template(tmp_path_factory):
+    """An empty store file made once per run by the service's own start-up (schema at the newest revision):
+    each test's default store is a copy of it. Creating the schema costs about 10 times the copy (DDL, Alembic
+    stamp, fsyncs), paid by every app a test makes. Tests of the creation itself (test_migrations, the
+    restart tests) use their own database URL."""
+    from cds_hooks_service.store import FeedbackStore
+
+    path = tmp_path_factory.mktemp("store-template") / "store.sqlite3"
+    FeedbackStore(f"sqlite:///{path}").engine.dispose()  # closing the last connection folds the WAL into the file
+    assert not path.with_name(path.name + "-wal").exists()
+    return path
+
+
 @pytest.fixture
-def make_settings(tmp_path, request):
+def make_settings(tmp_path, request, sqlite_store_template):
     from cds_hooks_service.config import Settings
     from cds_hooks_service.facts import parse_time
 
+    store = tmp_path / "store.sqlite3"
+
     def make(**overrides):
-        base = dict(database_url=f"sqlite:///{tmp_path / 'store.sqlite3'}", instance_dir=tmp_path,
+        if "database_url" not in overrides and not store.exists():
+            shutil.copyfile(sqlite_store_template, store)
+        base = dict(database_url=f"sqlite:///{store}", instance_dir=tmp_path,
                     suppression_secret=b"test-secret", fixed_now=parse_time(SCENARIO_NOW),
                     public_url="http://localhost",  # the test client's root: the JWT aud of the tests
                     fhir_servers=fixture_fhir_servers(request),
@@ -62,6 +82,31 @@ def app(make_app):
     return make_app()
 
 
+@pytest.fixture(scope="session")
+def shared_app(tmp_path_factory, rulebook, sqlite_store_template):
+    """One app per set of settings for the whole run, for the many cases (one per example, per scenario) that
+    only post a hook call and read the answer: an app costs about as much as the call. A test that changes
+    what the app holds (feedback, overrides, reloads, settings, a FHIR server) makes its own with make_app."""
+    from cds_hooks_service import create_app
+    from cds_hooks_service.config import Settings
+    from cds_hooks_service.facts import parse_time
+
+    apps: dict[tuple, object] = {}
+
+    def get(**overrides):
+        key = tuple(sorted(overrides.items()))
+        if key not in apps:
+            folder = tmp_path_factory.mktemp("shared-app")
+            shutil.copyfile(sqlite_store_template, folder / "store.sqlite3")
+            settings = dict(database_url=f"sqlite:///{folder / 'store.sqlite3'}", instance_dir=folder,
+                            suppression_secret=b"test-secret", fixed_now=parse_time(SCENARIO_NOW),
+                            public_url="http://localhost", listen_hosts=("127.0.0.1",))
+            apps[key] = create_app(Settings(**(settings | overrides)), rulebook=rulebook)
+        return apps[key]
+
+    return get
+
+
 @pytest.fixture
 def client(app):
     return app.test_client()
@@ -79,6 +124,7 @@ _SLOW_WORDS = ("GunicornService", "make_server(", "chromium", "playwright", "wrk
                "FaultServer", "fault_server", "simple_icd_10_cm")
 
 
+@functools.cache  # one function's source is read once per run (collection: every test names several)
 def _source(function) -> str:
     import inspect
 
@@ -88,7 +134,8 @@ def _source(function) -> str:
         return ""
 
 
-def _sources(function) -> list[str]:
+@functools.cache
+def _sources(function) -> tuple[str, ...]:
     """The function's source and that of the module-level functions and classes of its module it names."""
     import inspect
 
@@ -98,7 +145,7 @@ def _sources(function) -> list[str]:
         obj = getattr(function, "__globals__", {}).get(name)
         if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module and obj is not function:
             out.append(_source(obj))
-    return out
+    return tuple(out)
 
 
 def _uses_slow_parts(item) -> bool:

@@ -1,14 +1,19 @@
-"""Test helpers shared by the test modules: request bodies, posting, error assertions, large bodies.
+"""Test helpers shared by the test modules: request bodies, posting, error assertions, large bodies, the calls
+of the FHIR-server tests, TLS for the fault server, the Procfile command.
 
 Test modules import these from here (never from another test module).
 """
 from __future__ import annotations
 
 import json
+import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from cds_hooks_service.facts import parse_time
 from cds_hooks_service.scenarios import ENCOUNTER_ID, PATIENT_ID, USER_ID, expand_draft, expand_record, prefetch_for
+from tests.cds_checks import check_response
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO_NOW = "2026-03-01T12:00:00Z"
@@ -108,3 +113,89 @@ def load_patient(server, record, extra_conditions: int = 0) -> str:
                           "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "J06.9"}]}})
     server.load(resources)
     return patient
+
+
+# -- FHIR-server tests (tests/plugins/fault_server.py, the real FHIR server): a call that reads the record --------
+PATIENT = "pat-0a7f3c9e-do-not-show"
+TOKEN = "tok-Zq81xY-never-show-this"
+OPIOID = {"drug": "897745", "text": "hydromorphone 2 mg/mL injection", "route": "IV"}
+OPIOID_FOR_MIGRAINE = {**OPIOID, "reason": "G43.909"}  # fires on the draft alone
+OPIOID_RULE = "opioid-in-migraine"
+
+
+def hook_body(server_url: str, drafts=(OPIOID,), hook: str = "order-sign", token: str | None = TOKEN,
+              prefetch: dict | None = None) -> dict:
+    resources = [expand_draft(dict(d), i, NOW) for i, d in enumerate(drafts)]
+    for r in resources:
+        r["subject"] = {"reference": f"Patient/{PATIENT}"}
+    context = {"userId": "Practitioner/example", "patientId": PATIENT,
+               "draftOrders": {"resourceType": "Bundle", "type": "collection",
+                               "entry": [{"resource": r} for r in resources]}}
+    if hook == "order-select":
+        context["selections"] = [f"MedicationRequest/{resources[0]['id']}"]
+    body = {"hook": hook, "hookInstance": str(uuid.uuid4()), "fhirServer": server_url, "context": context}
+    if token:
+        body["fhirAuthorization"] = {"access_token": token, "token_type": "Bearer", "expires_in": 300,
+                                     "scope": "patient/*.read", "subject": "cds-service"}
+    if prefetch is not None:
+        body["prefetch"] = prefetch
+    return body
+
+
+@dataclass
+class Answer:
+    status: int
+    body: dict
+    elapsed: float
+
+    @property
+    def cards(self) -> list[dict]:
+        return self.body["cards"]
+
+    def not_completed(self) -> dict[str, dict]:
+        """check title -> the one "Check not completed" card (issue 9 §4: at most one per response, listing
+        every check it could not complete as "- <title>" lines)."""
+        cards = [c for c in self.cards if c["summary"].startswith("Check not completed: ")]
+        assert len(cards) <= 1, [c["summary"] for c in cards]
+        out = {}
+        for c in cards:
+            assert c["indicator"] == "info"
+            for line in c["detail"].split("\n"):
+                if line.startswith("- "):
+                    out[line[2:]] = c
+        return out
+
+
+def call(app, body: dict, url: str = SIGN) -> Answer:
+    client = app.test_client()
+    t0 = time.monotonic()
+    r = client.post(url, data=json.dumps(body), content_type="application/json")
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 200, r.get_data(as_text=True)
+    answer = Answer(r.status_code, r.get_json(), elapsed)
+    check_response(answer.body)
+    return answer
+
+
+def assert_shows_nothing_secret(text: str, *servers) -> None:
+    assert TOKEN not in text
+    assert PATIENT not in text
+    assert "http://" not in text and "https://" not in text.replace("https://migraine-med-safety.example.org", "")
+    for server in servers:
+        assert f":{server.port}" not in text and "127.0.0.1" not in text
+
+
+def assert_token_not_logged(caplog) -> None:
+    assert TOKEN not in caplog.text
+    for record in caplog.records:
+        assert TOKEN not in record.getMessage() and TOKEN not in repr(record.args)
+
+
+def patient_record(*items) -> list[dict]:
+    """Scenario-style record items (times relative to NOW) as resources of the fault tests' PATIENT."""
+    out = []
+    for i, item in enumerate(items):
+        r = expand_record(dict(item), i, NOW)
+        r["subject"] = {"reference": f"Patient/{PATIENT}"}
+        out.append(r)
+    return out

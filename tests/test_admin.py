@@ -49,13 +49,10 @@ def bearer(token: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def admin_rulebook():
-    """The real rulebook, with the ketamine rule switched to shadow mode."""
-    from cds_hooks_service.rulebook import load_rulebook
-
-    rb = load_rulebook(REPO / "rules", REPO / "cards")
-    rules = [dataclasses.replace(r, mode="shadow") if r.id == SHADOW_RULE else r for r in rb.rules]
-    return dataclasses.replace(rb, rules=rules)
+def admin_rulebook(rulebook):
+    """The real rulebook (the run's, not changed: a copy), with the ketamine rule switched to shadow mode."""
+    rules = [dataclasses.replace(r, mode="shadow") if r.id == SHADOW_RULE else r for r in rulebook.rules]
+    return dataclasses.replace(rulebook, rules=rules)
 
 
 @pytest.fixture

@@ -129,7 +129,7 @@ def test_one_edit_in_alternatives_yaml_applies_on_every_card_offering_it(rules_c
 
 
 def _shipped():
-    from tests.conftest import REPO
+    from tests.helpers import REPO
     return load_rulebook(REPO / "rules", REPO / "cards")
 
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cds_hooks_service.auth import AuthError, JwtVerifier, expected_audience
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.sandbox_client import (
     FIXTURES,
     SANDBOX_ISS,

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from cds_hooks_service.cli import main
-from tests.conftest import REPO, SCENARIO_NOW
+from tests.helpers import REPO, SCENARIO_NOW
 from tests.helpers import edit
 
 EXAMPLE = REPO / "fhir_examples/opioid-in-migraine/text-only-tall-man-name.order-sign.json"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.plugins.gunicorn_service import GunicornService, free_port
 
 DOCKERFILE = REPO / "Dockerfile"

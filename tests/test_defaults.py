@@ -13,14 +13,12 @@ from datetime import datetime, timezone
 
 import pytest
 
-from cds_hooks_service import create_app
 from cds_hooks_service.cli import main
 from cds_hooks_service.config import SANDBOX_ORIGIN, ConfigError, Settings
 from cds_hooks_service.ratelimit import FailureLimiter
-from tests.conftest import REPO
-from tests.plugins.gunicorn_service import GunicornService, cleaned_env, free_port
-from tests.test_api import SIGN, post, request_body
-from tests.test_slow_clients import procfile_command
+from tests.helpers import REPO
+from tests.plugins.gunicorn_service import GunicornService, cleaned_env, free_port, procfile_command
+from tests.helpers import SIGN, post, request_body
 
 ISSUERS = REPO / "tests/fixtures/sandbox/issuers-sandbox.json"
 TOKEN = "t" * 32
@@ -28,17 +26,17 @@ TOKEN = "t" * 32
 
 # -- open mode ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("hosts", [("0.0.0.0",), ("::",), ("127.0.0.1", "192.0.2.7"), ()])
-def test_open_mode_is_refused_off_loopback(make_settings, hosts):
+def test_open_mode_is_refused_off_loopback(make_app, hosts):
     with pytest.raises(ConfigError, match="open mode .* loopback only.*CDS_ALLOW_OPEN_MODE=1") as caught:
-        create_app(make_settings(listen_hosts=hosts))
+        make_app(listen_hosts=hosts)
     assert "\n" not in str(caught.value)
-    create_app(make_settings(listen_hosts=hosts, allow_open_mode=True))  # the operator said so
-    create_app(make_settings(listen_hosts=hosts, jwt_issuers_file=ISSUERS))  # JWT mode listens anywhere
+    make_app(listen_hosts=hosts, allow_open_mode=True)  # the operator said so
+    make_app(listen_hosts=hosts, jwt_issuers_file=ISSUERS)  # JWT mode listens anywhere
 
 
 @pytest.mark.parametrize("hosts", [("127.0.0.1",), ("::1",), ("[::1]",), ("localhost",), ("127.0.0.2", "::1")])
-def test_open_mode_on_loopback(make_settings, hosts):
-    assert create_app(make_settings(listen_hosts=hosts)).extensions["cds"].verifier is None
+def test_open_mode_on_loopback(make_app, hosts):
+    assert make_app(listen_hosts=hosts).extensions["cds"].verifier is None
 
 
 def test_serve_refuses_open_mode_on_all_interfaces_in_one_line(tmp_path):

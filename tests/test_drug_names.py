@@ -10,7 +10,7 @@ import yaml
 from cds_hooks_service.rulebook import RulebookError, load_rulebook
 from cds_hooks_service.sources import url_problem
 from cds_hooks_service.terminology import INGREDIENT_NAME, RXNORM
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 NAMES_FILE = REPO / "rules/terminology/drug-names.yaml"
 STRONG = "rx-strong-cyp3a4-inhibitors"

@@ -18,7 +18,7 @@ from fhir.resources.R4B.medicationrequest import MedicationRequest
 from cds_hooks_service.cli import main as cli
 from cds_hooks_service.examples import examples, shift_times
 from tests.cds_checks import check_response, topics
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.plugins.gunicorn_service import GunicornService
 
 EXAMPLES = REPO / "fhir_examples"
@@ -84,8 +84,8 @@ def test_shift_times_moves_date_times_and_dates_and_nothing_else():
 
 
 @pytest.mark.parametrize("example, hook", CASES, ids=[f"{e.rule_id}:{e.name}:{h}" for e, h in CASES])
-def test_example_request_answers_as_expected_with_todays_clock(make_app, example, hook):
-    client = make_app(fixed_now=None).test_client()  # the real clock, as in production
+def test_example_request_answers_as_expected_with_todays_clock(shared_app, example, hook):
+    client = shared_app(fixed_now=None).test_client()  # the real clock, as in production
     body = example.load(hook)
     for entry in body["context"]["draftOrders"]["entry"]:  # the drafts (and a Condition they cite) are strict R4 too
         resource = entry["resource"]

@@ -146,9 +146,9 @@ def test_no_budget_left_means_no_lookup_and_no_connection(make_fault_server, bud
 
 def test_a_trickling_https_server_is_cut_at_the_deadline(make_fault_server, tmp_path):
     """Over TLS too (the TLS socket replaces the plain one when it is wrapped): cut at the budget."""
-    from tests.test_ssrf import _tls_server
+    from tests.plugins.fault_server import tls_server
 
-    server = _tls_server(make_fault_server, tmp_path, "localhost")
+    server = tls_server(make_fault_server, tmp_path, "localhost")
     server.default = fs.trickle(5)
     client = FhirClient(f"https://localhost:{server.port}/fhir", TOKEN, ca_bundle=str(server.ca), read_timeout=10)
     fired = fhir_transport.WATCHDOG.fired

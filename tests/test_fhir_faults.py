@@ -54,94 +54,30 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 
 from cds_hooks_service.cards import markdown_escape
-from cds_hooks_service.facts import parse_time
 from cds_hooks_service.fhir_client import PLAIN_REASONS
 from cds_hooks_service.patient_data import DATA_LABELS
-from cds_hooks_service.scenarios import expand_draft, expand_record
-from tests.cds_checks import check_response, topics
-from tests.conftest import SCENARIO_NOW
+from cds_hooks_service.scenarios import expand_record
+from tests.cds_checks import topics
+from tests.helpers import (NOW, OPIOID_FOR_MIGRAINE, OPIOID_RULE, PATIENT, SELECT, SIGN, TOKEN, Answer,
+                           assert_shows_nothing_secret, assert_token_not_logged, call, hook_body, patient_record)
 from tests.plugins import fault_server as fs
 
-SIGN = "/cds-services/migraine-med-safety-sign"
-SELECT = "/cds-services/migraine-med-safety-select"
-NOW = parse_time(SCENARIO_NOW)
-PATIENT = "pat-0a7f3c9e-do-not-show"
-TOKEN = "tok-Zq81xY-never-show-this"
 BUDGET = 1.0  # CDS_TIME_BUDGET of the app in these tests (the slow faults use SLOW_BUDGET)
 SLOW_BUDGET = 0.3
 MARGIN = 0.5  # what the service may take on top of its time budget (rules, cards, the store)
 
-OPIOID = {"drug": "897745", "text": "hydromorphone 2 mg/mL injection", "route": "IV"}
-OPIOID_FOR_MIGRAINE = {**OPIOID, "reason": "G43.909"}  # fires on the draft alone
 DHE = {"drug": "3418", "text": "dihydroergotamine 1 mg IV", "route": "IV"}
 SUMATRIPTAN = {"drug": "37418", "text": "sumatriptan 6 mg SC", "route": "SC"}
-OPIOID_RULE = "opioid-in-migraine"
 DHE_RULES = ["dhe-contraindicated-condition", "dhe-cyp3a4-inhibitor", "dhe-triptan-ergot-24h", "dhe-vasopressor"]
 
 
 # ---------------------------------------------------------------- helpers
-
-def hook_body(server_url: str, drafts=(OPIOID,), hook: str = "order-sign", token: str | None = TOKEN,
-              prefetch: dict | None = None) -> dict:
-    resources = [expand_draft(dict(d), i, NOW) for i, d in enumerate(drafts)]
-    for r in resources:
-        r["subject"] = {"reference": f"Patient/{PATIENT}"}
-    context = {"userId": "Practitioner/example", "patientId": PATIENT,
-               "draftOrders": {"resourceType": "Bundle", "type": "collection",
-                               "entry": [{"resource": r} for r in resources]}}
-    if hook == "order-select":
-        context["selections"] = [f"MedicationRequest/{resources[0]['id']}"]
-    body = {"hook": hook, "hookInstance": str(uuid.uuid4()), "fhirServer": server_url, "context": context}
-    if token:
-        body["fhirAuthorization"] = {"access_token": token, "token_type": "Bearer", "expires_in": 300,
-                                     "scope": "patient/*.read", "subject": "cds-service"}
-    if prefetch is not None:
-        body["prefetch"] = prefetch
-    return body
-
-
-@dataclass
-class Answer:
-    status: int
-    body: dict
-    elapsed: float
-
-    @property
-    def cards(self) -> list[dict]:
-        return self.body["cards"]
-
-    def not_completed(self) -> dict[str, dict]:
-        """check title -> the one "Check not completed" card (issue 9 §4: at most one per response, listing
-        every check it could not complete as "- <title>" lines)."""
-        cards = [c for c in self.cards if c["summary"].startswith("Check not completed: ")]
-        assert len(cards) <= 1, [c["summary"] for c in cards]
-        out = {}
-        for c in cards:
-            assert c["indicator"] == "info"
-            for line in c["detail"].split("\n"):
-                if line.startswith("- "):
-                    out[line[2:]] = c
-        return out
-
-
-def call(app, body: dict, url: str = SIGN) -> Answer:
-    client = app.test_client()
-    t0 = time.monotonic()
-    r = client.post(url, data=json.dumps(body), content_type="application/json")
-    elapsed = time.monotonic() - t0
-    assert r.status_code == 200, r.get_data(as_text=True)
-    answer = Answer(r.status_code, r.get_json(), elapsed)
-    check_response(answer.body)
-    return answer
-
 
 def assert_names_exactly(text: str, keys: set[str], shown: str) -> None:
     """`text` gives the plain reason for every key in `keys` and names no other data."""
@@ -151,23 +87,9 @@ def assert_names_exactly(text: str, keys: set[str], shown: str) -> None:
         assert markdown_escape(DATA_LABELS[key]) not in text, (key, text)
 
 
-def assert_shows_nothing_secret(text: str, *servers) -> None:
-    assert TOKEN not in text
-    assert PATIENT not in text
-    assert "http://" not in text and "https://" not in text.replace("https://migraine-med-safety.example.org", "")
-    for server in servers:
-        assert f":{server.port}" not in text and "127.0.0.1" not in text
-
-
 def assert_token_only_as_bearer(server: fs.FaultServer) -> None:
     assert server.requests, "the FHIR server was never asked"
     assert {r.authorization for r in server.requests} == {f"Bearer {TOKEN}"}
-
-
-def assert_token_not_logged(caplog) -> None:
-    assert TOKEN not in caplog.text
-    for record in caplog.records:
-        assert TOKEN not in record.getMessage() and TOKEN not in repr(record.args)
 
 
 @pytest.fixture
@@ -389,15 +311,6 @@ def test_dhe_with_sumatriptan_drafted_fires_and_names_the_rest(fault_server, mak
 
 # ---------------------------------------------------------------- a fault on one key only
 
-def _record(*items) -> list[dict]:
-    out = []
-    for i, item in enumerate(items):
-        r = expand_record(dict(item), i, NOW)
-        r["subject"] = {"reference": f"Patient/{PATIENT}"}
-        out.append(r)
-    return out
-
-
 def test_one_failing_key_on_a_real_fhir_server_names_only_that_data(fault_server, fhir_server, make_app, caplog,
                                                                     rule_by_id):
     """Everything is read from the real FHIR server (sekmet) through the fault server, except the Observation
@@ -432,7 +345,7 @@ def test_a_fault_on_data_no_triggered_rule_needs_changes_nothing(fault_server, m
     """Observations fail and procedures are slow: the opioid rule's own logic does not need them (only ketorolac's
     contraindications read them), so the card is the ordinary one with no note and no "not completed" card;
     ketorolac, which could not be checked, is not offered, and the card says why in one line."""
-    migraine = _record({"condition": "G43.909", "display": "Migraine, unspecified"})
+    migraine = patient_record({"condition": "G43.909", "display": "Migraine, unspecified"})
     fault_server.default = fs.bundle_of({"Condition": migraine})
     fault_server.route("Observation", fs.status(500))
     fault_server.route("Procedure", fs.slow(5))
@@ -451,7 +364,7 @@ def test_prefetched_conditions_and_a_failing_server_for_the_rest(fault_server, m
     """Conditions are prefetched (migraine), the other keys are absent and the server fails: the opioid card
     fires from the prefetch; its own logic read all it needs (no note), and ketorolac, whose contraindications
     read the rest, is not offered, naming what could not be read."""
-    migraine = _record({"condition": "G43.909", "display": "Migraine, unspecified"})
+    migraine = patient_record({"condition": "G43.909", "display": "Migraine, unspecified"})
     prefetch = {"conditions": fs.searchset(migraine)}
     fault_server.default = fs.status(500)
     answer = call(make_app(time_budget=BUDGET), hook_body(fault_server.base_url, prefetch=prefetch))
@@ -485,7 +398,7 @@ def test_first_page_prefetched_rest_unreadable(fault_server, make_app, caplog, r
 def test_a_well_behaved_fault_server_gives_the_ordinary_answer(fault_server, make_app):
     """Control: the same request against the same server, answering properly, fires the opioid card and nothing
     else (so the fault tests above measure the faults, not the set-up)."""
-    migraine = _record({"condition": "G43.909", "display": "Migraine, unspecified"})
+    migraine = patient_record({"condition": "G43.909", "display": "Migraine, unspecified"})
     fault_server.default = fs.bundle_of({"Condition": migraine})
     answer = call(make_app(time_budget=BUDGET), hook_body(fault_server.base_url))
     assert topics(answer.body) == [OPIOID_RULE]

@@ -13,7 +13,7 @@ import pytest
 
 from cds_hooks_service import logs
 from tests import sandbox_client as sandbox
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.helpers import SIGN, post, request_body
 
 HOOK_INSTANCE = request_body()["hookInstance"]

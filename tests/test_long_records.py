@@ -19,7 +19,7 @@ from cds_hooks_service.patient_data import DATA_LABELS, FIRST_PAGE_ONLY, MAX_PAG
 from cds_hooks_service.scenarios import expand_record
 from tests.cds_checks import topics
 from tests.plugins import fault_server as fs
-from tests.test_fhir_faults import (NOW, OPIOID, OPIOID_FOR_MIGRAINE, OPIOID_RULE, PATIENT, _record,
+from tests.helpers import (NOW, OPIOID, OPIOID_FOR_MIGRAINE, OPIOID_RULE, PATIENT, patient_record,
                                     assert_shows_nothing_secret, assert_token_not_logged, call, hook_body)
 
 RECORD_SIZE = 5000
@@ -135,7 +135,7 @@ def test_prefetched_next_link_to_another_host_is_refused_and_said(fault_server, 
     """The first page's next link points to another host: nothing is sent there (not the token, not a request),
     the first page is used, and the answer says the rest could not be read because it lies outside fhirServer."""
     foreign = make_fault_server()
-    foreign.default = fs.bundle_of({"Condition": _record({"condition": "G43.909", "display": "Migraine"})})
+    foreign.default = fs.bundle_of({"Condition": patient_record({"condition": "G43.909", "display": "Migraine"})})
     page = fs.searchset([], next_url=f"{foreign.base_url}/Condition?patient={PATIENT}&page=2")
     fault_server.default = fs.bundle_of({})
     prefetch = {"conditions": page} | {k: EMPTY for k in OTHER_KEYS}
@@ -153,7 +153,7 @@ def test_prefetched_next_link_to_another_host_is_refused_and_said(fault_server, 
 def test_prefetched_first_page_without_fhir_server_is_used_and_said(make_app):
     """No fhirServer at all: the first page (which holds the migraine) is still evaluated rather than a 412, and
     the card says the conditions were only partly read."""
-    migraine = _record({"condition": "G43.909", "display": "Migraine"})
+    migraine = patient_record({"condition": "G43.909", "display": "Migraine"})
     page = fs.searchset(migraine, next_url="https://ehr.example.org/fhir/Condition?page=2")
     prefetch = {"conditions": page} | {k: EMPTY for k in OTHER_KEYS}
     body = hook_body("x", prefetch=prefetch, token=None)
@@ -169,7 +169,7 @@ def test_prefetched_first_page_without_fhir_server_is_used_and_said(make_app):
 def test_page_cap_keeps_the_newest_pages_and_says_so(fault_server, make_app, caplog):
     """Endless paging: the first MAX_PAGES pages are read; the migraine on page 1 fires the card, whose note says
     the conditions were only partly read; the log has the cap."""
-    migraine = _record({"condition": "G43.909", "display": "Migraine"})
+    migraine = patient_record({"condition": "G43.909", "display": "Migraine"})
 
     def endless(h):
         n = int(h.path.rsplit("page=", 1)[-1]) if "page=" in h.path else 0
@@ -189,7 +189,7 @@ def test_page_cap_keeps_the_newest_pages_and_says_so(fault_server, make_app, cap
 def test_pages_read_before_the_budget_ends_are_used(fault_server, make_app):
     """Page 1 (with the migraine) arrives at once, page 2 never does: the card fires from page 1 and says the
     conditions were only partly read; nothing is lost because a later page was slow."""
-    migraine = _record({"condition": "G43.909", "display": "Migraine"})
+    migraine = patient_record({"condition": "G43.909", "display": "Migraine"})
 
     def behaviour(h):
         if h.rtype != "Condition":

@@ -18,7 +18,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import sandbox_client as sandbox
-from tests.conftest import REPO, SCENARIO_NOW
+from tests.helpers import REPO, SCENARIO_NOW
 from tests.plugins.gunicorn_service import GunicornService, free_port, wait_for
 from tests.helpers import SIGN, post, request_body
 

@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import (
 
 from cds_hooks_service.openapi import document
 from cds_hooks_service.services import SERVICE_FOR_HOOK, SERVICES
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.helpers import HYDROMORPHONE, request_body
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

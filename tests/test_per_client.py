@@ -16,7 +16,7 @@ from cds_hooks_service.store import feedback as feedback_table
 from cds_hooks_service.store import issued_card
 from tests import sandbox_client as sandbox
 from tests.cds_checks import topics
-from tests.test_api import SELECT, SIGN, post, request_body
+from tests.helpers import SELECT, SIGN, post, request_body
 
 PUBLIC = "https://cds.example.org"
 ISS_B = "https://ehr-b.example.org"

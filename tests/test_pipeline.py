@@ -2,6 +2,7 @@
 the pharmacists' commands without Flask or SQLAlchemy."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -37,12 +38,11 @@ def test_each_finding_has_one_outcome_fired_excepted_or_not_fired(rulebook):
 
 
 def test_a_shadow_rule_is_counted_not_shown(rulebook):
-    rule = rulebook.get("opioid-in-migraine")
-    rule.mode = "shadow"
-    try:
-        result = call_service(SIGN, request_body(), rulebook=rulebook, store=None, settings=_settings())
-    finally:
-        rule.mode = "active"
+    # a copy with the rule in shadow mode: the run's rulebook is shared by every test and never changed
+    rules = [dataclasses.replace(r, mode="shadow") if r.id == "opioid-in-migraine" else r for r in rulebook.rules]
+    shadowed = dataclasses.replace(rulebook, rules=rules)
+    assert shadowed.get("opioid-in-migraine").mode == "shadow" and rulebook.get("opioid-in-migraine").mode == "active"
+    result = call_service(SIGN, request_body(), rulebook=shadowed, store=None, settings=_settings())
     (finding,) = result.findings
     assert finding.outcome == SHADOW and result.response["cards"] == []
 

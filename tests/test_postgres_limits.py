@@ -13,7 +13,7 @@ from sqlalchemy import select
 from cds_hooks_service.store import issued_card
 from tests import sandbox_client as sandbox
 from tests.cds_checks import topics
-from tests.test_api import SIGN, post, request_body
+from tests.helpers import SIGN, post, request_body
 
 PUBLIC = "https://cds.example.org"
 METRICS_TOKEN = "m" * 40

@@ -16,7 +16,7 @@ from cds_hooks_service.scenarios import expand_draft
 from cds_hooks_service.services import (MAX_QUERY_CHARS, R4_STATUSES, parse_template, prefetch_problems,
                                         read_statuses, render_query)
 from tests.cds_checks import check_response, topics
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.helpers import NOW, SIGN, load_patient, post
 
 # The observations template as it was typed by hand before (3 of the 27 pregnancy-test codes).

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from cds_hooks_service import create_app, runtime as runtime_module
-from tests.conftest import REPO, SCENARIO_NOW
+from tests.helpers import REPO, SCENARIO_NOW
 from tests.plugins.gunicorn_service import GunicornService, wait_for
 
 SIGN = "/cds-services/migraine-med-safety-sign"

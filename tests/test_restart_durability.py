@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, SCENARIO_NOW
+from tests.helpers import REPO, SCENARIO_NOW
 from tests.plugins.gunicorn_service import GunicornService, wait_for
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")

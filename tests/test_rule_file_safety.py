@@ -17,8 +17,8 @@ import pytest
 
 from cds_hooks_service import cli, create_app
 from cds_hooks_service.rulebook import RulebookError, load_rulebook
-from tests.conftest import REPO
-from tests.test_api import SIGN, post, request_body
+from tests.helpers import REPO
+from tests.helpers import SIGN, post, request_body
 
 RULE = "opioid-in-migraine"
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cds_hooks_service.rulebook import Located, RulebookError, Suggestion, load_rulebook
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.helpers import edit
 
 

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from cds_hooks_service.examples import examples
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.plugins.gunicorn_service import GunicornService, cleaned_env
 from tests.sandbox_client import feedback_request, sandbox_auth_header
 

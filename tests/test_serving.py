@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from cds_hooks_service import logs, serving
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.plugins.gunicorn_service import GunicornService, cleaned_env, free_port
 
 ISSUERS = REPO / "tests/fixtures/sandbox/issuers-sandbox.json"
@@ -200,8 +200,8 @@ def test_gevent_workers_with_postgresql(tmp_path, fresh_postgres_url):
 
     import requests
 
-    from tests.conftest import SCENARIO_NOW
-    from tests.test_api import SIGN, request_body
+    from tests.helpers import SCENARIO_NOW
+    from tests.helpers import SIGN, request_body
 
     env = dict(DATABASE_URL=fresh_postgres_url,
                CDS_FIXED_NOW=SCENARIO_NOW)
@@ -236,7 +236,7 @@ def test_a_slow_fhir_server_does_not_hold_up_the_worker(tmp_path, fault_server):
     import requests
 
     from tests.plugins.fault_server import slow
-    from tests.test_fhir_faults import hook_body
+    from tests.helpers import hook_body
 
     fault_server.default = slow(1.0)
     env = dict(CDS_FHIR_SERVERS=fault_server.base_url, CDS_TIME_BUDGET="3", CDS_FHIR_READ_TIMEOUT="2.5")
@@ -279,7 +279,7 @@ def test_the_fhir_deadline_holds_under_gevent_workers(tmp_path, fault_server):
     import requests
 
     from tests.plugins.fault_server import trickle
-    from tests.test_fhir_faults import hook_body
+    from tests.helpers import hook_body
 
     fault_server.default = trickle(8.0)
     with GunicornService(tmp_path, dict(CDS_FHIR_SERVERS=fault_server.base_url), workers=1) as service:

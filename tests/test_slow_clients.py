@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import select
-import shlex
 import socket
 import statistics
 import sys
@@ -26,9 +25,9 @@ import pytest
 import requests
 
 from tests import sandbox_client as sandbox
-from tests.conftest import REPO, SCENARIO_NOW
-from tests.plugins.gunicorn_service import GunicornService
-from tests.test_api import SIGN, request_body
+from tests.helpers import REPO, SCENARIO_NOW
+from tests.plugins.gunicorn_service import GunicornService, procfile_command
+from tests.helpers import SIGN, request_body
 
 ISSUERS = REPO / "tests/fixtures/sandbox/issuers-sandbox.json"
 BODY_TIMEOUT = 2.0
@@ -36,18 +35,6 @@ KEEPALIVE = 5.0  # gunicorn.conf.py: also the time a request's headers may take
 SLOW_HEADERS, SLOW_POSTS = 64, 16
 ATTACK_SECONDS = 10.0
 BIG = 5_000_000  # under the 5 MiB body limit: the server has to read (or drain) it
-
-
-def procfile_command() -> tuple[dict[str, str], list[str]]:
-    """The Procfile's web command: (environment assignments, argv with the program resolved in this venv)."""
-    line = next(line for line in (REPO / "Procfile").read_text().splitlines() if line.startswith("web:"))
-    tokens = shlex.split(line[len("web:"):])
-    env = {}
-    while tokens and "=" in tokens[0] and not tokens[0].startswith("-"):
-        name, value = tokens.pop(0).split("=", 1)
-        env[name] = value
-    program = Path(sys.executable).parent / tokens[0]
-    return env, [str(program), *tokens[1:]]
 
 
 def launched(tmp: Path, how: str, env: dict[str, str] | None = None) -> GunicornService:

@@ -13,7 +13,7 @@ from cds_hooks_service.rulebook import RulebookError, load_rulebook
 from cds_hooks_service.scenarios import load_scenarios, scenario_file
 from cds_hooks_service.services import SERVICE_FOR_HOOK
 from cds_hooks_service.sources import url_problem
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # clinical.md §3.0, verbatim: the only hosts a card may link to (over https).
 PRIMARY_HOSTS = {
@@ -73,7 +73,8 @@ def test_every_rule_card_carries_its_sources_from_the_sources_file(rulebook):
 
 @pytest.mark.parametrize("path", sorted((REPO / "fhir_examples").glob("*/*.order-*.json")),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_example_requests_get_only_primary_links(client, path):
+def test_example_requests_get_only_primary_links(shared_app, path):
+    client = shared_app().test_client()
     body = json.loads(path.read_text())
     service = SERVICE_FOR_HOOK[body["hook"]]
     r = client.post(f"/cds-services/{service.id}", json=body)

@@ -22,7 +22,7 @@ from cds_hooks_service.fhir_servers import (FhirServerRefused, address_allowed, 
                                             normalise_base_url, parse_server_list, parse_target, pick_address)
 from tests.plugins import fault_server as fs
 from tests.sandbox_client import mint_jwt
-from tests.test_fhir_faults import OPIOID_FOR_MIGRAINE, PATIENT, SIGN, TOKEN, hook_body
+from tests.helpers import OPIOID_FOR_MIGRAINE, PATIENT, SIGN, TOKEN, hook_body
 
 INTERNAL_SECRET = "HIV antiretroviral therapy; pregnancy test positive"
 
@@ -335,48 +335,9 @@ def test_helpers_normalise_and_refuse():
 
 # ---------------------------------------------------------------- https: the pinned address keeps SNI and the name check
 
-def _self_signed(tmp_path, name: str):
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 @pytest.fixture
 def tls_fault_server(make_fault_server, tmp_path):
-    return _tls_server(make_fault_server, tmp_path, "fhir.test")
-
-
-def _tls_server(make_fault_server, tmp_path, name):
-    """The fault server behind TLS with a certificate for ``name`` (only); records the SNI it was sent."""
-    import ssl
-
-    server = make_fault_server()
-    cert, key = _self_signed(tmp_path, name)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.sni = []
-    context.sni_callback = lambda sock, name, ctx: server.sni.append(name)
-    httpd = server._httpd
-    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    server.ca = cert
-    return server
+    return fs.tls_server(make_fault_server, tmp_path, "fhir.test")
 
 
 def test_https_to_the_pinned_address_keeps_sni_host_and_certificate_check(tls_fault_server):
@@ -413,7 +374,7 @@ def test_https_certificate_for_another_name_is_refused(tls_fault_server):
 def test_service_reads_a_trusted_https_server_with_the_configured_ca(make_app, make_fault_server, tmp_path):
     """End to end, no injected DNS: a hook call reads https://localhost:PORT/fhir (listed), verifying its
     certificate against CDS_FHIR_CA_BUNDLE; SNI and Host are the name."""
-    server = _tls_server(make_fault_server, tmp_path, "localhost")
+    server = fs.tls_server(make_fault_server, tmp_path, "localhost")
     server.default = fs.bundle_of({"Condition": [{"resourceType": "Condition", "id": "m",
                                                   "subject": {"reference": f"Patient/{PATIENT}"},
                                                   "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.plugins.gunicorn_service import cleaned_env, free_port, wait_for
 
 pytestmark = pytest.mark.slow

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -184,3 +185,15 @@ class GunicornService:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def procfile_command() -> tuple[dict[str, str], list[str]]:
+    """The Procfile's web command: (environment assignments, argv with the program resolved in this venv)."""
+    line = next(line for line in (REPO / "Procfile").read_text().splitlines() if line.startswith("web:"))
+    tokens = shlex.split(line[len("web:"):])
+    env = {}
+    while tokens and "=" in tokens[0] and not tokens[0].startswith("-"):
+        name, value = tokens.pop(0).split("=", 1)
+        env[name] = value
+    program = Path(sys.executable).parent / tokens[0]
+    return env, [str(program), *tokens[1:]]
