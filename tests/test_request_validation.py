@@ -60,6 +60,7 @@ def _authority(validator, instance) -> bool:
     return next(iter(validator.iter_errors(instance)), None) is None
 
 
+@pytest.mark.slow  # ~10 s of hypothesis examples: in the full suite, not in the fast loop
 @pytest.mark.parametrize("hook", ["order-sign", "order-select"])
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(path=st.sampled_from(PATHS), value=JSON, delete=st.booleans(),
