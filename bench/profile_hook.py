@@ -73,7 +73,7 @@ def main() -> int:
     validators = load_validators()
     tmp = Path(tempfile.mkdtemp(prefix="cds-profile-"))
     settings = Settings(suppression_secret=b"bench", fixed_now=now, database_url=f"sqlite:///{tmp}/store.sqlite3",
-                        instance_dir=tmp)
+                        instance_dir=tmp, listen_hosts=("127.0.0.1",))
     app = create_app(settings, rulebook=rulebook)
     store = app.extensions["cds"].store
     gc.collect()

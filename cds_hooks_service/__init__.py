@@ -58,6 +58,11 @@ def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
         # CDS_BODY_TIMEOUT): a client that trickles its body gets its answer then, and gunicorn closes.
         if request.content_length and request.content_length <= settings.max_body_bytes:
             stream = request.stream
+            try:  # the whole body read already (every hook call): no 64 KiB read buffer for nothing
+                if stream.tell() >= request.content_length:
+                    return response
+            except (AttributeError, OSError):  # a stream that cannot tell: drain as below
+                pass
             try:
                 while stream.read(1 << 16):
                     pass

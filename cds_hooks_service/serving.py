@@ -320,6 +320,9 @@ def hold_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
 
 
+GC_GEN0_THRESHOLD = 10_000  # young-generation threshold in the workers (Python's default: 700)
+
+
 def start_worker(app) -> None:
     """Worker, app loaded: SIGHUP reloads the rules in-process; a thread watches the rule files; the
     long-lived rule objects leave the garbage collector's sight."""
@@ -340,6 +343,10 @@ def start_worker(app) -> None:
     # measured: large-request p99 56 -> 9 ms once full collections stop walking the rules and templates
     gc.collect()
     gc.freeze()
+    # A 121 KB request parses into ~10,000 containers that live for the call: at Python's default of 700
+    # they set off ~3 young collections per call (0.1 ms of CPU); at GC_GEN0_THRESHOLD, none. The call's
+    # objects are freed by reference counting when it ends, so the young generation stays small.
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _on_native_thread(pool):

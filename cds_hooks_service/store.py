@@ -217,6 +217,7 @@ class FeedbackStore:
         # load with 2 gunicorn workers: p99 in the hundreds of ms), the kernel hands the flock over at once.
         self._writer = self.engine.execution_options(cds_write=True)
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
+        self._fast_sqlite = _SqliteCardWriter(self.engine.dialect) if self.dialect == "sqlite" else None
         self._purge_lock = threading.Lock()
         self._last_purge = 0.0
         with self._write() as conn:
@@ -340,9 +341,17 @@ class FeedbackStore:
         """Record issued cards in one write transaction (the hot path: one checkout per hook call).
 
         With ``skip_overridden_since``, cards whose suppression key received an "overridden" outcome
-        for a card issued since then are not recorded; their keys are returned (not to be shown)."""
+        for a card issued since then are not recorded; their keys are returned (not to be shown).
+
+        The cards are committed before this returns (so before the hook call is answered): a crash of the
+        process after the answer loses none. On SQLite the transaction runs on the pooled DB-API connection
+        with statements rendered once (``_issue_cards_sqlite``: ~0.1 ms instead of ~0.4-0.9 ms of CPU through
+        SQLAlchemy's execution layer); the columns are bound by the table's own types, so the rows are the
+        same."""
         if not cards:
             return set()
+        if self._fast_sqlite is not None:
+            return self._issue_cards_sqlite(cards, skip_overridden_since)
         overridden: set[str] = set()
         with self._write() as conn:
             if skip_overridden_since is not None:
@@ -352,6 +361,41 @@ class FeedbackStore:
             rows = [self._card_row(c) for c in cards if c.suppression_key not in overridden]
             if rows:
                 conn.execute(self._insert_cards, rows)
+        return overridden
+
+    def _issue_cards_sqlite(self, cards: list[IssuedCard], since: datetime | None) -> set[str]:
+        """issue_cards on SQLite: BEGIN IMMEDIATE, the override look-up, the insert and COMMIT on the pooled
+        DB-API connection (same locks as ``_write``), with the SQL and the type conversions prepared once."""
+        fast = self._fast_sqlite
+        keys = sorted({c.suppression_key for c in cards})
+        with self._write_lock:
+            if self._lock_file is not None:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            try:
+                conn = self.engine.raw_connection()
+                try:
+                    cursor = conn.cursor()
+                    cursor.execute("BEGIN IMMEDIATE")
+                    try:
+                        overridden: set[str] = set()
+                        for i in range(0, len(keys), _IN_CHUNK) if since is not None else ():
+                            chunk = keys[i:i + _IN_CHUNK]
+                            overridden.update(row[0] for row in cursor.execute(
+                                fast.overridden_sql(len(chunk)), (*chunk, fast.time(_utc(since)))))
+                        rows = [fast.row(c) for c in cards if c.suppression_key not in overridden]
+                        if rows:
+                            cursor.executemany(fast.insert_sql, rows)
+                        cursor.execute("COMMIT")
+                    except BaseException:
+                        cursor.execute("ROLLBACK")
+                        raise
+                    finally:
+                        cursor.close()
+                finally:
+                    conn.close()  # back to the pool
+            finally:
+                if self._lock_file is not None:
+                    fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         return overridden
 
     # -- reads ------------------------------------------------------------
@@ -435,6 +479,34 @@ class FeedbackStore:
         if self._lock_file is not None:
             os.close(self._lock_file)
             self._lock_file = None
+
+
+class _SqliteCardWriter:
+    """The hot path's SQL for SQLite, rendered once from the tables, and the row values bound by the columns'
+    own types (UTCDateTime: naive UTC text in SQLAlchemy's format), so rows equal those SQLAlchemy writes."""
+
+    COLUMNS = ("card_uuid", "rule_id", "service_id", "client_id", "hook_instance", "indicator", "mode",
+               "suppression_key", "issued_at")
+
+    def __init__(self, dialect):
+        if [c.name for c in issued_card.columns] != list(self.COLUMNS):  # the metadata is the source of truth
+            raise RuntimeError("cds_issued_card's columns changed: update _SqliteCardWriter.COLUMNS and row()")
+        self.insert_sql = (f"INSERT INTO {issued_card.name} ({', '.join(self.COLUMNS)}) VALUES "
+                           f"({', '.join('?' * len(self.COLUMNS))}) ON CONFLICT (card_uuid) DO NOTHING")
+        self.time = issued_card.c.issued_at.type.dialect_impl(dialect).bind_processor(dialect)
+        self._overridden: dict[int, str] = {}
+
+    def overridden_sql(self, n: int) -> str:
+        sql = self._overridden.get(n)
+        if sql is None:
+            sql = self._overridden[n] = (
+                f"SELECT DISTINCT suppression_key FROM {override.name} WHERE suppression_key IN "
+                f"({', '.join('?' * n)}) AND issued_at >= ?")
+        return sql
+
+    def row(self, c: IssuedCard) -> tuple:
+        return (c.card_uuid, c.rule_id, c.service_id, c.client_id, c.hook_instance, c.indicator, c.mode,
+                c.suppression_key, self.time(c.issued_at))
 
 
 def _sqlite_on_connect(dbapi_conn, _record) -> None:
