@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 
 from .terminology import Concept, DrugMatch, Terminology, concept
@@ -213,6 +214,27 @@ def codeable_concepts(value: object) -> tuple[list[Concept], list[str]]:
                 if isinstance(coding.get("display"), str):
                     texts.append(coding["display"])
     return concepts, texts
+
+
+@lru_cache(maxsize=256)
+def bare_codes(concepts: frozenset[Concept]) -> frozenset[str]:
+    """The code strings of ``concepts``, also without dots (a coding may write ICD-10 "G43.909" as "G43909"):
+    a resource none of whose codings has one of these strings matches none of the concepts. (A frozenset keeps
+    its hash, so the look-up per resource is one dictionary probe.)"""
+    return frozenset(c for _, code in concepts for c in (code, code.replace(".", "")))
+
+
+def may_match(value: object, codes: frozenset[str]) -> bool:
+    """Whether a CodeableConcept (or a list of them) has a coding whose bare code is in ``codes``: the cheap
+    test that lets the index skip a resource without building its concepts."""
+    for cc in as_list(value):
+        if isinstance(cc, dict):
+            for coding in as_list(cc.get("coding")):
+                if isinstance(coding, dict):
+                    code = coding.get("code")
+                    if isinstance(code, str) and code.strip() in codes:
+                        return True
+    return False
 
 
 def _ref(value: object) -> str | None:
@@ -502,6 +524,8 @@ class Normaliser:
     @staticmethod
     def condition(r: dict, relevant: frozenset[Concept] | None = None) -> ConditionFact | None:
         """None for conditions that are refuted or entered in error, or coded in no value set of interest."""
+        if relevant is not None and not may_match(r.get("code"), bare_codes(relevant)):
+            return None
         concepts, texts = codeable_concepts(r.get("code"))
         if relevant is not None and relevant.isdisjoint(concepts):
             return None
@@ -527,8 +551,13 @@ class Normaliser:
         with one of these concepts (the resource is skipped after a look-up of its codes when none is)."""
         if r.get("status") not in _OBS_STATUSES:
             return []
-        if relevant is not None and relevant.isdisjoint(_observation_codes(r)):
-            return []
+        if relevant is not None:
+            codes = bare_codes(relevant)
+            if not may_match(r.get("code"), codes) and not any(
+                    isinstance(c, dict) and may_match(c.get("code"), codes) for c in as_list(r.get("component"))):
+                return []
+            if relevant.isdisjoint(_observation_codes(r)):
+                return []
         time = parse_time(r.get("effectiveDateTime")) or parse_time(
             (r.get("effectivePeriod") or {}).get("end") if isinstance(r.get("effectivePeriod"), dict) else None
         ) or parse_time(r.get("issued"))
@@ -544,6 +573,8 @@ class Normaliser:
     @staticmethod
     def procedure(r: dict, relevant: frozenset[Concept] | None = None) -> ProcedureFact | None:
         if r.get("status") in ("entered-in-error", "not-done", "preparation"):
+            return None
+        if relevant is not None and not may_match(r.get("code"), bare_codes(relevant)):
             return None
         concepts, texts = codeable_concepts(r.get("code"))
         if relevant is not None and relevant.isdisjoint(concepts):

@@ -46,9 +46,7 @@ class RuleConcepts:
         if cached is None:
             kinds: dict[str, set[Concept]] = {"medication": set(), "condition": set(), "observation": set(),
                                               "procedure": set()}
-            for rule in rules:
-                for trigger in rule.triggers:
-                    kinds["medication"] |= trigger.drafted
+            for rule in rules:  # (a trigger's drugs are matched against the drafts, which are always normalised)
                 for c in rule.checks.values():
                     if c.kind in ("medication", "drafted"):
                         kinds["medication"] |= c.valueset

@@ -41,6 +41,7 @@ _SYSTEM_ALIASES = {
 }
 
 Concept = tuple[str, str]
+RECOGNISED_CACHE_SIZE = 4096  # medications recognised, kept per (codings, texts) for the look-ups that follow
 
 
 def concept(system: object, code: object) -> Concept | None:
@@ -92,6 +93,7 @@ class Terminology:
             | {(RXNORM, code) for code in ingredient_names})
         pattern = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
         self._name_re = re.compile(rf"(?<![\w.])(?:{pattern})(?![\w])") if names else None
+        self._recognised: dict[tuple, DrugMatch] = {}
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -140,7 +142,19 @@ class Terminology:
 
     # -- look-ups ------------------------------------------------------------------------------
     def recognise(self, codings: list[Concept], texts: list[str]) -> DrugMatch:
-        """Recognise a medication from its codings (any RxNorm level) and, failing that, its names."""
+        """Recognise a medication from its codings (any RxNorm level) and, failing that, its names. A record
+        names the same few drugs again and again: the answer is kept per (codings, texts), up to
+        RECOGNISED_CACHE_SIZE of them (the terminology is immutable, a reload makes a new one)."""
+        key = (tuple(codings), tuple(texts))
+        match = self._recognised.get(key)
+        if match is None:
+            match = self._recognise(codings, texts)
+            if len(self._recognised) >= RECOGNISED_CACHE_SIZE:
+                self._recognised.clear()
+            self._recognised[key] = match
+        return match
+
+    def _recognise(self, codings: list[Concept], texts: list[str]) -> DrugMatch:
         concepts = set(codings)
         dose_form = None
         for system, code in codings:

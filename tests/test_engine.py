@@ -148,6 +148,47 @@ def test_a_call_indexes_only_what_the_rules_triggered_by_its_drafts_can_match(ru
     assert seen == [opioid]
 
 
+def test_a_triggers_drugs_are_not_looked_for_in_the_record(rulebook):
+    # the opioid rule triggers on a drafted opioid; no check of it reads the record's opioids, so a record's
+    # morphine is skipped after a look-up, while its ibuprofen (ketorolac's NSAID contraindication) is read
+    hydromorphone, ibuprofen = (RXNORM, "3423"), (RXNORM, "5640")
+    opioid = RuleConcepts.of(rulebook, [rulebook.get("opioid-in-migraine")])
+    assert hydromorphone not in opioid.medications and ibuprofen in opioid.medications
+    normaliser = Normaliser(rulebook.terminology)
+    record = _resources([{"given": "7052", "text": "morphine 4 mg IV", "route": "IV", "at": "-3h"},
+                         {"given": "5640", "text": "ibuprofen 400 mg", "route": "PO", "at": "-3h"}])
+    index = RecordIndex(record, normaliser, draft_facts({}, normaliser)[1], [], opioid)
+    assert [m.display for m in index.medications.facts] == ["ibuprofen 400 mg"]
+
+
+def test_the_cheap_code_test_never_skips_a_resource_that_matches():
+    # the index skips a resource whose codings' bare codes hit no concept before building its concepts: an
+    # ICD-10 code written without its dot, or a code with spaces around it, must still match
+    relevant = frozenset({(ICD10CM, "G43.909")})
+    for code in ("G43.909", "G43909", " G43.909 "):
+        condition = {"resourceType": "Condition", "id": "c", "code": {"coding": [{"system": ICD10CM, "code": code}]}}
+        assert Normaliser.condition(condition, relevant) is not None, code
+    other = {"resourceType": "Condition", "id": "c", "code": {"coding": [{"system": ICD10CM, "code": "I10"}]}}
+    assert Normaliser.condition(other, relevant) is None
+    egfr = frozenset({("http://loinc.org", "62238-1")})
+    panel = {"resourceType": "Observation", "status": "final", "code": {"coding": [{"code": "x-panel"}]},
+             "component": [{"code": {"coding": [{"system": "http://loinc.org", "code": "62238-1"}]},
+                            "valueQuantity": {"value": 22}}]}
+    assert [o.value for o in Normaliser.observations(panel, egfr)] == [22.0]  # found in a component
+
+
+def test_recognised_medications_are_kept_per_codings_and_texts_within_a_bound(rulebook):
+    from cds_hooks_service import terminology
+
+    t = rulebook.terminology
+    first = t.recognise([(RXNORM, "999999999")], ["D.H.E. 45 injection"])
+    assert t.recognise([(RXNORM, "999999999")], ["D.H.E. 45 injection"]) is first  # kept
+    assert t.recognise([(RXNORM, "999999999")], ["sumatriptan"]).concepts != first.concepts  # texts are in the key
+    for i in range(terminology.RECOGNISED_CACHE_SIZE + 10):
+        t.recognise([(RXNORM, str(i))], [])
+    assert len(t._recognised) <= terminology.RECOGNISED_CACHE_SIZE
+
+
 # -- the engine ------------------------------------------------------------------------------------------
 def test_evidence_lists_at_most_the_limit_newest_first_and_counts_the_rest(rulebook):
     record = [{"given": "37418", "text": "sumatriptan 6 mg SC", "route": "SC", "at": f"-{h}h"} for h in range(1, 26)]
