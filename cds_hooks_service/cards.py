@@ -603,8 +603,9 @@ def _suggestion(s, finding, card_uuid, patient_id, encounter_id, user_id, altern
 
 
 def unrecommend_cancellation(suggestion: dict) -> None:
-    """Cancelling the order (a suggestion that only deletes) is recommended on critical cards only."""
-    if suggestion.get("isRecommended") and all(a["type"] == "delete" for a in suggestion["actions"]):
+    """Cancelling the order (a suggestion that deletes it, alone or to replace it) is recommended on critical
+    cards only (issue 9 §3): on a warning or info card the clinician's order is not the service's to undo."""
+    if suggestion.get("isRecommended") and any(a["type"] == "delete" for a in suggestion["actions"]):
         del suggestion["isRecommended"]
 
 
