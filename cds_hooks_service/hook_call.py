@@ -289,6 +289,7 @@ def render(decision: Decision, card_ids: dict[int, str], *, rulebook: Rulebook, 
     cards = []
     offered_labels: set[str] = set()
     offered_actions: set[tuple] = set()
+    created: dict[str, str] = {}  # alternatives offered on a card of this response -> that card's rule title
     critical = 0
     lead_summary: dict[str, str] = {}
     merged = [m for m in decision.findings if m.outcome == MERGED]
@@ -305,7 +306,7 @@ def render(decision: Decision, card_ids: dict[int, str], *, rulebook: Rulebook, 
                     ("s" if len(others) > 1 else "") + "): " + markdown_escape("; ".join(others)) + "."
         if first is f:
             lead_summary[f.draft.ref] = card["summary"]
-        if _offer_once(card, offered_labels, offered_actions, f.draft) and first is not f:
+        if _offer_once(card, offered_labels, offered_actions, f.draft, created, f.rule.title) and first is not f:
             card["detail"] = card.get("detail", "") + "\n\n_The actions for this order are on the card \u201c" + \
                 markdown_escape(lead_summary.get(f.draft.ref, first.rule.title)) + "\u201d._"
         if card["indicator"] == "critical":
@@ -341,14 +342,29 @@ def _add_mirror_suggestions(card: dict, f: Finding, merged: list[Finding], ctx: 
                 card["selectionBehavior"] = f.rule.selection_behavior
 
 
-def _offer_once(card: dict, labels: set[str], actions: set[tuple], draft: MedicationFact) -> bool:
+def _offer_once(card: dict, labels: set[str], actions: set[tuple], draft: MedicationFact,
+                created: dict[str, str] | None = None, title: str = "") -> bool:
     """Drop the suggestions whose actions an earlier card of the response already offers; a label already
-    used for other actions (the same alternative for another drafted order) names its order. Returns whether
-    any suggestion was dropped."""
+    used for other actions (the same alternative for another drafted order) names its order. An alternative
+    that an earlier card already offers to create (``created``: medication -> that card's rule title) is not
+    offered again: one order of it is enough whichever card it is accepted on, so this card offers to remove
+    its own order instead, naming the card that offers the alternative (a suggestion that only adds it is
+    dropped). Returns whether any suggestion was dropped."""
+    created = {} if created is None else created
     kept, dropped = [], False
     for s in card.get("suggestions", []):
-        signature = tuple(sorted((a["type"], a.get("resourceId") or orjson.dumps(
-            (a.get("resource") or {}).get("medicationCodeableConcept")).decode()) for a in s.get("actions", [])))
+        makes = {_created_key(a): a for a in s.get("actions", []) if a["type"] == "create"}
+        already = [k for k in makes if k in created]
+        if already:
+            deletes = [a for a in s["actions"] if a["type"] == "delete"]
+            if not deletes:
+                dropped = True
+                continue
+            s = {k: v for k, v in s.items() if k not in ("isRecommended", "actions", "label")} | {
+                "label": f"Remove {draft.display} (the alternative is offered on the card "
+                         f"\u201c{created[already[0]]}\u201d)"[:240],
+                "actions": deletes}
+        signature = tuple(sorted((a["type"], a.get("resourceId") or _created_key(a)) for a in s.get("actions", [])))
         if signature in actions:
             dropped = True
             continue
@@ -360,12 +376,21 @@ def _offer_once(card: dict, labels: set[str], actions: set[tuple], draft: Medica
         labels.add(s["label"])
         actions.add(signature)
         kept.append(s)
+    for s in kept:
+        for a in s.get("actions", []):
+            if a["type"] == "create":
+                created.setdefault(_created_key(a), title or card["summary"])
     if kept:
         card["suggestions"] = kept
     elif "suggestions" in card:
         del card["suggestions"]
         card.pop("selectionBehavior", None)
     return dropped
+
+
+def _created_key(action: dict) -> str:
+    """What a create action orders (its medication), whatever the card's label for it."""
+    return orjson.dumps((action.get("resource") or {}).get("medicationCodeableConcept")).decode()
 
 
 def _finding_card(f: Finding, card_id: str, ctx: HookContext, rulebook: Rulebook, unavailable: dict) -> dict:

@@ -87,22 +87,6 @@ def test_dhe_and_sumatriptan_drafted_together_is_one_card(make_app, tmp_path):
         store.close()
 
 
-def test_same_alternative_for_two_drafted_orders_names_each_order(make_app):
-    """DHE with CAD and an opioid for migraine: both cards may offer prochlorperazine, but for different orders:
-    each keeps its own button, its label naming the order it replaces."""
-    hydromorphone = {"drug": "897745", "text": "hydromorphone 2 MG/ML Injectable Solution", "route": "IV",
-                     "reason": "G43.909"}
-    record = [{"condition": "I25.10", "display": "Atherosclerotic heart disease"},
-              {"condition": "G43.909", "display": "Migraine, unspecified"}]
-    cards = _cards(post(make_app().test_client(), SIGN, request_body(drafts=[DHE, hydromorphone], record=record)))
-    labels = [s["label"] for c in cards for s in c.get("suggestions", [])]
-    assert len(labels) == len(set(labels))
-    prochlorperazine = [(c["source"]["topic"]["code"], s) for c in cards for s in c.get("suggestions", [])
-                        if "prochlorperazine" in s["label"]]
-    assert {rule for rule, _ in prochlorperazine} == {"dhe-contraindicated-condition", "opioid-in-migraine"}
-    assert len({_signature(s) for _, s in prochlorperazine}) == 2
-
-
 def test_times_in_the_display_zone_with_the_zone_named(make_app, monkeypatch):
     client = make_app().test_client()
     record = [dict(SUMATRIPTAN_GIVEN, at="-3h")]
@@ -120,3 +104,25 @@ def test_an_unknown_display_zone_stops_the_service_at_start(monkeypatch):
     monkeypatch.setenv("CDS_DISPLAY_TIMEZONE", "Mars/Olympus_Mons")
     with pytest.raises(ValueError, match="CDS_DISPLAY_TIMEZONE"):
         Settings.from_env()
+
+
+@pytest.mark.parametrize("url,hook", [(SIGN, "order-sign"), (SELECT, "order-select")])
+def test_an_alternative_is_offered_to_create_on_one_card_of_a_response_only(make_app, url, hook):
+    # DHE (contraindicated: eGFR 22) and IV hydromorphone drafted together for migraine: both rules would replace
+    # their order with prochlorperazine; accepting both would order it twice. The later card offers to remove its
+    # own order and names the card that offers the alternative.
+    client = make_app().test_client()
+    drafts = [DHE, {"drug": "892531", "text": "hydromorphone 1 mg IV", "route": "IV"}]
+    record = [{"condition": "G43.909"}, {"observation": "62238-1", "value": 22, "unit": "mL/min/{1.73_m2}", "at": "-1d"}]
+    body = request_body(hook=hook, drafts=drafts, record=record,
+                        selections=["MedicationRequest/draft-1", "MedicationRequest/draft-2"])
+    cards = _cards(post(client, url, body))
+    created = [str(a["resource"]["medicationCodeableConcept"]) for c in cards for s in c.get("suggestions", [])
+               for a in s["actions"] if a["type"] == "create"]
+    assert created and len(created) == len(set(created))  # no medication is offered on two cards
+    dhe_card = next(c for c in cards if c["source"]["topic"]["code"] == "dhe-contraindicated-condition")
+    opioid = next(c for c in cards if c["source"]["topic"]["code"] == "opioid-in-migraine")
+    assert any("prochlorperazine" in s["label"] for s in dhe_card["suggestions"])
+    remove = [s for s in opioid["suggestions"] if s["label"].startswith("Remove hydromorphone 1 mg IV")]
+    assert len(remove) == 1 and "the alternative is offered on the card" in remove[0]["label"]
+    assert [a["type"] for a in remove[0]["actions"]] == ["delete"] and "isRecommended" not in remove[0]
