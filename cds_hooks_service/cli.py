@@ -217,9 +217,9 @@ def cmd_test(args) -> int:
         raise CommandError(f"{rulebook.rules_dir}: no rules with scenarios to run")
     from .card_length import length_problems
 
-    # issue 9 §4: a card whose detail can pass 1,200 characters with a long record (reported; not yet failing
-    # the run while cards of the shipped rules are still being shortened)
-    warnings = length_problems(rulebook, settings.limits.max_evidence_items, args.rule or None)
+    # issue 9 §4: a card whose detail can pass 1,200 characters with a long record fails the run
+    problems += length_problems(rulebook, settings.limits.max_evidence_items, args.rule or None)
+    warnings: list[str] = []
     failed = sum(not r.passed for r in results)
     if args.json:
         print(json.dumps({"passed": len(results) - failed, "failed": failed, "problems": problems,
