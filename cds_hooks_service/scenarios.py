@@ -192,6 +192,20 @@ def response_problems(cards: list[dict]) -> list[str]:
     return problems
 
 
+def _phrases(want: dict, key: str, items: list[str], name: str, lacks: str, has: str) -> list[str]:
+    """A scenario's ``key`` / ``not_<key>`` phrases against the card's items (labels, override reasons):
+    each wanted phrase is part of some item, no unwanted one is part of any (case-insensitive)."""
+    problems = []
+    for phrase in want.get(key) or []:
+        if not any(str(phrase).lower() in item.lower() for item in items):
+            problems.append(f"{lacks} {phrase!r} ({name}: {'; '.join(items) or ('none' if name == 'reasons' else 'nothing')})")
+    for phrase in want.get("not_" + key) or []:
+        hit = [item for item in items if str(phrase).lower() in item.lower()]
+        if hit:
+            problems.append(f"{has} {hit[0]!r}")
+    return problems
+
+
 def _text(card: dict) -> str:
     return (card.get("summary", "") + "\n" + card.get("detail", "")).lower()
 
@@ -204,21 +218,14 @@ def card_problems(card: dict | None, want: dict) -> list[str]:
     labels = [s["label"] for s in card.get("suggestions", [])]
     if want.get("indicator") and card["indicator"] != want["indicator"]:
         problems.append(f"card shown as {card['indicator']}, expected {want['indicator']}")
-    for phrase in want.get("offers") or []:
-        if not any(str(phrase).lower() in label.lower() for label in labels):
-            problems.append(f"does not offer {phrase!r} (offers: {'; '.join(labels) or 'nothing'})")
-    for phrase in want.get("not_offers") or []:
-        hit = [label for label in labels if str(phrase).lower() in label.lower()]
-        if hit:
-            problems.append(f"offers {hit[0]!r}")
     recommended = [s["label"] for s in card.get("suggestions", []) if s.get("isRecommended")]
-    for phrase in want.get("recommends") or []:
-        if not any(str(phrase).lower() in label.lower() for label in recommended):
-            problems.append(f"does not recommend {phrase!r} (recommends: {'; '.join(recommended) or 'nothing'})")
-    for phrase in want.get("not_recommends") or []:
-        hit = [label for label in recommended if str(phrase).lower() in label.lower()]
-        if hit:
-            problems.append(f"recommends {hit[0]!r}")
+    reasons = [r["display"] for r in card.get("overrideReasons", [])]
+    # (key, the card's items and their name, "lacks a wanted phrase" wording, "has an unwanted one" wording)
+    for key, items, name, lacks, has in (
+            ("offers", labels, "offers", "does not offer", "offers"),
+            ("recommends", recommended, "recommends", "does not recommend", "recommends"),
+            ("override_reasons", reasons, "reasons", "does not offer the override reason", "offers the override reason")):
+        problems += _phrases(want, key, items, name, lacks, has)
     text = _text(card)
     for phrase in want.get("says") or []:
         if str(phrase).lower() not in text:
@@ -226,14 +233,6 @@ def card_problems(card: dict | None, want: dict) -> list[str]:
     for phrase in want.get("not_says") or []:
         if str(phrase).lower() in text:
             problems.append(f"says {phrase!r}")
-    reasons = [r["display"] for r in card.get("overrideReasons", [])]
-    for phrase in want.get("override_reasons") or []:
-        if not any(str(phrase).lower() in r.lower() for r in reasons):
-            problems.append(f"does not offer the override reason {phrase!r} (reasons: {'; '.join(reasons) or 'none'})")
-    for phrase in want.get("not_override_reasons") or []:
-        hit = [r for r in reasons if str(phrase).lower() in r.lower()]
-        if hit:
-            problems.append(f"offers the override reason {hit[0]!r}")
     if want.get("max_detail") and len(card.get("detail", "")) > int(want["max_detail"]):
         problems.append(f"detail has {len(card.get('detail', ''))} characters (at most {want['max_detail']})")
     return problems

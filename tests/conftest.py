@@ -44,6 +44,15 @@ def sqlite_store_template(tmp_path_factory):
     return path
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """The store's database URL, once a SQLite file and once a fresh PostgreSQL database (the tests that must
+    hold on both; the postgresql case is slow: it needs the PostgreSQL test server)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store-under-test.sqlite3'}"
+    return request.getfixturevalue("fresh_postgres_url")
+
+
 @pytest.fixture
 def make_settings(tmp_path, request, sqlite_store_template):
     from cds_hooks_service.config import Settings

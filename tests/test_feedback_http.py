@@ -18,13 +18,6 @@ CLIENTS, ITEMS = 20, 50
 RULE, SERVICE = "opioid-in-migraine", "migraine-med-safety-sign"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
-    return request.getfixturevalue("fresh_postgres_url")
-
-
 def test_concurrent_feedback_is_all_stored(make_app, store_url, rulebook):
     app = make_app(database_url=store_url)
     reasons = [r["code"] for r in rulebook.get(RULE).override_reasons]

@@ -27,13 +27,6 @@ SUMATRIPTAN = {"drug": "37418", "text": "sumatriptan 6 mg SC", "route": "SC"}
 DHE_REF, SUMATRIPTAN_REF = "MedicationRequest/draft-1", "MedicationRequest/draft-2"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'merged.sqlite3'}"
-    return request.getfixturevalue("fresh_postgres_url")
-
-
 def _cards(response) -> list[dict]:
     assert response.status_code == 200, response.get_data(as_text=True)[:500]
     return response.get_json()["cards"]

@@ -21,13 +21,6 @@ UTC = timezone.utc
 TABLES = ("cds_issued_card", "cds_feedback", "cds_override", "cds_used_jti")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.sqlite3'}"
-    return request.getfixturevalue("fresh_postgres_url")
-
-
 def _execute_script(url: str, sql: str) -> None:
     engine = create_engine(_normalise_url(url))
     try:
@@ -58,15 +51,15 @@ def _schema_diff(url: str) -> list:
         engine.dispose()
 
 
-def test_a_store_from_before_migrations_is_refused_then_upgraded_without_losing_rows(db_url, monkeypatch, capsys):
-    dialect = "sqlite" if db_url.startswith("sqlite") else "postgresql"
-    _execute_script(db_url, (FIXTURES / f"{dialect}.sql").read_text())
-    before = _counts(db_url)
+def test_a_store_from_before_migrations_is_refused_then_upgraded_without_losing_rows(store_url, monkeypatch, capsys):
+    dialect = "sqlite" if store_url.startswith("sqlite") else "postgresql"
+    _execute_script(store_url, (FIXTURES / f"{dialect}.sql").read_text())
+    before = _counts(store_url)
     assert before == {"cds_issued_card": 3, "cds_feedback": 2, "cds_override": 1, "cds_used_jti": 1}
 
     with pytest.raises(SchemaVersionError, match="run `cds-hooks-service db upgrade`"):
-        FeedbackStore(db_url)
-    monkeypatch.setenv("DATABASE_URL", db_url)
+        FeedbackStore(store_url)
+    monkeypatch.setenv("DATABASE_URL", store_url)
     assert cli(["db", "current"]) == 1
     assert "run `cds-hooks-service db upgrade`" in capsys.readouterr().out
     assert cli(["db", "upgrade"]) == 0
@@ -74,10 +67,10 @@ def test_a_store_from_before_migrations_is_refused_then_upgraded_without_losing_
     assert cli(["db", "upgrade"]) == 0  # a second run changes nothing
     assert "already at the newest revision" in capsys.readouterr().out
 
-    after = _counts(db_url)
+    after = _counts(store_url)
     assert all(after[t] >= before[t] for t in TABLES), (before, after)  # no row lost
-    assert _schema_diff(db_url) == []
-    store = FeedbackStore(db_url)
+    assert _schema_diff(store_url) == []
+    store = FeedbackStore(store_url)
     try:
         # the old rows still work: the override suppresses, the jti stays used, stats count the old cards
         assert store.overridden_keys(["key-0", "key-1"], datetime(2026, 11, 29, tzinfo=UTC)) == {"key-0"}
@@ -92,47 +85,47 @@ def test_a_store_from_before_migrations_is_refused_then_upgraded_without_losing_
             "outcomeTimestamp": "2026-11-30T10:09:00Z"}]) == 1
     finally:
         store.close()
-    assert _counts(db_url)["cds_feedback"] == 3
+    assert _counts(store_url)["cds_feedback"] == 3
 
 
-def test_a_store_made_before_the_override_table_gets_its_overrides_indexed(db_url):
+def test_a_store_made_before_the_override_table_gets_its_overrides_indexed(store_url):
     """The baseline revision does what store.py did at start before migrations: a store of a version before
     cds_override existed gets that table, filled from its recorded "overridden" feedback."""
-    dialect = "sqlite" if db_url.startswith("sqlite") else "postgresql"
-    _execute_script(db_url, (FIXTURES / f"{dialect}.sql").read_text() + ";\nDROP TABLE cds_override;\n")
+    dialect = "sqlite" if store_url.startswith("sqlite") else "postgresql"
+    _execute_script(store_url, (FIXTURES / f"{dialect}.sql").read_text() + ";\nDROP TABLE cds_override;\n")
     with pytest.raises(SchemaVersionError, match="cds-hooks-service db upgrade"):
-        FeedbackStore(db_url)
-    upgrade(db_url)
-    store = FeedbackStore(db_url)
+        FeedbackStore(store_url)
+    upgrade(store_url)
+    store = FeedbackStore(store_url)
     try:
         assert store.overridden_keys(["key-0", "key-1", "key-2"], datetime(2026, 11, 29, tzinfo=UTC)) == {"key-0"}
     finally:
         store.close()
-    assert _counts(db_url)["cds_override"] == 1
+    assert _counts(store_url)["cds_override"] == 1
 
 
-def test_a_new_database_is_created_at_the_newest_revision_and_matches_the_metadata(db_url):
-    FeedbackStore(db_url).close()
-    assert current_revision(db_url) == head_revision()
-    assert _schema_diff(db_url) == []
+def test_a_new_database_is_created_at_the_newest_revision_and_matches_the_metadata(store_url):
+    FeedbackStore(store_url).close()
+    assert current_revision(store_url) == head_revision()
+    assert _schema_diff(store_url) == []
 
 
-def test_the_migrations_build_exactly_the_schema_of_store_py(db_url):
+def test_the_migrations_build_exactly_the_schema_of_store_py(store_url):
     """An empty database upgraded revision by revision ends with store.py's tables, columns and indexes: a change
     to store.py's metadata without a migration fails here."""
-    assert upgrade(db_url) == (None, head_revision())
-    assert _schema_diff(db_url) == []
-    FeedbackStore(db_url).close()  # and the service accepts it
+    assert upgrade(store_url) == (None, head_revision())
+    assert _schema_diff(store_url) == []
+    FeedbackStore(store_url).close()  # and the service accepts it
 
 
-def test_a_database_from_a_newer_version_is_refused(db_url):
-    FeedbackStore(db_url).close()
-    engine = create_engine(_normalise_url(db_url))
+def test_a_database_from_a_newer_version_is_refused(store_url):
+    FeedbackStore(store_url).close()
+    engine = create_engine(_normalise_url(store_url))
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed0099'"))
     engine.dispose()
     with pytest.raises(SchemaVersionError, match="does not know.*newer version"):
-        FeedbackStore(db_url)
+        FeedbackStore(store_url)
 
 
 def test_db_upgrade_reports_an_unreachable_database_in_one_line(monkeypatch, capsys, tmp_path):

@@ -19,13 +19,6 @@ PUBLIC = "https://cds.example.org"
 METRICS_TOKEN = "m" * 40
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'limits.sqlite3'}"
-    return request.getfixturevalue("fresh_postgres_url")
-
-
 @pytest.fixture
 def app(make_app, store_url):
     return make_app(database_url=store_url, metrics_token=METRICS_TOKEN)

@@ -50,13 +50,6 @@ def count_feedback(store):
         return conn.execute(select(func.count()).select_from(feedback)).scalar_one()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/feedback.db"
-    return request.getfixturevalue("fresh_postgres_url")
-
-
 @pytest.fixture
 def store(store_url):
     s = FeedbackStore.from_url(store_url)
@@ -172,7 +165,7 @@ def test_user_comment_never_stored(store, store_url, tmp_path):
         assert fragment not in dump
     if store_url.startswith("sqlite"):
         store.close()
-        raw = b"".join(p.read_bytes() for p in tmp_path.glob("feedback.db*"))
+        raw = b"".join(p.read_bytes() for p in tmp_path.glob("store-under-test.sqlite3*"))
         assert b"4471-22" not in raw and b"Jane" not in raw
 
 
