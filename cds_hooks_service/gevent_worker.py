@@ -5,7 +5,8 @@ greenlet, not one of a few threads (serving.py explains the choice). Stock gunic
 when told to stop, waits for every open connection, including kept-alive ones that are idle between
 requests, until each times out (``keepalive``): a restart took up to that long for nothing. This worker
 closes the connections that are idle between requests as soon as it stops; a request being handled is
-finished and answered with "Connection: close" as before.
+finished and answered with "Connection: close" as before, and a connection accepted but not yet read is
+served (its first request is on its way).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ POLL = 0.1  # seconds between the main loop's checks (gunicorn's: 1)
 class GeventWorker(_GunicornGeventWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._idle: set = set()  # client sockets between two requests (or before their first)
+        self._idle: set = set()  # client sockets between two requests (not before their first: see handle)
         self._stopping: Event | None = None
 
     def run(self):
@@ -68,7 +69,10 @@ class GeventWorker(_GunicornGeventWorker):
             super().patch()
 
     def handle(self, listener, client, addr):
-        self._idle.add(client)
+        # A connection just accepted is not idle: its first request is usually on its way, and closing it at a
+        # stop would answer that request with nothing (RemoteDisconnected at the client, no retry for a POST).
+        # It is served; one that never sends is ended by the header deadline (serving.py) within the
+        # graceful timeout.
         try:
             super().handle(listener, client, addr)
         finally:

@@ -292,3 +292,29 @@ def test_the_fhir_deadline_holds_under_gevent_workers(tmp_path, fault_server):
     assert r.status_code == 200, r.text
     assert any(card["summary"].startswith("Check not completed") for card in r.json()["cards"]), r.json()
     assert elapsed < 6, f"answered after {elapsed:.1f} s: the 1.5 s budget did not hold"
+
+
+def test_a_connection_accepted_before_a_worker_stops_is_answered(tmp_path):
+    """A worker told to stop (a max_requests restart, a scale-down) closes the connections idle between
+    requests, but not one it accepted whose first request is still on its way: that request is answered (a
+    client whose POST meets a closed connection gets no answer and does not retry)."""
+    import json as _json
+
+    from tests.helpers import SIGN, request_body
+
+    with GunicornService(tmp_path, dict(CDS_FIXED_NOW="2026-03-01T12:00:00Z"), workers=1,
+                         wait_for_workers=True) as service:
+        (worker,) = service.worker_pids()
+        host, port = urlsplit(service.base_url).hostname, urlsplit(service.base_url).port
+        body = _json.dumps(request_body()).encode()
+        request = (f"POST {SIGN} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+        with socket.create_connection((host, port), timeout=10) as conn:
+            time.sleep(0.3)  # accepted by the worker, no request yet
+            os.kill(worker, signal.SIGTERM)  # graceful stop, as gunicorn's max_requests restart
+            time.sleep(0.3)
+            conn.sendall(request)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
