@@ -19,9 +19,6 @@ from .cards import SUMMARY_MAX, alternative_notes_reserve, template_context
 from .engine import Evidence
 
 DETAIL_MAX_CHARS = 1200  # issue 9 §4: "details are short (about 1,200 characters at most)"
-# Room kept for the one-line "X not offered: <reason>" notes the service adds when an alternative is unsafe
-# for the patient.
-ALTERNATIVE_NOTES_RESERVE = 100
 _NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 _LONG_DRUG = "dihydroergotamine mesylate 1 mg/mL injection solution, 1 mg IV over 3 minutes every 8 hours"
 _LONG_CONDITION = "Atherosclerotic heart disease of native coronary artery with unstable angina pectoris"

@@ -219,11 +219,10 @@ def cmd_test(args) -> int:
 
     # issue 9 §4: a card whose detail can pass 1,200 characters with a long record fails the run
     problems += length_problems(rulebook, settings.limits.max_evidence_items, args.rule or None)
-    warnings: list[str] = []
     failed = sum(not r.passed for r in results)
     if args.json:
         print(json.dumps({"passed": len(results) - failed, "failed": failed, "problems": problems,
-                          "warnings": warnings, "results": [
+                          "warnings": [], "results": [
             {"rule": r.scenario.rule_id, "scenario": r.scenario.name, "hook": r.hook, "expect": r.scenario.expect,
              "outcome": r.outcome, "indicator": r.indicator, "passed": r.passed, "message": r.message or None}
             for r in results]}, indent=2))
@@ -235,8 +234,6 @@ def cmd_test(args) -> int:
               + (f" ({r.indicator})" if r.indicator and r.outcome == "fire" else "") + (f"  <- {r.message}" if r.message else ""))
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
     print(f"{len(results) - failed} passed, {failed} failed")
     return EXIT_FAILED if failed or problems else 0
 

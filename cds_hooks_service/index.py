@@ -131,15 +131,21 @@ class RecordIndex:
 
     @cached_property
     def conditions(self) -> ConceptIndex[ConditionFact]:
-        return ConceptIndex(self._conditions(self._resources, self._normaliser, self._concepts))
+        relevant = self._concepts.conditions if self._concepts is not None else None
+        return ConceptIndex(self._read("conditions", "Condition",
+                                       lambda r: _listed(self._normaliser.condition(r, relevant))))
 
     @cached_property
     def observations(self) -> ConceptIndex[ObservationFact]:
-        return ConceptIndex(self._observations(self._resources, self._normaliser, self._concepts))
+        relevant = self._concepts.observations if self._concepts is not None else None
+        return ConceptIndex(self._read("observations", "Observation",
+                                       lambda r: self._normaliser.observations(r, relevant)))
 
     @cached_property
     def procedures(self) -> ConceptIndex[ProcedureFact]:
-        return ConceptIndex(self._procedures(self._resources, self._normaliser, self._concepts))
+        relevant = self._concepts.procedures if self._concepts is not None else None
+        return ConceptIndex(self._read("procedures", "Procedure",
+                                       lambda r: _listed(self._normaliser.procedure(r, relevant))))
 
     @cached_property
     def _conditions_by_ref(self) -> dict[str, dict]:
@@ -185,34 +191,17 @@ class RecordIndex:
                     out.append(fact)
         return out
 
-    def _conditions(self, resources, normaliser, concepts) -> list[ConditionFact]:
-        relevant = concepts.conditions if concepts is not None else None
-        out = []
-        for r in self._of(resources, "conditions", ("Condition",)):
+    def _read(self, key: str, rtype: str, read) -> list:
+        """The facts of the record's ``rtype`` resources under ``key``: ``read(resource)`` gives a resource's
+        facts (none when it is of no interest, i.e. skipped after a look-up of its codes)."""
+        out: list = []
+        for r in self._of(self._resources, key, (rtype,)):
             self.stats["resources"] += 1
-            fact = normaliser.condition(r, relevant)
-            self.stats["normalised" if fact else "skipped"] += 1
-            if fact:
-                out.append(fact)
-        return out
-
-    def _observations(self, resources, normaliser, concepts) -> list[ObservationFact]:
-        relevant = concepts.observations if concepts is not None else None
-        out: list[ObservationFact] = []
-        for r in self._of(resources, "observations", ("Observation",)):
-            self.stats["resources"] += 1
-            facts = normaliser.observations(r, relevant)
+            facts = read(r)
             self.stats["normalised" if facts else "skipped"] += 1
             out += facts
         return out
 
-    def _procedures(self, resources, normaliser, concepts) -> list[ProcedureFact]:
-        relevant = concepts.procedures if concepts is not None else None
-        out = []
-        for r in self._of(resources, "procedures", ("Procedure",)):
-            self.stats["resources"] += 1
-            fact = normaliser.procedure(r, relevant)
-            self.stats["normalised" if fact else "skipped"] += 1
-            if fact:
-                out.append(fact)
-        return out
+
+def _listed(fact) -> list:
+    return [fact] if fact else []
