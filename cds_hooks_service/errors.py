@@ -28,6 +28,14 @@ class UnsupportedMediaType(ServiceError):
     status, code = 415, "not-supported"
 
 
+class ServiceUnavailable(ServiceError):
+    """A part the service needs for this request (the feedback store) cannot be reached: nothing of the request was
+    kept, and the client may send it again later (Retry-After)."""
+
+    status, code = 503, "transient"
+    retry_after = 5  # seconds
+
+
 class PreconditionFailed(ServiceError):
     """CDS Hooks 2.0: the data the rules need could be had neither from prefetch nor from the FHIR server."""
 
@@ -48,4 +56,6 @@ def error_response(status: int, message: str, code: str = "invalid", field: str 
     response.status_code = status
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
+    elif status == 503:
+        response.headers["Retry-After"] = str(ServiceUnavailable.retry_after)
     return response
