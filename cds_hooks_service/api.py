@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
 
 import orjson
 from flask import Blueprint, Response, jsonify, request
@@ -14,7 +13,7 @@ from .cards import OVERRIDE_REASON_SYSTEM, suggestion_uuid
 from .clients import OPEN_CLIENT_ID, Client
 from .explain import report as explain_report
 from .facts import parse_time
-from .errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized, UnsupportedMediaType
+from .errors import BadRequest, NotFound, Unauthorized, UnsupportedMediaType
 from .hook_call import call_service
 from .request_validation import first_error, validate_request
 from .runtime import runtime
@@ -100,38 +99,18 @@ def feedback(service_id: str):
         if parse_time(item["outcomeTimestamp"]) is None:
             raise BadRequest(f"feedback.{i}.outcomeTimestamp is not a valid date-time",
                              field=f"feedback.{i}.outcomeTimestamp")
-    with store_reachable("feedback"):
-        issued = rt.store.issued_to(client.id, service.id, [item["card"] for item in body["feedback"]
-                                                            if "\x00" not in item["card"]])  # NUL: refused below
+    issued = rt.store.issued_to(client.id, service.id, [item["card"] for item in body["feedback"]
+                                                        if "\x00" not in item["card"]])  # NUL: refused below
     items, problems = checked_feedback(body["feedback"], issued, rt.rulebook)
     if problems:
         return refused(problems)
-    try:
-        with store_reachable("feedback"):
-            stored = rt.store.record_feedback(service.id, items, client.id)
+    try:  # the store unreachable: 503, nothing stored (create_app's handler of SQLAlchemyError)
+        stored = rt.store.record_feedback(service.id, items, client.id)
     except UnknownCards as exc:  # issued_to saw them a moment ago: cannot happen unless cards are deleted
         return refused([(f"feedback.{i}.card", "not-found", "unknown card") for i, item in enumerate(items)
                         if item["card"] in exc.card_uuids])
     metrics.feedback_stored(service.id, stored)
     return jsonify({"stored": stored})
-
-
-@contextmanager
-def store_reachable(operation: str):
-    """A database failure (unreachable, dropped, locked past its timeout) answers 503 with Retry-After, not 500:
-    the transaction was not committed, so nothing of the request is kept and the client may send it again.
-    Logged and counted by type and SQLSTATE only (a driver's message can quote the statement's parameters)."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    try:
-        yield
-    except SQLAlchemyError as exc:
-        state = getattr(getattr(exc, "orig", None), "sqlstate", None)
-        log.error("feedback store failed (%s%s): the request was answered 503, nothing stored", type(exc).__name__,
-                  f", SQLSTATE {state}" if state else "")
-        metrics.store_error(operation)
-        raise ServiceUnavailable("the feedback store cannot be reached; nothing of this request was stored. "
-                                 "Send it again later") from None
 
 
 MAX_ISSUES_SHOWN = 20

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 
+RETRY_AFTER_SECONDS = 5  # told to a client answered 503 (a part the service needs cannot be reached)
+
+
 class ServiceError(Exception):
     status = 400
     code = "invalid"  # FHIR issue type
@@ -28,14 +31,6 @@ class UnsupportedMediaType(ServiceError):
     status, code = 415, "not-supported"
 
 
-class ServiceUnavailable(ServiceError):
-    """A part the service needs for this request (the feedback store) cannot be reached: nothing of the request was
-    kept, and the client may send it again later (Retry-After)."""
-
-    status, code = 503, "transient"
-    retry_after = 5  # seconds
-
-
 class PreconditionFailed(ServiceError):
     """CDS Hooks 2.0: the data the rules need could be had neither from prefetch nor from the FHIR server."""
 
@@ -57,5 +52,5 @@ def error_response(status: int, message: str, code: str = "invalid", field: str 
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     elif status == 503:
-        response.headers["Retry-After"] = str(ServiceUnavailable.retry_after)
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response
