@@ -37,6 +37,13 @@ class PreconditionFailed(ServiceError):
     status, code = 412, "processing"
 
 
+def store_failure(exc: BaseException) -> str:
+    """A database failure in words safe to log: its type and SQLSTATE, never its message (a driver's message
+    can quote the statement's parameters)."""
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return type(exc).__name__ + (f", SQLSTATE {state}" if state else "")
+
+
 def operation_outcome(message: str, code: str = "invalid", field: str | None = None, severity: str = "error") -> dict:
     issue = {"severity": severity, "code": code, "details": {"text": message}}
     if field:
