@@ -18,6 +18,7 @@ from .index import RecordIndex
 from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, contraindications, normalise_unit
 
 _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
+_UNCONFIRMED = frozenset({"unconfirmed", "provisional", "differential"})  # clinical.md §4.0: one level lower
 
 
 @dataclass
@@ -165,6 +166,8 @@ class Evaluation:
                 continue
             if c.within is not None and cond.time is not None and not self._in_window(c, cond.time):
                 continue
+            if c.spec.get("verification") == "confirmed" and cond.verification_status in _UNCONFIRMED:
+                continue
             qualifying.append(cond)
         total = len(self.record.conditions)
         if qualifying:
@@ -203,6 +206,12 @@ class Evaluation:
                 "route": m.route, "matched_by": m.matched_by, "ref": m.ref,
             })
         note = f"{total} qualifying of {considered} in the value sets" if considered else "none in the value sets"
+        at_least = c.spec.get("atLeast")
+        if at_least and total:
+            entries = _distinct_entries(m for m in found.facts if not (skip and m.source == "draft" and m.ref == ref))
+            note += f"; {entries} distinct record entries, at least {at_least} needed"
+            if entries < at_least:
+                return [], 0, note
         return items, total, note
 
     def _find_medications(self, c: Check) -> _Found:
@@ -387,6 +396,20 @@ class Evaluation:
         inner = self.check(c.children[0])
         items = [] if inner else [{"kind": "absent", "display": c.label}]
         return items, len(items), ("inner matched" if inner else "inner absent")
+
+
+def _distinct_entries(facts) -> int:
+    """How many distinct record entries the facts are (a medication check's ``atLeast``): each resource once, and
+    an administration that names the order it gives (MedicationAdministration.request) once with that order."""
+    keys = set()
+    for m in facts:
+        request = m.resource.get("request") if m.source == "MedicationAdministration" else None
+        reference = request.get("reference") if isinstance(request, dict) else None
+        if isinstance(reference, str) and "MedicationRequest/" in reference:
+            keys.add("MedicationRequest/" + reference.rsplit("MedicationRequest/", 1)[1].split("/_history/")[0])
+        else:
+            keys.add(m.ref)
+    return len(keys)
 
 
 def _compare(o: ObservationFact, op: str, value: float | None) -> bool:

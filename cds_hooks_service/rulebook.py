@@ -928,6 +928,8 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
             for j, o in enumerate(body.get("any") or [] if kind == "observation" else []):
                 if isinstance(o.get("value"), dict):
                     o["value"] = policy(o["value"], where + ("any", j, "value"), time=False)
+            if kind == "medication" and "atLeast" in body:
+                body["atLeast"] = _at_least(body["atLeast"], where + ("atLeast",), policy, problem)
         check = Check(name=name, kind=kind,
                       label=label_text(spec.get("label") or name.replace("-", " "), base + ("label",)),
                       indicator=spec.get("indicator"), spec=body if isinstance(body, dict) else {},
@@ -1109,6 +1111,20 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         alternative_needs=alternative_needs,
         basis=doc.get("basis"), policies=rule_policies,
     )
+
+
+def _at_least(value, where: tuple, policy, problem) -> int | None:
+    """A medication check's ``atLeast``: a whole number of at least 1, written or taken from a policy
+    ({policy: name}, a number that is not a time window). None when it is not one (a problem is reported)."""
+    if isinstance(value, dict):
+        name = value.get("policy")
+        value = policy(value, where, time=False)
+        if value is None:
+            return None
+        if value != int(value) or value < 1:
+            problem(where, f"policy {name!r} is {_number(value)}; allowed here: a whole number of at least 1")
+            return None
+    return int(value)  # a written number: the schema allows only a whole number of at least 1
 
 
 def _drug_word(alt: dict) -> str | None:

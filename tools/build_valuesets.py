@@ -195,6 +195,15 @@ VALUESETS: dict[str, dict] = {
         "description": "Esketamine ingredient (no verified product codes available).",
         "include": [{"set": "rx_ketamine_esketamine", "codes": ["2119365"]}],
     },
+    "rx-hydromorphone": {
+        "title": "Hydromorphone",
+        "description": "Hydromorphone ingredient and its hydrochloride salt; products roll up to them. For the opioid "
+                       "rule's AHS 2025 Level A 'must not offer' (IV hydromorphone for migraine in the ED).",
+        "include": [
+            {"set": "rx_opioid_agonist_ingredients", "codes": ["3423"]},
+            {"set": "rx_opioid_precise_ingredients", "codes": ["203177"]},
+        ],
+    },
     "rx-dopamine-antagonists": {
         "title": "Dopamine antagonist antiemetics/antipsychotics used for migraine",
         "description": "Prochlorperazine, metoclopramide, chlorpromazine, droperidol, haloperidol: ingredients, "
@@ -438,6 +447,17 @@ VALUESETS: dict[str, dict] = {
              "descendants": True},
             {"set": "vsac_substance_use_disorder"},
             {"set": "condition_anchor_snomed", "where": {"category": "sud"}},
+        ],
+    },
+    "cond-medication-overuse-headache": {
+        "title": "Medication-overuse headache",
+        "description": "Drug-induced headache NEC (G44.40, G44.41; 'Medication overuse headache' is an inclusion "
+                       "term of G44.4) and the SNOMED CT International/US concepts flagged medication overuse: "
+                       "medication overuse headache, analgesic overuse headache, headache caused by drug.",
+        "include": [
+            {"set": "medication_overuse_headache_icd10cm", "codes": ["G44.40", "G44.41"]},
+            {"set": "migraine_headache_snomed", "where": {"medicationOveruse": True},
+             "codes": ["698803006", "103012002", "294091000119104"]},
         ],
     },
     "cond-opioid-use-disorder": {
