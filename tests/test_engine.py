@@ -149,16 +149,18 @@ def test_a_call_indexes_only_what_the_rules_triggered_by_its_drafts_can_match(ru
 
 
 def test_a_triggers_drugs_are_not_looked_for_in_the_record(rulebook):
-    # the opioid rule triggers on a drafted opioid; no check of it reads the record's opioids, so a record's
-    # morphine is skipped after a look-up, while its ibuprofen (ketorolac's NSAID contraindication) is read
-    hydromorphone, ibuprofen = (RXNORM, "3423"), (RXNORM, "5640")
-    opioid = RuleConcepts.of(rulebook, [rulebook.get("opioid-in-migraine")])
-    assert hydromorphone not in opioid.medications and ibuprofen in opioid.medications
+    # the ketamine rule triggers on a drafted ketamine; no check of it reads the record's ketamine, so a record's
+    # ketamine is skipped after a look-up, while its ibuprofen (ketorolac's NSAID contraindication) is read
+    ketamine, ibuprofen = (RXNORM, "6130"), (RXNORM, "5640")
+    rule = RuleConcepts.of(rulebook, [rulebook.get("ketamine-non-refractory-migraine")])
+    assert ketamine not in rule.medications and ibuprofen in rule.medications
     normaliser = Normaliser(rulebook.terminology)
-    record = _resources([{"given": "7052", "text": "morphine 4 mg IV", "route": "IV", "at": "-3h"},
+    record = _resources([{"given": "6130", "text": "ketamine 20 mg IV", "route": "IV", "at": "-3h"},
                          {"given": "5640", "text": "ibuprofen 400 mg", "route": "PO", "at": "-3h"}])
-    index = RecordIndex(record, normaliser, draft_facts({}, normaliser)[1], [], opioid)
+    index = RecordIndex(record, normaliser, draft_facts({}, normaliser)[1], [], rule)
     assert [m.display for m in index.medications.facts] == ["ibuprofen 400 mg"]
+    # the opioid rule reads the record's opioids since 1.2.0 (recent-opioid-orders: its overuse count)
+    assert (RXNORM, "3423") in RuleConcepts.of(rulebook, [rulebook.get("opioid-in-migraine")]).medications
 
 
 def test_the_cheap_code_test_never_skips_a_resource_that_matches():
