@@ -364,15 +364,20 @@ def test_a_fault_on_data_no_triggered_rule_needs_changes_nothing(fault_server, m
 
 def test_prefetched_conditions_and_a_failing_server_for_the_rest(fault_server, make_app, caplog):
     """Conditions are prefetched (migraine), the other keys are absent and the server fails: the opioid card
-    fires from the prefetch; its own logic read all it needs (no note), and ketorolac, whose contraindications
-    read the rest, is not offered, naming what could not be read."""
+    fires from the prefetch; the opioid orders and doses its overuse count reads (rule 1.2.0) could not be read,
+    and the card's last line says so; ketorolac, whose contraindications read the rest, is not offered, naming
+    what could not be read."""
     migraine = patient_record({"condition": "G43.909", "display": "Migraine, unspecified"})
     prefetch = {"conditions": fs.searchset(migraine)}
     fault_server.default = fs.status(500)
     answer = call(make_app(time_budget=BUDGET), hook_body(fault_server.base_url, prefetch=prefetch))
     assert topics(answer.body) == [OPIOID_RULE]
-    note = answer.cards[0]["detail"].rsplit("\n\n", 1)[-1]
-    assert note == "**Ketorolac not offered:** not checked, could not read: medications, lab results, procedures."
+    detail = answer.cards[0]["detail"]
+    assert detail.rsplit("\n\n", 1)[-1] == ("_Not checked, could not be read: "
+                                            + markdown_escape(DATA_LABELS["medicationAdministrations"]) + ", "
+                                            + markdown_escape(DATA_LABELS["medicationRequests"]) + "._")
+    assert "\n\n**Ketorolac not offered:** not checked, could not read: medications, lab results, procedures.\n\n" \
+        in detail
     assert "Condition" not in fault_server.requested_types()
     assert_token_not_logged(caplog)
 

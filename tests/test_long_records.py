@@ -207,7 +207,8 @@ def test_pages_read_before_the_budget_ends_are_used(fault_server, make_app):
 
 def test_the_draft_alone_card_names_both_kinds_of_gap(fault_server, make_app):
     """A card that fires on the draft (order reason migraine) while conditions were partly read and medications
-    could not be read at all names each kind in its own words."""
+    could not be read at all names each kind in its own words (the opioid rule reads the opioid orders and doses
+    itself since 1.2.0, for its overuse count)."""
     def behaviour(h):
         if h.rtype == "Condition":
             return h.reply_json(fs.searchset([], next_url=f"{h.fault_server.base_url}/Condition?page=2")) \
@@ -216,8 +217,10 @@ def test_the_draft_alone_card_names_both_kinds_of_gap(fault_server, make_app):
     fault_server.default = behaviour
     answer = call(make_app(time_budget=0.5), hook_body(fault_server.base_url, drafts=(OPIOID_FOR_MIGRAINE,)))
     note = answer.cards[0]["detail"].rsplit("\n\n", 1)[-1]
-    assert note == "_Only partly read, the record is longer: " + markdown_escape(DATA_LABELS["conditions"]) + "._"
-    # the other data is read only for ketorolac's contraindications: ketorolac is not offered, and says why
+    assert note == ("_Not checked, could not be read: " + markdown_escape(DATA_LABELS["medicationAdministrations"]) + ", "
+                    + markdown_escape(DATA_LABELS["medicationRequests"]) + "; Only partly read, the record is longer: "
+                    + markdown_escape(DATA_LABELS["conditions"]) + "._")
+    # the rest is read only for ketorolac's contraindications: ketorolac is not offered, and says why
     assert "**Ketorolac not offered:** not checked, could not read: medications, lab results, procedures." \
         in answer.cards[0]["detail"]
 
@@ -234,7 +237,7 @@ def test_a_later_page_that_fails_keeps_the_pages_before(fault_server, make_app):
             return fs.status(503)(h)
         h.reply_json(EMPTY)
     fault_server.default = behaviour
-    # DHE: three of its rules read the medication orders themselves (the opioid rule reads them only for ketorolac)
+    # DHE: three of its rules read the medication orders themselves (a DHE draft does not trigger the opioid rule)
     dhe = {"drug": "3418", "text": "dihydroergotamine 1 mg IV", "route": "IV"}
     answer = call(make_app(time_budget=2), hook_body(fault_server.base_url, drafts=(dhe,)))
     [card] = answer.cards
