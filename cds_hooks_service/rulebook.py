@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import json
+import pickle
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -481,11 +485,56 @@ def schema_problem(error: jsonschema.ValidationError, written: str | None = None
 
 
 def _schema_errors(validator: jsonschema.Validator, doc, where, problems: Problems) -> bool:
+    key = _validity_key(validator, doc)
+    if key is not None and _valid.seen(key):
+        return False
     errors = list(validator.iter_errors(doc))
+    if not errors and key is not None:
+        _valid.add(key)
     for error in errors:
         path, message, key = schema_problem(error, where.text(tuple(error.absolute_path)))
         problems.add(where, path, message, key=key)
     return bool(errors)
+
+
+class _Seen:
+    """A bounded set of keys, least recently used dropped first (thread-safe: reloads run on threads)."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._keys: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def seen(self, key: bytes) -> bool:
+        with self._lock:
+            if key in self._keys:
+                self._keys.move_to_end(key)
+                return True
+            return False
+
+    def add(self, key: bytes) -> None:
+        with self._lock:
+            self._keys[key] = None
+            while len(self._keys) > self.max_entries:
+                self._keys.popitem(last=False)
+
+
+# (schema, document) pairs that validated: checking a rule file against its JSON Schema is the largest part
+# of a load, and a reload or `validate` checks mostly unchanged files. Only a pass is kept (a digest, 32
+# bytes each): a document with errors is checked again every time, so its problems are worded as before.
+_valid = _Seen(1024)
+
+
+def _validity_key(validator: jsonschema.Validator, doc) -> bytes | None:
+    """A digest of the validator's kind and schema and of the document (pickle keeps every type apart:
+    1, 1.0, True and "1" differ), or None for what does not pickle or a validator that checks formats."""
+    if getattr(validator, "format_checker", None) is not None:
+        return None
+    try:
+        data = pickle.dumps((type(validator).__qualname__, validator.schema, doc), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - anything unpicklable is simply not kept
+        return None
+    return hashlib.sha256(data).digest()
 
 
 # --- loading ---------------------------------------------------------------------------------------------
