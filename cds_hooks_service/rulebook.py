@@ -502,17 +502,17 @@ class _Seen:
 
     def __init__(self, max_entries: int):
         self.max_entries = max_entries
-        self._keys: OrderedDict[bytes, None] = OrderedDict()
+        self._keys: OrderedDict[object, None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def seen(self, key: bytes) -> bool:
+    def seen(self, key) -> bool:
         with self._lock:
             if key in self._keys:
                 self._keys.move_to_end(key)
                 return True
             return False
 
-    def add(self, key: bytes) -> None:
+    def add(self, key) -> None:
         with self._lock:
             self._keys[key] = None
             while len(self._keys) > self.max_entries:
@@ -523,6 +523,33 @@ class _Seen:
 # of a load, and a reload or `validate` checks mostly unchanged files. Only a pass is kept (a digest, 32
 # bytes each): a document with errors is checked again every time, so its problems are worded as before.
 _valid = _Seen(1024)
+
+
+# (card template, the rule fields its example data is made of, the render limits) that rendered within the
+# limits: a reload, `validate` or `test` renders only the cards or rules that changed. Only a pass is kept: a
+# template over a limit is rendered (and refused) again every time. The template objects are those kept by
+# _compile_template (one per text), so holding them here adds little.
+_rendered_ok = _Seen(1024)
+
+
+def _load_time_problems(template, doc: dict) -> list[str]:
+    """cards.load_time_problems, answered from _rendered_ok for a pass seen before."""
+    from . import cards
+
+    limits = (cards.RENDER_MAX_SECONDS, cards.RENDER_MAX_STEPS, cards.RENDER_MAX_CHARS, cards.VALUE_MAX_CHARS,
+              cards.RANGE_MAX, cards.INT_MAX_BITS)
+    try:
+        data = pickle.dumps((limits, doc.get("id"), doc.get("title"), doc.get("source"), doc.get("indicator", "warning"),
+                             doc.get("checks")), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - not kept
+        return load_time_problems(template, doc)
+    key = (template, hashlib.sha256(data).digest())
+    if _rendered_ok.seen(key):
+        return []
+    found = load_time_problems(template, doc)
+    if not found:
+        _rendered_ok.add(key)
+    return found
 
 
 def _validity_key(validator: jsonschema.Validator, doc) -> bytes | None:
@@ -961,7 +988,7 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
 
     checks: dict[str, Check] = {}
     for name, (raw_spec, is_shared) in specs.items():
-        spec = copy.deepcopy(raw_spec)
+        spec = rulefiles.copy_document(raw_spec)  # a deep copy (rule files hold plain YAML values)
         base = ("checks", name)
         kinds = [k for k in CHECK_KINDS if k in spec]
         if len(kinds) != 1:
@@ -1125,7 +1152,7 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
                 if name in shared.policies:
                     used.policies.add(name)
     for key in ("summary", "detail") if card is not None else ():  # render limits, sandbox: tried with example data
-        for message in load_time_problems(getattr(card, key), doc):
+        for message in _load_time_problems(getattr(card, key), doc):
             problems.add(card.source.located if card.source is not None else str(cards_dir / f"{card_name}.yaml"),
                          (key,), message)
     if len(problems) > before or card is None:

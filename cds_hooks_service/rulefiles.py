@@ -124,13 +124,13 @@ _parsed_lock = threading.Lock()
 _IMMUTABLE = (str, int, float, bool, type(None), bytes, datetime.date, datetime.datetime)
 
 
-def _copy(node):
+def copy_document(node):
     """A copy of a parsed document sharing only immutable values (much faster than copy.deepcopy)."""
     kind = type(node)
     if kind is dict:
-        return {key: _copy(value) for key, value in node.items()}  # keys are hashable, i.e. immutable here
+        return {key: copy_document(value) for key, value in node.items()}  # keys are hashable, i.e. immutable here
     if kind is list:
-        return [_copy(value) for value in node]
+        return [copy_document(value) for value in node]
     if kind in _IMMUTABLE:
         return node
     return copy.deepcopy(node)  # the rarer safe-loader types (!!set, !!omap pairs)
@@ -145,7 +145,7 @@ def load_yaml_text(text: str):
         if kept is not _parsed:
             _parsed.move_to_end(text)
     if kept is not _parsed:
-        return _copy(kept)
+        return copy_document(kept)
     doc = _parse_yaml_text(text)  # a YAMLError propagates, nothing is kept
     if len(text) <= YAML_CACHE_MAX_CHARS // 4:
         with _parsed_lock:
@@ -154,7 +154,7 @@ def load_yaml_text(text: str):
                 _parsed_chars += len(text)
                 while _parsed_chars > YAML_CACHE_MAX_CHARS or len(_parsed) > YAML_CACHE_MAX_ENTRIES:
                     _parsed_chars -= len(_parsed.popitem(last=False)[0])
-        doc = _copy(doc)  # the kept document is never handed out
+        doc = copy_document(doc)  # the kept document is never handed out
     return doc
 
 
