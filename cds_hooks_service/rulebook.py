@@ -1370,13 +1370,29 @@ def _check_tests(rules_dir: Path, claimed: dict[str, str], problems: Problems, *
         if not read:
             continue
         try:
-            load_scenarios(path, rule_id)
+            _read_scenarios(path, rule_id, load_scenarios)
         except ScenarioError as exc:
             problems.add(str(path), ("scenarios",), str(exc).replace(f"{path}: ", ""))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             problems.add(str(path), ("(yaml)",), f"not valid YAML: {getattr(exc, 'problem', None) or exc}",
                          line=mark.line + 1 if mark else None)
+
+
+# (scenario file text, rule id) that read without a problem: `validate` reads every scenario file only to
+# report its problems, and a text that read before reads the same (a broken one is read again each time).
+_scenarios_ok = _Seen(256)
+
+
+def _read_scenarios(path: Path, rule_id: str, load_scenarios) -> None:
+    """Raise what load_scenarios(path, rule_id) raises; skipped for a text that read before for this rule."""
+    text = rulefiles.read_rule_text(path)
+    key = (hashlib.sha256(text.encode("utf-8")).digest(), rule_id)
+    if _scenarios_ok.seen(key):
+        return
+    load_scenarios(path, rule_id)
+    if rulefiles.read_rule_text(path) == text:  # not edited while it was read: that text reads
+        _scenarios_ok.add(key)
 
 
 def _unused(rules_dir: Path, terminology: Terminology, alternatives: dict, alt_loc: Located | None, shared: Shared,

@@ -149,3 +149,20 @@ def test_a_card_is_rendered_again_when_its_text_or_its_rules_example_data_change
     card.write_text(card.read_text().replace("detail: |\n", "detail: |\n  Edited.\n", 1))
     load_rulebook(rules_copy)
     assert rendered == ["ketamine-non-refractory-migraine"]  # the changed detail text only
+
+
+def test_an_edited_scenario_file_is_read_again_by_validate(rules_copy):
+    load_rulebook(rules_copy, scenarios=True)  # every shipped scenario file read (and its pass kept)
+    path = rules_copy / "opioid-in-migraine.tests.yaml"
+    good = path.read_text()
+    path.write_text(good.replace("expect: fire", "expect: maybe", 1))
+    with pytest.raises(RulebookError) as first:
+        load_rulebook(rules_copy, scenarios=True)
+    with pytest.raises(RulebookError) as second:
+        load_rulebook(rules_copy, scenarios=True)
+    assert [str(p) for p in first.value.problems] == [str(p) for p in second.value.problems]
+    assert any("opioid-in-migraine.tests.yaml" in str(p) and "expect: fire | no-fire | suppressed" in str(p)
+               for p in first.value.problems)
+    load_rulebook(rules_copy)  # the service does not read scenarios
+    path.write_text(good)
+    load_rulebook(rules_copy, scenarios=True)
