@@ -118,7 +118,7 @@ def _check_events(text: str) -> None:
 # (a few MB as Python objects); a reload re-reads every file, most of them unchanged.
 YAML_CACHE_MAX_CHARS = 2 * 1024 * 1024  # text of the documents kept, all together
 YAML_CACHE_MAX_ENTRIES = 512
-_parsed: OrderedDict[str, object] = OrderedDict()
+_parsed: OrderedDict[str, tuple[tuple, object]] = OrderedDict()  # text -> ((depth limit, loader), document)
 _parsed_chars = 0
 _parsed_lock = threading.Lock()
 _IMMUTABLE = (str, int, float, bool, type(None), bytes, datetime.date, datetime.datetime)
@@ -140,20 +140,22 @@ def load_yaml_text(text: str):
     """Parse rule-file YAML (safe types only, no anchors or aliases, at most YAML_MAX_DEPTH levels). A text
     parsed before (a kept one) is not parsed again: the caller gets a fresh copy of its document."""
     global _parsed_chars
+    how = (YAML_MAX_DEPTH, _C_SAFE_LOADER)  # what the parse depended on besides the text
     with _parsed_lock:
-        kept = _parsed.get(text, _parsed)
-        if kept is not _parsed:
+        kept = _parsed.get(text)
+        if kept is not None and kept[0] == how:
             _parsed.move_to_end(text)
-    if kept is not _parsed:
-        return copy_document(kept)
+    if kept is not None and kept[0] == how:
+        return copy_document(kept[1])  # the kept document is read-only: copied outside the lock
     doc = _parse_yaml_text(text)  # a YAMLError propagates, nothing is kept
     if len(text) <= YAML_CACHE_MAX_CHARS // 4:
         with _parsed_lock:
-            if text not in _parsed:
-                _parsed[text] = doc
-                _parsed_chars += len(text)
-                while _parsed_chars > YAML_CACHE_MAX_CHARS or len(_parsed) > YAML_CACHE_MAX_ENTRIES:
-                    _parsed_chars -= len(_parsed.popitem(last=False)[0])
+            if _parsed.pop(text, None) is not None:  # kept under another depth limit or loader
+                _parsed_chars -= len(text)
+            _parsed[text] = (how, doc)
+            _parsed_chars += len(text)
+            while _parsed_chars > YAML_CACHE_MAX_CHARS or len(_parsed) > YAML_CACHE_MAX_ENTRIES:
+                _parsed_chars -= len(_parsed.popitem(last=False)[0])
         doc = copy_document(doc)  # the kept document is never handed out
     return doc
 

@@ -166,3 +166,13 @@ def test_an_edited_scenario_file_is_read_again_by_validate(rules_copy):
     load_rulebook(rules_copy)  # the service does not read scenarios
     path.write_text(good)
     load_rulebook(rules_copy, scenarios=True)
+
+
+def test_a_kept_text_is_parsed_again_under_another_depth_limit(monkeypatch):
+    text = "a: " + "[" * 10 + "]" * 10 + "\n"
+    assert rulefiles.load_yaml_text(text) == {"a": [[[[[[[[[[]]]]]]]]]]}
+    monkeypatch.setattr(rulefiles, "YAML_MAX_DEPTH", 5)
+    with pytest.raises(yaml.YAMLError, match="nested deeper than 5 levels"):
+        rulefiles.load_yaml_text(text)
+    monkeypatch.undo()
+    assert rulefiles.load_yaml_text(text) == {"a": [[[[[[[[[[]]]]]]]]]]}
