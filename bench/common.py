@@ -305,19 +305,25 @@ class Service:
         self.tmp.cleanup()
 
 
-class BareFlask(Service):
-    """bench/bare_flask.py under gunicorn with the service's worker settings (gthread, keep-alive 15 s)."""
+# The worker class the service runs (gunicorn.conf.py reads the same variable; the production default is the
+# service's gevent worker): the bare Flask floor runs under the same class, so F and A differ only by the app.
+SERVICE_WORKER_CLASS = os.environ.get("GUNICORN_WORKER_CLASS", "cds_hooks_service.gevent_worker.GeventWorker")
 
-    def __init__(self, workers: int = 1, threads: int = 4):
+
+class BareFlask(Service):
+    """bench/bare_flask.py under gunicorn with the service's worker settings (its worker class, keep-alive 15 s)."""
+
+    def __init__(self, workers: int = 1, threads: int = 4, worker_class: str = SERVICE_WORKER_CLASS):
         super().__init__(workers)
         self.threads = threads
+        self.worker_class = worker_class
 
     def start(self, timeout: float = 30.0) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("GUNICORN_CMD_ARGS", "PORT", "HOST")}
         env.update(PYTHONUNBUFFERED="1", PYTHONPATH=f"{REPO_ROOT / 'bench'}:{REPO_ROOT}")
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--threads", str(self.threads),
+            [sys.executable, "-m", "gunicorn", "--worker-class", self.worker_class, "--threads", str(self.threads),
              "--workers", str(self.workers), "--keep-alive", "15", "--bind", f"127.0.0.1:{self.port}",
              "bare_flask:app"],
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Hook latency over a real keep-alive HTTP connection (the targets of issue 11).
 
-Starts the service (gunicorn, gthread worker, 1 worker process by default) on a free loopback port,
+Starts the service (gunicorn, the production worker class, 1 worker process by default) on a free loopback port,
 or measures an already-running one (``--url``), and a bare Flask app answering the same discovery JSON
 under gunicorn with the same worker settings (``bench/bare_flask.py``; ``--no-floor`` to skip), then times,
 interleaved, with ONE persistent ``requests.Session`` per server:
@@ -43,8 +43,8 @@ import requests
 
 # The request bodies and the service process are shared with load.py (bench/common.py).
 from common import (  # noqa: F401  (re-exported: the names this module has always had)
-    FIXED_NOW, LOOPBACK, REPO_ROOT, SIGN_SERVICE, BareFlask, Service, ServiceFailure, count_resources, cpu_ns,
-    free_port, record_items, run_guarded, sign_body, template_sign_body, worker_pids)
+    FIXED_NOW, LOOPBACK, REPO_ROOT, SERVICE_WORKER_CLASS, SIGN_SERVICE, BareFlask, Service, ServiceFailure,
+    count_resources, cpu_ns, free_port, record_items, run_guarded, sign_body, template_sign_body, worker_pids)
 
 MAX_N = 5000            # hard cap on measured calls per case
 MAX_WARMUP = 500
@@ -260,6 +260,7 @@ def run(args) -> dict:
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},
         "service": {"url": args.url or "(started by the bench)", "workers": None if args.url else args.workers,
+                    "worker_class": None if args.url else SERVICE_WORKER_CLASS,
                     "fixed_now": None if args.url else FIXED_NOW, "rules": health.get("rules")},
         "n": args.n, "warmup": args.warmup, "truncated_by_time_cap": truncated,
         "elapsed_s": round(time.monotonic() - started, 1),
@@ -278,7 +279,8 @@ def print_report(res: dict) -> None:
     print(f"hook latency bench  {res['date']}  {m['cores']} cores, Python {m['python']}, {m['platform']}")
     svc = res["service"]
     print(f"service: {svc['url']}, {svc['rules']} rules loaded"
-          + (f", {svc['workers']} worker(s) (gthread), CDS_FIXED_NOW={svc['fixed_now']}" if svc["workers"] else ""))
+          + (f", {svc['workers']} worker(s) ({svc['worker_class']}), CDS_FIXED_NOW={svc['fixed_now']}"
+             if svc["workers"] else ""))
     measured = res["latency_ms"]["discovery"]["n"]
     print(f"{measured} calls per case after {res['warmup']} warm-up rounds, interleaved; {res['elapsed_s']} s"
           + (f"  [TRUNCATED by the wall-time cap: {res['n']} requested]" if res["truncated_by_time_cap"] else ""))

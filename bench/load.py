@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Throughput and latency under concurrent load (wrk), and the workers' resident memory.
 
-Starts the service under gunicorn with the production config (gunicorn.conf.py: gthread,
-WEB_CONCURRENCY x GUNICORN_THREADS, default 2 x 4) on a free loopback port, with a throw-away SQLite
+Starts the service under gunicorn with the production config (gunicorn.conf.py: the gevent worker,
+WEB_CONCURRENCY workers, default 2; GUNICORN_THREADS applies to GUNICORN_WORKER_CLASS=gthread) on a free loopback port, with a throw-away SQLite
 store and instance directory and CDS_FIXED_NOW, or measures a running one (``--url``, loopback only).
 Then, for each case and each concurrency level (wrk ``-c`` connections, ``-t min(c, 2)`` threads,
 ``--duration`` seconds per step):
@@ -43,8 +43,8 @@ from urllib.parse import urlsplit
 
 import requests
 
-from common import (FIXED_NOW, LOOPBACK, REPO_ROOT, SIGN_SERVICE, Service, ServiceFailure, count_resources, run_guarded,
-                    sign_body)
+from common import (FIXED_NOW, LOOPBACK, REPO_ROOT, SERVICE_WORKER_CLASS, SIGN_SERVICE, Service, ServiceFailure,
+                    count_resources, run_guarded, sign_body)
 
 CASES = ("discovery", "small", "large")
 DEFAULT_CONNECTIONS = (1, 2, 4, 8, 16, 32)
@@ -476,7 +476,7 @@ def run(args, wrk: str) -> dict:
                  "(column wrk CPU): the figures are a lower bound of the service's own capacity. Column other: "
                  "CPU used by the rest of the machine during the step (high = a noisy measurement)."),
         "service": {"url": args.url or "(started by the bench)", "workers": config["workers"],
-                    "threads": config["threads"], "worker_class": None if args.url else "gthread",
+                    "threads": config["threads"], "worker_class": None if args.url else SERVICE_WORKER_CLASS,
                     "fixed_now": None if args.url else FIXED_NOW, "rules": health.get("rules"),
                     "store": None if args.url else ("throw-away SQLite" if not args.database_url
                                                     else args.database_url.split(":", 1)[0]),

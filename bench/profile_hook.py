@@ -121,7 +121,7 @@ def main() -> int:
                 post()
             prof.disable()
             out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(22)
+            pstats.Stats(prof, stream=out).sort_stats(__import__("os").environ.get("SORT","tottime")).print_stats(int(__import__("os").environ.get("NSTAT","22")))
             profiled = out.getvalue()
     if profiled:
         print(f"\ncProfile of {args.profile} through the app (tottime; wall clock, so a loaded machine inflates it):")

@@ -9,7 +9,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .config import Settings
-from .errors import ServiceError, error_response
+from .errors import ServiceError, error_response, store_failure
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -84,6 +84,20 @@ def create_app(settings: Settings | None = None, **runtime_parts) -> Flask:
         if exc.code == 405 and getattr(exc, "valid_methods", None):
             response.headers["Allow"] = ", ".join(exc.valid_methods)
         return response
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    @app.errorhandler(SQLAlchemyError)
+    def _store_unavailable(exc: SQLAlchemyError):
+        # The database cannot be reached (down, dropped, locked past its timeout): 503 with Retry-After, not 500.
+        # The transaction was not committed, so nothing of the request is kept and the client may send it again.
+        # Logged by type and SQLSTATE only (store_failure). A hook call never gets here: its cards are answered
+        # even when they cannot be recorded (hook_call._issue).
+        operation = "feedback" if request.endpoint == "cds.feedback" else (request.blueprint or "other")
+        log.error("store failed on %s (%s): answered 503, nothing stored", operation, store_failure(exc))
+        metrics.store_error(operation)
+        return error_response(503, "the service's database cannot be reached; nothing of this request was stored. "
+                              "Send it again later", "transient")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

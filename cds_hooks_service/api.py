@@ -104,7 +104,7 @@ def feedback(service_id: str):
     items, problems = checked_feedback(body["feedback"], issued, rt.rulebook)
     if problems:
         return refused(problems)
-    try:
+    try:  # the store unreachable: 503, nothing stored (create_app's handler of SQLAlchemyError)
         stored = rt.store.record_feedback(service.id, items, client.id)
     except UnknownCards as exc:  # issued_to saw them a moment ago: cannot happen unless cards are deleted
         return refused([(f"feedback.{i}.card", "not-found", "unknown card") for i, item in enumerate(items)

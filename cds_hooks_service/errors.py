@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 
+RETRY_AFTER_SECONDS = 5  # told to a client answered 503 (a part the service needs cannot be reached)
+
+
 class ServiceError(Exception):
     status = 400
     code = "invalid"  # FHIR issue type
@@ -34,6 +37,13 @@ class PreconditionFailed(ServiceError):
     status, code = 412, "processing"
 
 
+def store_failure(exc: BaseException) -> str:
+    """A database failure in words safe to log: its type and SQLSTATE, never its message (a driver's message
+    can quote the statement's parameters)."""
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return type(exc).__name__ + (f", SQLSTATE {state}" if state else "")
+
+
 def operation_outcome(message: str, code: str = "invalid", field: str | None = None, severity: str = "error") -> dict:
     issue = {"severity": severity, "code": code, "details": {"text": message}}
     if field:
@@ -48,4 +58,6 @@ def error_response(status: int, message: str, code: str = "invalid", field: str 
     response.status_code = status
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
+    elif status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response

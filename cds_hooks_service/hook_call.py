@@ -29,7 +29,7 @@ import orjson
 from .cards import drop_repeated_lines, info_card, markdown_escape, render_card, unrecommend_cancellation
 from .clients import OPEN_CLIENT, Client
 from .engine import Finding, HookContext, draft_facts, evaluate_rule, triggered
-from .errors import PreconditionFailed
+from .errors import PreconditionFailed, store_failure
 from .facts import MedicationFact, Normaliser
 from .index import RecordIndex, RuleConcepts
 from .limits import Limits
@@ -248,10 +248,8 @@ def _issue(store, issued: list, since: datetime | None) -> set[str]:
     except Exception as exc:  # noqa: BLE001 - whatever the store raised, the warnings go out
         from . import metrics  # the service's (Flask, prometheus): only a running service has a store
 
-        state = getattr(getattr(exc, "orig", None), "sqlstate", None)
-        log.error("feedback store failed on the hook path (%s%s): %d card(s) answered without being recorded; "
-                  "override suppression not applied", type(exc).__name__, f", SQLSTATE {state}" if state else "",
-                  len(issued))  # no message: a driver's message can quote the statement's parameters
+        log.error("feedback store failed on the hook path (%s): %d card(s) answered without being recorded; "
+                  "override suppression not applied", store_failure(exc), len(issued))
         metrics.store_error("issue_cards")
         return set()
 

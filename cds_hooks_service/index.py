@@ -171,36 +171,45 @@ class RecordIndex:
         return tuple(reasons), tuple(texts)
 
     @staticmethod
-    def _of(resources: dict[str, list[dict]], key: str, rtypes: tuple[str, ...]) -> Iterable[dict]:
-        for r in resources.get(key) or []:
-            if isinstance(r, dict) and r.get("resourceType") in rtypes:
-                yield r
+    def _of(resources: dict[str, list[dict]], key: str, rtypes: tuple[str, ...]) -> list[dict]:
+        return [r for r in resources.get(key) or () if isinstance(r, dict) and r.get("resourceType") in rtypes]
 
+    # The two loops below run once per resource of the record: counts are kept in locals, not in ``stats``.
     def _medications(self, resources, normaliser, medications, exclude, concepts) -> list[MedicationFact]:
         out = []
+        seen = normalised = 0
+        relevant = concepts.medications if concepts is not None else None
         for key in RECORD_MEDICATION_KEYS:
             for r in self._of(resources, key, MEDICATION_TYPES + DRAFT_TYPES):
-                self.stats["resources"] += 1
+                seen += 1
                 drug = normaliser.drug(r, medications)
-                if concepts is not None and concepts.medications.isdisjoint(drug[0].concepts):
-                    self.stats["skipped"] += 1
+                if relevant is not None and relevant.isdisjoint(drug[0].concepts):
                     continue
-                self.stats["normalised"] += 1
+                normalised += 1
                 fact = normaliser.medication(r, medications, drug=drug)
                 if fact.ref not in exclude and fact.status not in IGNORED_MEDICATION_STATUSES:
                     out.append(fact)
+        self._count(seen, normalised)
         return out
 
     def _read(self, key: str, rtype: str, read) -> list:
         """The facts of the record's ``rtype`` resources under ``key``: ``read(resource)`` gives a resource's
         facts (none when it is of no interest, i.e. skipped after a look-up of its codes)."""
         out: list = []
+        seen = normalised = 0
         for r in self._of(self._resources, key, (rtype,)):
-            self.stats["resources"] += 1
+            seen += 1
             facts = read(r)
-            self.stats["normalised" if facts else "skipped"] += 1
-            out += facts
+            if facts:
+                normalised += 1
+                out += facts
+        self._count(seen, normalised)
         return out
+
+    def _count(self, seen: int, normalised: int) -> None:
+        self.stats["resources"] += seen
+        self.stats["normalised"] += normalised
+        self.stats["skipped"] += seen - normalised
 
 
 def _listed(fact) -> list:

@@ -55,7 +55,7 @@ FHIR_FAILURES = Counter("cds_fhir_failures", "FHIR-server fallback queries that 
 FEEDBACK_STORED = Counter("cds_feedback_items", "Feedback items recorded (the answer's \"stored\"; an item sent again "
                           "is counted again, kept once in the database)", ["service"])
 STORE_ERRORS = Counter("cds_store_errors", "Feedback-store failures by operation (issue_cards: a hook call's cards were "
-                       "answered but not recorded)", ["operation"])
+                       "answered but not recorded; feedback, admin: a request answered 503, nothing stored)", ["operation"])
 TEMPLATE_FALLBACKS = Counter("cds_card_template_fallbacks", "Card renders that failed or went over a render limit "
                              "and were sent with the rule's plain text instead", ["rule"])
 

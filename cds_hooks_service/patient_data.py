@@ -83,12 +83,14 @@ def _from_prefetch(value: dict) -> tuple[list[dict] | None, str | None]:
         return None, False
     if rtype == "Bundle":
         out = []
-        for entry in value.get("entry") or []:
-            if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
-                continue
-            mode = (entry.get("search") or {}).get("mode") if isinstance(entry.get("search"), dict) else None
-            if mode in (None, "match") and entry["resource"].get("resourceType") != "OperationOutcome":
-                out.append(entry["resource"])
+        entries = value.get("entry")
+        for entry in entries if isinstance(entries, list) else ():  # once per resource of the record: kept tight
+            if isinstance(entry, dict):
+                resource = entry.get("resource")
+                if isinstance(resource, dict) and resource.get("resourceType") != "OperationOutcome":
+                    search = entry.get("search")
+                    if search is None or not isinstance(search, dict) or search.get("mode") in (None, "match"):
+                        out.append(resource)
         links = value.get("link") if isinstance(value.get("link"), list) else []
         nxt = next((ln.get("url") for ln in links if isinstance(ln, dict) and ln.get("relation") == "next"), None)
         return out, (nxt if isinstance(nxt, str) else "") if nxt is not None else None

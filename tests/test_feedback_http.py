@@ -54,3 +54,40 @@ def test_concurrent_feedback_is_all_stored(make_app, store_url, rulebook):
     with check.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(feedback_table)).scalar_one() == CLIENTS * ITEMS
     check.close()
+
+
+def test_feedback_while_the_store_is_down_is_answered_503_and_can_be_sent_again(make_app, _postgres_cluster, rulebook,
+                                                                               caplog):
+    """A real outage: the service's PostgreSQL database is dropped under it (its connections terminated). Feedback is
+    answered 503 with Retry-After and an OperationOutcome saying nothing was stored (not a 500), and so is the admin
+    page; once the database is back, the same request is stored. The log names the failure by type, without the
+    driver's message."""
+    name = _postgres_cluster.create_database("outage")
+    url = _postgres_cluster.admin_url(name)
+    admin_token = "an-admin-token-for-the-outage-test-0123456789"
+    try:
+        client = make_app(database_url=url, admin_token=admin_token).test_client()
+        store = client.application.extensions["cds"].store
+        card = IssuedCard(str(uuid.uuid4()), RULE, SERVICE, "h", "warning", "active", uuid.uuid4().hex,
+                          datetime.now(timezone.utc))
+        store.record_cards([card])
+        reason = {"system": OVERRIDE_REASON_SYSTEM, "code": rulebook.get(RULE).override_reasons[0]["code"]}
+        body = {"feedback": [{"card": card.card_uuid, "outcome": "overridden", "overrideReason": {"reason": reason},
+                              "outcomeTimestamp": "2026-03-01T12:00:00Z"}]}
+        _postgres_cluster.drop_database(name)
+        r = client.post(f"/cds-services/{SERVICE}/feedback", json=body)
+        assert r.status_code == 503, r.get_data(as_text=True)
+        assert r.headers["Retry-After"].isdigit()
+        issue = r.get_json()["issue"][0]
+        assert issue["code"] == "transient" and "nothing of this request was stored" in issue["details"]["text"]
+        assert "store failed on feedback (OperationalError" in caplog.text and name not in caplog.text
+        r = client.get("/admin/stats.json", headers={"Authorization": f"Bearer {admin_token}"})
+        assert r.status_code == 503 and r.get_json()["issue"][0]["code"] == "transient"
+
+        _postgres_cluster.execute(f'CREATE DATABASE "{name}"')  # the database is back (empty: schema, card again)
+        FeedbackStore(url).close()  # a new store on an empty database creates the schema
+        store.record_cards([card])  # the running service's own store reconnects
+        r = client.post(f"/cds-services/{SERVICE}/feedback", json=body)
+        assert r.status_code == 200 and r.get_json() == {"stored": 1}
+    finally:
+        _postgres_cluster.drop_database(name)

@@ -240,3 +240,32 @@ def test_order_dated_year_9999_is_no_server_error(rulebook):
     result = call_service(SERVICE_FOR_HOOK["order-sign"], sc.request("order-sign"), rulebook=rulebook, store=None,
                           settings=settings)
     assert [c["indicator"] for c in result.response["cards"]] == ["critical"]
+
+
+# -- the cheap tests run on every resource of the record (written out for speed: the same answers) ----------------
+@pytest.mark.parametrize("value, expected", [
+    ({"coding": [{"system": ICD10CM, "code": "G43.909"}]}, True),
+    ({"coding": {"system": ICD10CM, "code": " G43909 "}}, True),  # one coding sent as an object, padded code
+    ([{"text": "x"}, {"coding": [{"code": "G43.909"}]}], True),  # a list of concepts, the second one coded
+    ({"coding": [{"code": "I10"}, "junk", None]}, False),
+    ({"coding": [{"code": ["G43.909"]}]}, False),  # a code of the wrong type is no code
+    ({"coding": "G43.909"}, False),
+    ("G43.909", False),
+    (None, False),
+])
+def test_may_match_reads_odd_shapes_as_the_normaliser_does(value, expected):
+    from cds_hooks_service.facts import bare_codes, may_match
+    assert may_match(value, bare_codes(frozenset({(ICD10CM, "G43.909")}))) is expected
+
+
+def test_prefetch_bundle_entries_read_leniently():
+    from cds_hooks_service.patient_data import _from_prefetch
+    ok = {"resourceType": "Condition", "id": "c1"}
+    bundle = {"resourceType": "Bundle", "entry": [
+        {"resource": ok}, {"resource": dict(ok, id="c2"), "search": {"mode": "match"}},
+        {"resource": dict(ok, id="c3"), "search": {"mode": "include"}},  # included, not a match: not the patient's list
+        {"resource": dict(ok, id="c4"), "search": "odd"},  # a search of the wrong type counts as absent
+        {"resource": {"resourceType": "OperationOutcome"}}, {"resource": "x"}, "junk", None]}
+    resources, nxt = _from_prefetch(bundle)
+    assert [r["id"] for r in resources] == ["c1", "c2", "c4"] and nxt is None
+    assert _from_prefetch({"resourceType": "Bundle", "entry": {"resource": ok}}) == ([], None)
