@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import json
+import pickle
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -481,11 +485,83 @@ def schema_problem(error: jsonschema.ValidationError, written: str | None = None
 
 
 def _schema_errors(validator: jsonschema.Validator, doc, where, problems: Problems) -> bool:
+    key = _validity_key(validator, doc)
+    if key is not None and _valid.seen(key):
+        return False
     errors = list(validator.iter_errors(doc))
+    if not errors and key is not None:
+        _valid.add(key)
     for error in errors:
         path, message, key = schema_problem(error, where.text(tuple(error.absolute_path)))
         problems.add(where, path, message, key=key)
     return bool(errors)
+
+
+class _Seen:
+    """A bounded set of keys, least recently used dropped first (thread-safe: reloads run on threads)."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._keys: OrderedDict[object, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def seen(self, key) -> bool:
+        with self._lock:
+            if key in self._keys:
+                self._keys.move_to_end(key)
+                return True
+            return False
+
+    def add(self, key) -> None:
+        with self._lock:
+            self._keys[key] = None
+            while len(self._keys) > self.max_entries:
+                self._keys.popitem(last=False)
+
+
+# (schema, document) pairs that validated: checking a rule file against its JSON Schema is the largest part
+# of a load, and a reload or `validate` checks mostly unchanged files. Only a pass is kept (a digest, 32
+# bytes each): a document with errors is checked again every time, so its problems are worded as before.
+_valid = _Seen(1024)
+
+
+# (card template, the rule fields its example data is made of, the render limits) that rendered within the
+# limits: a reload, `validate` or `test` renders only the cards or rules that changed. Only a pass is kept: a
+# template over a limit is rendered (and refused) again every time. The template objects are those kept by
+# _compile_template (one per text), so holding them here adds little.
+_rendered_ok = _Seen(1024)
+
+
+def _load_time_problems(template, doc: dict) -> list[str]:
+    """cards.load_time_problems, answered from _rendered_ok for a pass seen before."""
+    from . import cards
+
+    limits = (cards.RENDER_MAX_SECONDS, cards.RENDER_MAX_STEPS, cards.RENDER_MAX_CHARS, cards.VALUE_MAX_CHARS,
+              cards.RANGE_MAX, cards.INT_MAX_BITS)
+    try:
+        data = pickle.dumps((limits, doc.get("id"), doc.get("title"), doc.get("source"), doc.get("indicator", "warning"),
+                             doc.get("checks")), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - not kept
+        return load_time_problems(template, doc)
+    key = (template, hashlib.sha256(data).digest())
+    if _rendered_ok.seen(key):
+        return []
+    found = load_time_problems(template, doc)
+    if not found:
+        _rendered_ok.add(key)
+    return found
+
+
+def _validity_key(validator: jsonschema.Validator, doc) -> bytes | None:
+    """A digest of the validator's kind and schema and of the document (pickle keeps every type apart:
+    1, 1.0, True and "1" differ), or None for what does not pickle or a validator that checks formats."""
+    if getattr(validator, "format_checker", None) is not None:
+        return None
+    try:
+        data = pickle.dumps((type(validator).__qualname__, validator.schema, doc), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - anything unpicklable is simply not kept
+        return None
+    return hashlib.sha256(data).digest()
 
 
 # --- loading ---------------------------------------------------------------------------------------------
@@ -912,7 +988,7 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
 
     checks: dict[str, Check] = {}
     for name, (raw_spec, is_shared) in specs.items():
-        spec = copy.deepcopy(raw_spec)
+        spec = rulefiles.copy_document(raw_spec)  # a deep copy (rule files hold plain YAML values)
         base = ("checks", name)
         kinds = [k for k in CHECK_KINDS if k in spec]
         if len(kinds) != 1:
@@ -1078,7 +1154,7 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
                 if name in shared.policies:
                     used.policies.add(name)
     for key in ("summary", "detail") if card is not None else ():  # render limits, sandbox: tried with example data
-        for message in load_time_problems(getattr(card, key), doc):
+        for message in _load_time_problems(getattr(card, key), doc):
             problems.add(card.source.located if card.source is not None else str(cards_dir / f"{card_name}.yaml"),
                          (key,), message)
     if len(problems) > before or card is None:
@@ -1310,13 +1386,29 @@ def _check_tests(rules_dir: Path, claimed: dict[str, str], problems: Problems, *
         if not read:
             continue
         try:
-            load_scenarios(path, rule_id)
+            _read_scenarios(path, rule_id, load_scenarios)
         except ScenarioError as exc:
             problems.add(str(path), ("scenarios",), str(exc).replace(f"{path}: ", ""))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             problems.add(str(path), ("(yaml)",), f"not valid YAML: {getattr(exc, 'problem', None) or exc}",
                          line=mark.line + 1 if mark else None)
+
+
+# (scenario file text, rule id) that read without a problem: `validate` reads every scenario file only to
+# report its problems, and a text that read before reads the same (a broken one is read again each time).
+_scenarios_ok = _Seen(256)
+
+
+def _read_scenarios(path: Path, rule_id: str, load_scenarios) -> None:
+    """Raise what load_scenarios(path, rule_id) raises; skipped for a text that read before for this rule."""
+    text = rulefiles.read_rule_text(path)
+    key = (hashlib.sha256(text.encode("utf-8")).digest(), rule_id)
+    if _scenarios_ok.seen(key):
+        return
+    load_scenarios(path, rule_id)
+    if rulefiles.read_rule_text(path) == text:  # not edited while it was read: that text reads
+        _scenarios_ok.add(key)
 
 
 def _unused(rules_dir: Path, terminology: Terminology, alternatives: dict, alt_loc: Located | None, shared: Shared,

@@ -5,15 +5,21 @@
   open file), at most ``RULE_FILE_MAX_BYTES`` each.
 * YAML is read with PyYAML's safe loader minus anchors and aliases (a 1 KB "billion laughs" alias bomb
   would otherwise expand to gigabytes) and with a nesting limit.
+* A parse is kept by the exact text (:func:`load_yaml_text`): a reload, ``validate`` or a copy of the rules
+  folder reads mostly unchanged files, and each caller gets its own copy of the document. Bounded to
+  ``YAML_CACHE_MAX_CHARS`` of text; a text that does not parse is parsed (and refused) again every time.
 * :func:`call_with_deadline` bounds a whole load in the main thread (the gunicorn master) with a timer
   signal, so a load that hangs for any other reason cannot stop the master forking workers.
 """
 from __future__ import annotations
 
+import copy
+import datetime
 import os
 import signal
 import stat
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import yaml
@@ -108,8 +114,53 @@ def _check_events(text: str) -> None:
             depth -= 1
 
 
+# Parsed documents by their exact text, least recently used first. The shipped YAML is ~260 KB of text
+# (a few MB as Python objects); a reload re-reads every file, most of them unchanged.
+YAML_CACHE_MAX_CHARS = 2 * 1024 * 1024  # text of the documents kept, all together
+YAML_CACHE_MAX_ENTRIES = 512
+_parsed: OrderedDict[str, tuple[tuple, object]] = OrderedDict()  # text -> ((depth limit, loader), document)
+_parsed_chars = 0
+_parsed_lock = threading.Lock()
+_IMMUTABLE = (str, int, float, bool, type(None), bytes, datetime.date, datetime.datetime)
+
+
+def copy_document(node):
+    """A copy of a parsed document sharing only immutable values (much faster than copy.deepcopy)."""
+    kind = type(node)
+    if kind is dict:
+        return {key: copy_document(value) for key, value in node.items()}  # keys are hashable, i.e. immutable here
+    if kind is list:
+        return [copy_document(value) for value in node]
+    if kind in _IMMUTABLE:
+        return node
+    return copy.deepcopy(node)  # the rarer safe-loader types (!!set, !!omap pairs)
+
+
 def load_yaml_text(text: str):
-    """Parse rule-file YAML (safe types only, no anchors or aliases, at most YAML_MAX_DEPTH levels)."""
+    """Parse rule-file YAML (safe types only, no anchors or aliases, at most YAML_MAX_DEPTH levels). A text
+    parsed before (a kept one) is not parsed again: the caller gets a fresh copy of its document."""
+    global _parsed_chars
+    how = (YAML_MAX_DEPTH, _C_SAFE_LOADER)  # what the parse depended on besides the text
+    with _parsed_lock:
+        kept = _parsed.get(text)
+        if kept is not None and kept[0] == how:
+            _parsed.move_to_end(text)
+    if kept is not None and kept[0] == how:
+        return copy_document(kept[1])  # the kept document is read-only: copied outside the lock
+    doc = _parse_yaml_text(text)  # a YAMLError propagates, nothing is kept
+    if len(text) <= YAML_CACHE_MAX_CHARS // 4:
+        with _parsed_lock:
+            if _parsed.pop(text, None) is not None:  # kept under another depth limit or loader
+                _parsed_chars -= len(text)
+            _parsed[text] = (how, doc)
+            _parsed_chars += len(text)
+            while _parsed_chars > YAML_CACHE_MAX_CHARS or len(_parsed) > YAML_CACHE_MAX_ENTRIES:
+                _parsed_chars -= len(_parsed.popitem(last=False)[0])
+        doc = copy_document(doc)  # the kept document is never handed out
+    return doc
+
+
+def _parse_yaml_text(text: str):
     if _C_SAFE_LOADER is not None:
         _check_events(text)
         return yaml.load(text, Loader=_C_SAFE_LOADER)  # noqa: S506 - the safe loader

@@ -213,6 +213,7 @@ def prefetch_problems(rulebook, templates: dict[str, str]) -> list[tuple[str, st
     """Why a value set the rules use would not be fetched by ``templates``: (rule id, field, message)."""
     problems: list[tuple[str, str, str]] = []
     panels = observation_panels(rulebook.rules_dir)
+    observations_asked: list = []  # fetched_concepts of the observations template, worked out once
     for rule in _live_rules(rulebook):
         for check in rule.checks.values():
             for key in sorted(check.needs):
@@ -235,7 +236,9 @@ def prefetch_problems(rulebook, templates: dict[str, str]) -> list[tuple[str, st
                                      "use fewer codes in the value sets it reads"))
             if check.kind != "observation" or "observations" not in templates:
                 continue
-            asked = fetched_concepts(templates["observations"])
+            if not observations_asked:
+                observations_asked.append(fetched_concepts(templates["observations"]))
+            asked = observations_asked[0]
             if asked is None:
                 continue
             reachable = asked | {c for panel in asked for c in panels.get(panel, ())}

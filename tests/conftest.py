@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.plugins.fhir_server",
     "tests.plugins.fault_server",
     "tests.plugins.terminology_cache",
+    "tests.plugins.app_parts",
 ]
 
 
