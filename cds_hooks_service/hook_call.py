@@ -162,8 +162,8 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
 
 
 def _gather(live, body: dict, rulebook: Rulebook, settings, session, client: Client) -> PatientData:
-    needs = set().union(*(rule.needs for rule, _ in live))
-    optional = set().union(*(rule.alternative_needs for rule, _ in live)) - needs  # alternatives' data only
+    needs = set().union(*(rule.needs for rule, _ in live))  # the data that decides whether a rule fires
+    optional = set().union(*(rule.card_needs | rule.alternative_needs for rule, _ in live)) - needs
     data = gather(needs | optional, body, templates=rulebook.prefetch, budget=settings.time_budget,
                   connect_timeout=settings.fhir_connect_timeout, read_timeout=settings.fhir_read_timeout,
                   session=session, allowed_servers=client.fhir_servers,
@@ -400,8 +400,8 @@ def _finding_card(f: Finding, card_id: str, ctx: HookContext, rulebook: Rulebook
             f"entr{'y' if more == 1 else 'ies'} not listed._"
     # data not read, or only partly read (the data only alternatives read: when partly read; when not read at all,
     # the alternative is not offered and its own line says so)
-    note = gaps_note(f.rule.needs | {k for k in f.rule.alternative_needs if k in unavailable
-                                     and is_partly_read(unavailable[k])}, unavailable)
+    note = gaps_note(f.rule.needs | f.rule.card_needs | {k for k in f.rule.alternative_needs if k in unavailable
+                                                         and is_partly_read(unavailable[k])}, unavailable)
     if note:
         card["detail"] = card.get("detail", "") + "\n\n" + note
     return card

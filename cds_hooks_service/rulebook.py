@@ -214,6 +214,7 @@ class Rule:
     basis: str | None = None
     policies: dict[str, Policy] = field(default_factory=dict)  # the policies this rule uses
     alternative_needs: frozenset[str] = frozenset()  # data keys only its alternatives' contraindications read
+    card_needs: frozenset[str] = frozenset()  # data keys only the card's shape reads (cautions, adjust, ...)
 
 
 @dataclass
@@ -1168,14 +1169,19 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         if name not in referenced and not checks[name].shared:
             problems.add(locator, ("checks", name), f"check {name!r} is not used (no trigger, exception, caution, "
                          "adjust, suggestion, other check or card refers to it)", key=True, severity="warning")
-    # The data the rule's own logic needs (its checks and the shared ones it lists; needs are transitive), and
-    # the further data only its alternatives' contraindications need: read when available, but its absence
-    # leaves the alternative out ("not offered: ... could not be read") instead of stopping the rule.
+    # The data that decides whether the rule fires (its triggers' `when` and its exceptions; needs are
+    # transitive) is required: unreadable, the call is answered 412 (nowhere to read it from) or with "Check not
+    # completed". The data only the card's shape reads (cautions, adjust, which suggestions and override reasons
+    # show) is read when available; unreadable, the card still fires at its own level and names what was not
+    # checked. The data only the alternatives' contraindications read leaves an alternative out ("not offered:
+    # ... could not be read") instead of stopping the rule.
+    deciding = [n for n in [n for t in triggers for n in t.when] + list(exceptions) if n in checks]
+    needs = frozenset().union(*(checks[n].needs for n in deciding))
     roots = [n for n in list(doc["checks"]) + list(doc.get("shared") or []) if n in checks]
-    needs = frozenset().union(*(checks[n].needs for n in roots))
+    card_needs = frozenset().union(*(checks[n].needs for n in roots)) - needs
     alternative_needs = frozenset().union(*(checks[n].needs for s in suggestions for a in s.alternatives
                                             for n in contraindications(alternatives[a]) if n in checks)) \
-        - needs
+        - needs - card_needs
     return Rule(
         id=doc["id"], title=doc["title"], version=doc["version"], enabled=doc.get("enabled", True),
         mode=doc.get("mode", "active"), hooks=frozenset(doc["hooks"]), indicator=doc["indicator"],
@@ -1184,7 +1190,7 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
         exceptions=exceptions, cautions=cautions, adjust=adjust, card=card,
         selection_behavior=doc.get("selectionBehavior", "at-most-one"), suggestions=suggestions,
         override_reasons=override_reasons, path=path, needs=needs, raw=doc,
-        alternative_needs=alternative_needs,
+        alternative_needs=alternative_needs, card_needs=card_needs,
         basis=doc.get("basis"), policies=rule_policies,
     )
 

@@ -143,7 +143,7 @@ def _live_rules(rulebook) -> list:
 
 def prefetch_templates(rulebook) -> dict[str, str]:
     """Data key -> FHIR query template (prefetch template, and the fallback query) for the loaded rules."""
-    keys = set().union(*(r.needs | getattr(r, "alternative_needs", frozenset()) for r in _live_rules(rulebook))) \
+    keys = set().union(*(r.needs | r.card_needs | r.alternative_needs for r in _live_rules(rulebook))) \
         if rulebook.rules else set()
     out: dict[str, str] = {}
     for key in sorted(keys):

@@ -98,8 +98,10 @@ def test_contraindication_checks_are_part_of_every_rule_offering_the_alternative
             assert rule.checks[name].shared, (rule.id, name)
     # so the data they read is prefetched / read; it is not what the rule's own logic needs
     opioid = rulebook.get("opioid-in-migraine")
-    # (since 1.2.0 the rule's own overuse count reads opioid orders and administrations: recent-opioid-orders)
-    assert opioid.needs == {"conditions", "medicationRequests", "medicationAdministrations"}
+    # whether it fires rests on conditions only; since 1.2.0 the overuse count (recent-opioid-orders, which only
+    # raises the card's level) reads opioid orders and administrations: data the card reads when it can
+    assert opioid.needs == {"conditions"}
+    assert opioid.card_needs == {"medicationRequests", "medicationAdministrations"}
     assert opioid.alternative_needs == {"observations", "procedures", "medicationStatements"}
     assert "62238-1" in rulebook.prefetch["observations"]
 

@@ -157,3 +157,35 @@ def test_verification_accepts_only_any_or_confirmed(rules_copy):
     edit(rules_copy / f"{OPIOID}.yaml", "status: active, verification: confirmed}", "status: active, verification: yes}")
     errors = _errors(rules_copy)
     assert any("moh-diagnosis" in e and "verification" in e for e in errors), errors
+
+
+# -- the overuse count's data only raises the card's level: unreadable, the card still fires and says so -----------
+def _without_medication_orders(body: dict) -> dict:
+    for key in ("medicationRequests", "medicationAdministrations"):
+        body["prefetch"].pop(key, None)
+    return body
+
+
+def test_opioid_card_fires_at_its_own_level_when_the_opioid_orders_cannot_be_read(shared_app):
+    """No prefetch of the orders and administrations and no fhirServer: the count cannot run, but whether the rule
+    fires rests on the conditions alone. The card is answered (not a 412), at its own level, naming what was not
+    checked."""
+    from tests.helpers import SIGN, post, request_body
+
+    body = _without_medication_orders(request_body(drafts=(ORAL_OXYCODONE,), record=(MIGRAINE, MOH)))
+    r = post(shared_app().test_client(), SIGN, body)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    [card] = [c for c in r.get_json()["cards"] if c["source"]["topic"]["code"] == OPIOID]
+    assert card["indicator"] == "warning"  # the confirmed MOH diagnosis (a condition) still raises the oral card
+    assert "Not checked, could not be read" in card["detail"] and "medication" in card["detail"].lower()
+
+
+def test_no_check_not_completed_card_when_only_the_overuse_count_could_not_run(shared_app):
+    """An opioid order without any headache context: the rule cannot fire whatever the orders say, so the orders
+    being unreadable is no "check not completed"."""
+    from tests.helpers import SIGN, post, request_body
+
+    body = _without_medication_orders(request_body(drafts=(ORAL_OXYCODONE,), record=()))
+    r = post(shared_app().test_client(), SIGN, body)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    assert r.get_json()["cards"] == []
