@@ -77,9 +77,12 @@ class HookResult:
 
 
 def suppression_key(secret: bytes, body: dict, finding: Finding, client_id: str = OPEN_CLIENT.id,
-                    drafts: dict[str, MedicationFact] | None = None) -> str:
-    """One-way key for (client, FHIR server, patient, draft order, its drug, rule): no patient data is stored.
-    The client is part of it: one client's override never suppresses another client's card.
+                    drafts: dict[str, MedicationFact] | None = None, indicator: str | None = None) -> str:
+    """One-way key for (client, FHIR server, patient, draft order, its drug, rule, level): no patient data is
+    stored. The client is part of it: one client's override never suppresses another client's card. The level
+    (``indicator``, default the finding's) is part of it so that an override holds only for a card no more
+    severe than the one overridden: a warning overridden at order-select does not silence the critical card
+    the same order gets at order-sign once its route is known (see :func:`covering_keys`).
 
     A conflict between drafted orders only (every evidence item is another drafted order, e.g. DHE and
     sumatriptan drafted together) is keyed by all its orders, the same from either side (``drafts``: the
@@ -93,8 +96,17 @@ def suppression_key(secret: bytes, body: dict, finding: Finding, client_id: str 
     named = sorted((d.ref, ",".join(sorted(c[1] for c in d.concepts))) for d in orders)
     what = list(named[0]) if len(named) == 1 else ["conflict:" + ";".join(f"{ref}#{drug}" for ref, drug in named)]
     message = "|".join([client_id, str(body.get("fhirServer", "")), str(context.get("patientId", ""))]
-                       + what + [finding.rule.id])
+                       + what + [finding.rule.id, indicator or finding.indicator])
     return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+
+
+def covering_keys(secret: bytes, body: dict, finding: Finding, client_id: str = OPEN_CLIENT.id,
+                  drafts: dict[str, MedicationFact] | None = None) -> tuple[str, ...]:
+    """The keys whose override suppresses this finding's card: its own level's and every more severe one's (an
+    override of a critical card also holds for the warning the same order gets later)."""
+    rank = INDICATOR_ORDER[finding.indicator]
+    return tuple(suppression_key(secret, body, finding, client_id, drafts, level)
+                 for level, r in sorted(INDICATOR_ORDER.items(), key=lambda kv: kv[1]) if r <= rank)
 
 
 def conflict_drafts(finding: Finding) -> set[str]:
@@ -189,7 +201,7 @@ def record(decision: Decision, body: dict, *, store, secret: bytes, service: Cds
     mirrors = mirrored_findings(decision.findings)
     to_issue = [f for f in decision.findings if f.evidence and f.suppressed_by is None and id(f) not in mirrors]
     drafts = {d.ref: d for d in decision.ctx.drafts}
-    keys = {id(f): suppression_key(secret, body, f, client.id, drafts) for f in to_issue}
+    covering = {id(f): covering_keys(secret, body, f, client.id, drafts) for f in to_issue}  # own level's last
     card_ids = {id(f): str(uuid.uuid4()) for f in to_issue}
     overridden: set[str] = set()
     if store is not None and to_issue:
@@ -197,14 +209,16 @@ def record(decision: Decision, body: dict, *, store, secret: bytes, service: Cds
 
         ctx = decision.ctx
         issued = [IssuedCard(card_ids[id(f)], f.rule.id, service.id, str(body.get("hookInstance")), f.indicator,
-                             f.rule.mode, keys[id(f)], ctx.now, client.id) for f in to_issue]
-        # order-sign: a card overridden at order-select for the same draft and rule is not raised again
+                             f.rule.mode, covering[id(f)][-1], ctx.now, client.id, covering[id(f)])
+                  for f in to_issue]
+        # order-sign: a card overridden at order-select for the same draft and rule, at the same or a more severe
+        # level, is not raised again
         since = ctx.now - SUPPRESSION_WINDOW if service.hook == "order-sign" else None
         overridden = _issue(store, issued, since)
     for f in decision.findings:
         if id(f) in mirrors:
             continue
-        f.outcome, f.reason = outcome_of(f, keys.get(id(f)) in overridden)
+        f.outcome, f.reason = outcome_of(f, not overridden.isdisjoint(covering.get(id(f), ())))
     for f in decision.findings:  # a merged finding shares the outcome of the card that stands for it
         if id(f) in mirrors:
             lead = mirrors[id(f)]

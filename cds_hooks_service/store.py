@@ -154,6 +154,11 @@ class IssuedCard:
     suppression_key: str  # opaque HMAC hex of (client, FHIR server, patient, draft order, rule)
     issued_at: datetime  # tz-aware UTC
     client_id: str = OPEN_CLIENT_ID  # the client the card was sent to (JWT iss, or "open")
+    # the keys whose override suppresses this card (its own level's and the more severe levels'); () = its own only
+    covered_by: tuple[str, ...] = ()
+
+    def covering(self) -> tuple[str, ...]:
+        return self.covered_by or (self.suppression_key,)
 
 
 class UnknownCards(ValueError):
@@ -340,8 +345,9 @@ class FeedbackStore:
     def issue_cards(self, cards: list[IssuedCard], *, skip_overridden_since: datetime | None = None) -> set[str]:
         """Record issued cards in one write transaction (the hot path: one checkout per hook call).
 
-        With ``skip_overridden_since``, cards whose suppression key received an "overridden" outcome
-        for a card issued since then are not recorded; their keys are returned (not to be shown).
+        With ``skip_overridden_since``, cards one of whose covering keys (``IssuedCard.covering``) received an
+        "overridden" outcome for a card issued since then are not recorded; the overridden keys are returned
+        (their cards are not to be shown).
 
         The cards are committed before this returns (so before the hook call is answered): a crash of the
         process after the answer loses none. On SQLite the transaction runs on the pooled DB-API connection
@@ -355,10 +361,10 @@ class FeedbackStore:
         overridden: set[str] = set()
         with self._write() as conn:
             if skip_overridden_since is not None:
-                keys = sorted({c.suppression_key for c in cards})
+                keys = sorted({k for c in cards for k in c.covering()})
                 overridden = set(conn.execute(self._overridden_q, {
                     "keys": keys, "since": _utc(skip_overridden_since)}).scalars())
-            rows = [self._card_row(c) for c in cards if c.suppression_key not in overridden]
+            rows = [self._card_row(c) for c in cards if overridden.isdisjoint(c.covering())]
             if rows:
                 conn.execute(self._insert_cards, rows)
         return overridden
@@ -367,7 +373,7 @@ class FeedbackStore:
         """issue_cards on SQLite: BEGIN IMMEDIATE, the override look-up, the insert and COMMIT on the pooled
         DB-API connection (same locks as ``_write``), with the SQL and the type conversions prepared once."""
         fast = self._fast_sqlite
-        keys = sorted({c.suppression_key for c in cards})
+        keys = sorted({k for c in cards for k in c.covering()})
         with self._write_lock:
             if self._lock_file is not None:
                 fcntl.flock(self._lock_file, fcntl.LOCK_EX)
@@ -382,7 +388,7 @@ class FeedbackStore:
                             chunk = keys[i:i + _IN_CHUNK]
                             overridden.update(row[0] for row in cursor.execute(
                                 fast.overridden_sql(len(chunk)), (*chunk, fast.time(_utc(since)))))
-                        rows = [fast.row(c) for c in cards if c.suppression_key not in overridden]
+                        rows = [fast.row(c) for c in cards if overridden.isdisjoint(c.covering())]
                         if rows:
                             cursor.executemany(fast.insert_sql, rows)
                         cursor.execute("COMMIT")

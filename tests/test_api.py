@@ -208,6 +208,36 @@ def test_override_at_select_is_not_raised_again_at_sign(client):
     assert topics(post(client, SIGN, request_body(patient="other-patient")).get_json()) == ["opioid-in-migraine"]
 
 
+ORAL_OXYCODONE = {"drug": "7804", "text": "oxycodone 5 mg tablet", "route": "PO", "category": "discharge"}
+MOH = {"condition": "G44.41", "display": "Drug-induced headache, not elsewhere classified, intractable"}
+
+
+def test_an_override_holds_only_for_a_card_no_more_severe_than_the_one_overridden(client):
+    """The same drafted order overridden at order-select as info comes back at order-sign as a warning (the
+    record now shows medication-overuse headache): the more severe card is shown, not silenced by the override.
+    An override of the more severe card holds for the less severe one."""
+    def sign_card(record):
+        r = post(client, SIGN, request_body(drafts=(ORAL_OXYCODONE,), record=record)).get_json()
+        return [c for c in r["cards"] if c["source"]["topic"]["code"] == "opioid-in-migraine"]
+
+    card = _card(client, request_body("order-select", drafts=(ORAL_OXYCODONE,)), SELECT)
+    assert card["indicator"] == "info"
+    fb = sandbox.feedback_request(card["uuid"], "overridden", override_reason=card["overrideReasons"][0])
+    assert post(client, SELECT + "/feedback", fb).status_code == 200
+    assert sign_card((MIGRAINE,)) == []  # the same level: suppressed as before
+    [raised] = sign_card((MIGRAINE, MOH))
+    assert raised["indicator"] == "warning"
+
+    # another patient: the warning overridden at order-select, the info card at order-sign stays suppressed
+    card = _card(client, request_body("order-select", drafts=(ORAL_OXYCODONE,), record=(MIGRAINE, MOH),
+                                      patient="patient-2"), SELECT)
+    assert card["indicator"] == "warning"
+    fb = sandbox.feedback_request(card["uuid"], "overridden", override_reason=card["overrideReasons"][0])
+    assert post(client, SELECT + "/feedback", fb).status_code == 200
+    r = post(client, SIGN, request_body(drafts=(ORAL_OXYCODONE,), record=(MIGRAINE,), patient="patient-2"))
+    assert r.get_json() == {"cards": []}
+
+
 # -- site overrides and shadow mode --------------------------------------------------------------------
 def test_shadow_rule_is_counted_not_shown(make_app, tmp_path):
     local = tmp_path / "local"
