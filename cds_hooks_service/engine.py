@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from .facts import (DRAFT_TYPES, MEDICATION_TYPES, NEGATIVE_INTERPRETATIONS, POSITIVE_INTERPRETATIONS, MedicationFact,
                     MedicationIndex, Normaliser, ObservationFact, add_time, category_matches, milli_iu_per_ml,
@@ -182,10 +182,17 @@ class Evaluation:
         found = self._shared(c, self._find_medications)
         ref = self.draft.ref
         skip = found.draft_refs[ref]  # this draft itself (and drafts sharing its reference) never count
-        total = len(found.facts) - skip
+        facts = found.facts
+        at_least = c.spec.get("atLeast")
+        if at_least:  # a count: only entries dated (order or dose time) within the window count and are listed
+            since = self.ctx.now - timedelta(seconds=c.within) if c.within else None
+            facts = [m for m in facts if m.source != "draft" and m.time is not None and m.time <= self.ctx.now
+                     and (since is None or m.time >= since)]
+            skip = 0
+        total = len(facts) - skip
         considered = found.considered - found.considered_draft_refs[ref]
         items = []
-        for m in found.facts:
+        for m in facts:
             if len(items) >= self.limit:
                 break
             if skip and m.source == "draft" and m.ref == ref:
@@ -206,11 +213,10 @@ class Evaluation:
                 "route": m.route, "matched_by": m.matched_by, "ref": m.ref,
             })
         note = f"{total} qualifying of {considered} in the value sets" if considered else "none in the value sets"
-        at_least = c.spec.get("atLeast")
-        if at_least and total:
-            entries = _distinct_entries(m for m in found.facts if not (skip and m.source == "draft" and m.ref == ref))
-            note += f"; {entries} distinct record entries, at least {at_least} needed"
-            if entries < at_least:
+        if at_least:
+            days = len({m.time.astimezone(timezone.utc).date() for m in facts})
+            note += f"; on {days} distinct days (UTC), at least {at_least} needed"
+            if days < at_least:
                 return [], 0, note
         return items, total, note
 
@@ -396,20 +402,6 @@ class Evaluation:
         inner = self.check(c.children[0])
         items = [] if inner else [{"kind": "absent", "display": c.label}]
         return items, len(items), ("inner matched" if inner else "inner absent")
-
-
-def _distinct_entries(facts) -> int:
-    """How many distinct record entries the facts are (a medication check's ``atLeast``): each resource once, and
-    an administration that names the order it gives (MedicationAdministration.request) once with that order."""
-    keys = set()
-    for m in facts:
-        request = m.resource.get("request") if m.source == "MedicationAdministration" else None
-        reference = request.get("reference") if isinstance(request, dict) else None
-        if isinstance(reference, str) and "MedicationRequest/" in reference:
-            keys.add("MedicationRequest/" + reference.rsplit("MedicationRequest/", 1)[1].split("/_history/")[0])
-        else:
-            keys.add(m.ref)
-    return len(keys)
 
 
 def _compare(o: ObservationFact, op: str, value: float | None) -> bool:

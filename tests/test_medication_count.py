@@ -1,4 +1,4 @@
-"""A medication check's ``atLeast`` (how many distinct record entries must qualify), a condition check's
+"""A medication check's ``atLeast`` (on how many different days record entries must qualify), a condition check's
 ``verification: confirmed``, and the opioid rule's one-step escalation for an opioid overuse risk that uses
 them (clinical.md §4.1: MOH diagnosis, or 3 opioid orders/doses in 30 days)."""
 from __future__ import annotations
@@ -51,33 +51,44 @@ def _why(finding, name):
     return next(t["why"] for t in finding.trace if t["check"] == name)
 
 
-# -- atLeast: distinct record entries --------------------------------------------------------------------------
+# -- atLeast: different days ----------------------------------------------------------------------------------
 def test_three_opioid_doses_in_the_window_raise_an_oral_opioid_to_warning(rulebook):
     finding = _evaluate(rulebook, [ORAL_OXYCODONE], [MIGRAINE, _dose("-2d"), _dose("-9d"), _dose("-20d")])
     assert finding.indicator == "warning"
     doses = _caution(finding, "recent-opioid-orders")
     assert doses is not None and doses.total == 3 and [i["how"] for i in doses.items] == ["given"] * 3
-    assert "3 distinct record entries, at least 3 needed" in _why(finding, "recent-opioid-orders")
+    assert "on 3 distinct days (UTC), at least 3 needed" in _why(finding, "recent-opioid-orders")
 
 
 def test_two_doses_or_one_outside_the_window_are_not_enough(rulebook):
     two = _evaluate(rulebook, [ORAL_OXYCODONE], [MIGRAINE, _dose("-2d"), _dose("-9d")])
     assert two.indicator == "info" and _caution(two, "recent-opioid-orders") is None
-    assert "2 distinct record entries, at least 3 needed" in _why(two, "recent-opioid-orders")
+    assert "on 2 distinct days (UTC), at least 3 needed" in _why(two, "recent-opioid-orders")
     old = _evaluate(rulebook, [ORAL_OXYCODONE], [MIGRAINE, _dose("-2d"), _dose("-9d"), _dose("-40d")])
     assert old.indicator == "info" and _caution(old, "recent-opioid-orders") is None
 
 
-def test_an_order_and_the_doses_that_name_it_count_once(rulebook):
-    # One order given twice is one entry, not three; without the request references they are three.
-    record = [MIGRAINE, {"ordered": "7052", "text": "morphine 4 mg IV", "route": "IV", "at": "-3d", "id": "mo"},
-              _dose("-3d"), _dose("-2d")]
-    named = {2: {"request": {"reference": "MedicationRequest/mo"}},
-             3: {"request": {"reference": "https://ehr.example.org/fhir/MedicationRequest/mo/_history/2"}}}
-    finding = _evaluate(rulebook, [ORAL_OXYCODONE], record, fields=named)
+def test_the_count_is_of_days_one_visits_or_one_operations_doses_are_one_day(rulebook):
+    # An order and two doses on one day (a visit, an operation) are one day, not three entries (clinical review:
+    # peri-operative doses and one ED visit are no overuse); the same three on three days count 3.
+    same_day = [MIGRAINE, {"ordered": "7052", "text": "morphine 4 mg IV", "route": "IV", "at": "-3d"},
+                _dose("-3d"), _dose("-3d")]
+    finding = _evaluate(rulebook, [ORAL_OXYCODONE], same_day)
     assert finding.indicator == "info" and _caution(finding, "recent-opioid-orders") is None
-    assert "1 distinct record entries" in _why(finding, "recent-opioid-orders")
-    assert _evaluate(rulebook, [ORAL_OXYCODONE], record).indicator == "warning"
+    assert "on 1 distinct days" in _why(finding, "recent-opioid-orders")
+    three_days = [MIGRAINE, {"ordered": "7052", "text": "morphine 4 mg IV", "route": "IV", "at": "-3d"},
+                  _dose("-2d"), _dose("-1d")]
+    assert _evaluate(rulebook, [ORAL_OXYCODONE], three_days).indicator == "warning"
+
+
+def test_an_active_order_written_before_the_window_does_not_count(rulebook):
+    # An order's own date decides, not the end of its course: an active order written 100 days ago whose validity
+    # runs on is not an opioid order "in the past 30 days" (clinical review).
+    old_order = {"ordered": "7804", "text": "oxycodone 5 mg tablet", "route": "PO", "at": "-100d"}
+    finding = _evaluate(rulebook, [ORAL_OXYCODONE], [MIGRAINE, old_order, _dose("-2d"), _dose("-9d")],
+                        fields={1: {"dispenseRequest": {"validityPeriod": {"start": "2025-11-21T12:00:00Z",
+                                                                           "end": "2026-12-31T00:00:00Z"}}}})
+    assert finding.indicator == "info" and "on 2 distinct days" in _why(finding, "recent-opioid-orders")
 
 
 def test_drafts_of_this_session_and_entered_in_error_doses_do_not_count(rulebook):
@@ -92,6 +103,12 @@ def test_drafts_of_this_session_and_entered_in_error_doses_do_not_count(rulebook
 def test_iv_hydromorphone_for_migraine_with_overuse_risk_is_critical_other_parenteral_opioids_stay_warning(rulebook):
     assert _evaluate(rulebook, [IV_HYDROMORPHONE], [MIGRAINE, MOH]).indicator == "critical"
     assert _evaluate(rulebook, [IV_HYDROMORPHONE], [MIGRAINE]).indicator == "warning"
+    # the count alone is never critical (peri-operative doses, opioid-agonist treatment): a warning
+    counted = [MIGRAINE, _dose("-2d"), _dose("-9d"), _dose("-20d")]
+    assert _evaluate(rulebook, [IV_HYDROMORPHONE], counted).indicator == "warning"
+    # IM hydromorphone: AHS Level A names IV hydromorphone
+    im = dict(IV_HYDROMORPHONE, route="IM")
+    assert _evaluate(rulebook, [im], [MIGRAINE, MOH]).indicator == "warning"
     morphine = _evaluate(rulebook, [IV_MORPHINE], [MIGRAINE, MOH])
     assert morphine.indicator == "warning" and _caution(morphine, "moh-diagnosis") is not None
     # Not migraine (the MOH diagnosis is the only headache): no AHS Level A claim, so no critical.
@@ -134,7 +151,7 @@ def test_at_least_must_be_a_whole_number_of_at_least_one(rules_copy, written, sa
 
 
 def test_at_least_from_a_policy_that_is_not_a_whole_number_is_refused(rules_copy):
-    edit(rules_copy / f"{OPIOID}.yaml", "    value: 3\n    unit: orders or doses", "    value: 2.5\n    unit: orders or doses")
+    edit(rules_copy / f"{OPIOID}.yaml", "    value: 3\n    unit: different days", "    value: 2.5\n    unit: different days")
     errors = _errors(rules_copy)
     assert any("policy 'opioid-overuse-count' is 2.5; allowed here: a whole number of at least 1" in e
                for e in errors), errors
@@ -146,7 +163,7 @@ def test_a_written_at_least_and_the_policy_number_both_decide(rules_copy):
     assert written.get(OPIOID).checks["recent-opioid-orders"].spec["atLeast"] == 2
     assert _evaluate(written, [ORAL_OXYCODONE], [MIGRAINE, _dose("-2d"), _dose("-9d")]).indicator == "warning"
     edit(rules_copy / f"{OPIOID}.yaml", "      atLeast: 2", ORIGINAL)
-    edit(rules_copy / f"{OPIOID}.yaml", "    value: 3\n    unit: orders or doses", "    value: 4\n    unit: orders or doses")
+    edit(rules_copy / f"{OPIOID}.yaml", "    value: 3\n    unit: different days", "    value: 4\n    unit: different days")
     four = load_rulebook(rules_copy, rules_copy.parent / "cards")
     assert four.get(OPIOID).checks["recent-opioid-orders"].spec["atLeast"] == 4
     three = [MIGRAINE, _dose("-2d"), _dose("-9d"), _dose("-20d")]

@@ -452,12 +452,13 @@ VALUESETS: dict[str, dict] = {
     "cond-medication-overuse-headache": {
         "title": "Medication-overuse headache",
         "description": "Drug-induced headache NEC (G44.40, G44.41; 'Medication overuse headache' is an inclusion "
-                       "term of G44.4) and the SNOMED CT International/US concepts flagged medication overuse: "
-                       "medication overuse headache, analgesic overuse headache, headache caused by drug.",
+                       "term of G44.4) and the SNOMED CT concepts of medication overuse: medication overuse "
+                       "headache, analgesic overuse headache ('headache caused by drug', 294091000119104, is left "
+                       "out: it includes headaches a drug causes without overuse, e.g. nitrates).",
         "include": [
             {"set": "medication_overuse_headache_icd10cm", "codes": ["G44.40", "G44.41"]},
             {"set": "migraine_headache_snomed", "where": {"medicationOveruse": True},
-             "codes": ["698803006", "103012002", "294091000119104"]},
+             "codes": ["698803006", "103012002"]},
         ],
     },
     "cond-opioid-use-disorder": {
