@@ -1170,12 +1170,16 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
             problems.add(locator, ("checks", name), f"check {name!r} is not used (no trigger, exception, caution, "
                          "adjust, suggestion, other check or card refers to it)", key=True, severity="warning")
     # The data that decides whether the rule fires (its triggers' `when` and its exceptions; needs are
-    # transitive) is required: unreadable, the call is answered 412 (nowhere to read it from) or with "Check not
-    # completed". The data only the card's shape reads (cautions, adjust, which suggestions and override reasons
-    # show) is read when available; unreadable, the card still fires at its own level and names what was not
-    # checked. The data only the alternatives' contraindications read leaves an alternative out ("not offered:
-    # ... could not be read") instead of stopping the rule.
-    deciding = [n for n in [n for t in triggers for n in t.when] + list(exceptions) if n in checks]
+    # transitive), and the data of what could make the card less safe when read as "nothing found" (an adjust
+    # that lowers the level, the only_if/unless of suggestions) is required: unreadable, the call is answered 412
+    # (nowhere to read it from) or with "Check not completed". The data only the rest of the card reads
+    # (cautions, adjust entries that raise the level, which override reasons show) is read when available;
+    # unreadable, the card still fires at its own level and names what was not checked. The data only the
+    # alternatives' contraindications read leaves an alternative out ("not offered: ... could not be read").
+    rank = {"critical": 0, "warning": 1, "info": 2}
+    lowering = [n for names, level in adjust if rank[level] > rank[doc["indicator"]] for n in names]
+    deciding = [n for n in [n for t in triggers for n in t.when] + list(exceptions) + lowering
+                + [n for sg in suggestions for n in sg.only_if + sg.unless] if n in checks]
     needs = frozenset().union(*(checks[n].needs for n in deciding))
     roots = [n for n in list(doc["checks"]) + list(doc.get("shared") or []) if n in checks]
     card_needs = frozenset().union(*(checks[n].needs for n in roots)) - needs

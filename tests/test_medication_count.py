@@ -206,3 +206,15 @@ def test_no_check_not_completed_card_when_only_the_overuse_count_could_not_run(s
     r = post(shared_app().test_client(), SIGN, body)
     assert r.status_code == 200, r.get_data(as_text=True)
     assert r.get_json()["cards"] == []
+
+
+def test_data_an_adjust_lowering_the_level_reads_is_required(rules_copy):
+    """An adjust that lowers the card's level acts on "nothing found" when its data cannot be read: its data is
+    required (412 / "Check not completed"), not merely noted on the card; one that raises it stays optional."""
+    rule = rules_copy / f"{OPIOID}.yaml"
+    assert load_rulebook(rules_copy, rules_copy.parent / "cards").get(OPIOID).needs == {"conditions"}
+    edit(rule, "  - when: [oral-route]\n    indicator: info",
+         "  - when: [oral-route]\n    indicator: info\n  - when: [recent-opioid-orders]\n    indicator: info")
+    lowered = load_rulebook(rules_copy, rules_copy.parent / "cards").get(OPIOID)
+    assert {"medicationRequests", "medicationAdministrations"} <= lowered.needs
+    assert not lowered.card_needs & {"medicationRequests", "medicationAdministrations"}
