@@ -91,6 +91,17 @@ def large_body(n_drafts: int, n_record: int, *, triptans: int = 0, draft=DHE) ->
             "prefetch": prefetch_for(record)}
 
 
+def rule_errors(rules_dir, **load) -> list[str]:
+    """The error lines of loading an edited rules folder (its cards beside it); the test fails if it loads."""
+    import pytest
+
+    from cds_hooks_service.rulebook import RulebookError, load_rulebook
+
+    with pytest.raises(RulebookError) as exc:
+        load_rulebook(rules_dir, rules_dir.parent / "cards", **load)
+    return [str(p) for p in exc.value.problems if p.severity == "error"]
+
+
 def edit(path, old, new):
     """Replace the first `old` in a file by `new`; the test fails if `old` is not there."""
     text = path.read_text()

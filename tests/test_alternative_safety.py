@@ -10,9 +10,9 @@ import pytest
 from cds_hooks_service.cards import finding_phrase
 from cds_hooks_service.engine import Evidence, unsafe_alternatives
 from cds_hooks_service.hook_call import call_service
-from cds_hooks_service.rulebook import RulebookError, load_rulebook
+from cds_hooks_service.rulebook import load_rulebook
 from cds_hooks_service.services import SERVICE_FOR_HOOK
-from tests.helpers import DHE, HYDROMORPHONE, MIGRAINE, NOW, SUMATRIPTAN_GIVEN, edit, request_body
+from tests.helpers import DHE, HYDROMORPHONE, MIGRAINE, NOW, SUMATRIPTAN_GIVEN, edit, rule_errors, request_body
 
 EGFR_22 = {"observation": "62238-1", "value": 22, "unit": "mL/min/1.73m2", "at": "-3d", "display": "eGFR"}
 CAD = {"condition": "I25.10", "display": "Atherosclerotic heart disease of native coronary artery"}
@@ -23,10 +23,6 @@ def _load(rules_dir):
     return load_rulebook(rules_dir, rules_dir.parent / "cards")
 
 
-def _errors(rules_dir) -> list[str]:
-    with pytest.raises(RulebookError) as exc:
-        load_rulebook(rules_dir, rules_dir.parent / "cards", scenarios=True)
-    return [str(p) for p in exc.value.problems if p.severity == "error"]
 
 
 def _cards(rulebook, settings, hook="order-sign", **body) -> list[dict]:
@@ -47,7 +43,7 @@ def _labels(card) -> list[str]:
 
 def test_unknown_check_in_an_alternatives_contraindications_names_file_and_alternative(rules_copy):
     edit(rules_copy / "alternatives.yaml", "contraindications: [egfr-below-30,", "contraindications: [egfr-below-03,")
-    errors = _errors(rules_copy)
+    errors = rule_errors(rules_copy, scenarios=True)
     assert len(errors) == 1, errors
     line = next(i for i, t in enumerate((rules_copy / "alternatives.yaml").read_text().splitlines(), 1)
                 if "egfr-below-03" in t)
@@ -63,7 +59,7 @@ def test_unknown_check_in_an_alternatives_contraindications_names_file_and_alter
 ])
 def test_contraindications_must_be_a_list_of_names(rules_copy, new, words):
     edit(rules_copy / "alternatives.yaml", "contraindications: [egfr-below-30,", new)
-    errors = _errors(rules_copy)  # reported, never a crash
+    errors = rule_errors(rules_copy, scenarios=True)  # reported, never a crash
     assert len(errors) == 1 and "alternatives.yaml" in errors[0] and words in errors[0], errors
 
 
@@ -72,7 +68,7 @@ def test_contraindications_not_a_list_is_one_error(rules_copy):
     start = text.index("  contraindications: [egfr-below-30,")
     end = text.index("]", start) + 1
     (rules_copy / "alternatives.yaml").write_text(text[:start] + "  contraindications: egfr-below-30" + text[end:])
-    errors = _errors(rules_copy)
+    errors = rule_errors(rules_copy, scenarios=True)
     assert len(errors) == 1 and "ketorolac-iv.contraindications: found 'egfr-below-30'; allowed: a list" in errors[0]
 
 
@@ -82,7 +78,7 @@ def test_a_rule_may_not_shadow_a_contraindication_of_an_alternative_it_offers(ru
     edit(rules_copy / "opioid-in-migraine.yaml", "  oral-route:\n",
          "  pregnancy:\n    label: Pregnancy (own)\n    condition: {valueSets: [cond-pregnancy], status: any}\n"
          "  oral-route:\n")
-    errors = _errors(rules_copy)
+    errors = rule_errors(rules_copy, scenarios=True)
     assert len(errors) == 1, errors
     assert "opioid-in-migraine.yaml" in errors[0] and "check 'pregnancy' is defined in this rule, but it is also a " \
         "contraindication of alternative 'ketorolac-iv' (alternatives.yaml), which suggestion 'replace-ketorolac' " \

@@ -8,9 +8,9 @@ import pytest
 from cds_hooks_service.engine import HookContext, draft_facts, evaluate_rule
 from cds_hooks_service.facts import Normaliser
 from cds_hooks_service.index import RecordIndex, RuleConcepts
-from cds_hooks_service.rulebook import RulebookError, load_rulebook
+from cds_hooks_service.rulebook import load_rulebook
 from cds_hooks_service.scenarios import expand_draft, expand_record
-from tests.helpers import NOW, edit
+from tests.helpers import NOW, edit, rule_errors
 
 OPIOID = "opioid-in-migraine"
 ORAL_OXYCODONE = {"drug": "7804", "text": "oxycodone 5 mg tablet", "route": "PO", "category": "discharge"}
@@ -128,10 +128,6 @@ def test_an_unconfirmed_moh_diagnosis_raises_nothing(rulebook):
 ORIGINAL = "      atLeast: {policy: opioid-overuse-count}"
 
 
-def _errors(rules_dir) -> list[str]:
-    with pytest.raises(RulebookError) as exc:
-        load_rulebook(rules_dir, rules_dir.parent / "cards")
-    return [str(p) for p in exc.value.problems if p.severity == "error"]
 
 
 @pytest.mark.parametrize("written, says", [
@@ -146,13 +142,13 @@ def test_at_least_must_be_a_whole_number_of_at_least_one(rules_copy, written, sa
     rule = rules_copy / f"{OPIOID}.yaml"
     line = rule.read_text().splitlines().index(ORIGINAL) + 1
     edit(rule, ORIGINAL, "      " + written)
-    errors = _errors(rules_copy)
+    errors = rule_errors(rules_copy)
     assert any(says in e and f"{OPIOID}.yaml:{line}:" in e for e in errors), errors  # the line of atLeast
 
 
 def test_at_least_from_a_policy_that_is_not_a_whole_number_is_refused(rules_copy):
     edit(rules_copy / f"{OPIOID}.yaml", "    value: 3\n    unit: different days", "    value: 2.5\n    unit: different days")
-    errors = _errors(rules_copy)
+    errors = rule_errors(rules_copy)
     assert any("policy 'opioid-overuse-count' is 2.5; allowed here: a whole number of at least 1" in e
                for e in errors), errors
 
@@ -172,7 +168,7 @@ def test_a_written_at_least_and_the_policy_number_both_decide(rules_copy):
 
 def test_verification_accepts_only_any_or_confirmed(rules_copy):
     edit(rules_copy / f"{OPIOID}.yaml", "status: active, verification: confirmed}", "status: active, verification: yes}")
-    errors = _errors(rules_copy)
+    errors = rule_errors(rules_copy)
     assert any("moh-diagnosis" in e and "verification" in e for e in errors), errors
 
 

@@ -8,16 +8,12 @@ import yaml
 
 from cds_hooks_service.facts import category_matches, order_categories
 from cds_hooks_service.engine import reason_offered
-from cds_hooks_service.rulebook import RulebookError, load_rulebook
-from tests.helpers import edit
+from cds_hooks_service.rulebook import load_rulebook
+from tests.helpers import edit, rule_errors
 
 R4 = "http://terminology.hl7.org/CodeSystem/medicationrequest-category"
 
 
-def errors(rules_dir) -> list[str]:
-    with pytest.raises(RulebookError) as exc:
-        load_rulebook(rules_dir, rules_dir.parent / "cards")
-    return [str(p) for p in exc.value.problems if p.severity == "error"]
 
 
 # --- the category of a drafted order ------------------------------------------------------------------
@@ -50,7 +46,7 @@ def test_category_filter_and_unknown():
 
 def test_category_values_are_checked_by_the_schema(rules_copy):
     edit(rules_copy / "opioid-in-migraine.yaml", "drafted: {category: [inpatient]}", "drafted: {category: [emergency]}")
-    (error,) = errors(rules_copy)
+    (error,) = rule_errors(rules_copy)
     assert "checks.hospital-order.drafted.category[0]: found 'emergency'; allowed: 'inpatient', 'outpatient', " \
            "'community', 'discharge', 'unknown'" in error
 
@@ -99,7 +95,7 @@ def test_reason_offered_combines_only_if_and_unless():
 
 def test_override_reason_naming_an_unknown_check(rules_copy):
     edit(rules_copy / "dhe-contraindicated-condition.yaml", "only_if: [bp-finding]", "only_if: [bp-findings]")
-    (error,) = errors(rules_copy)
+    (error,) = rule_errors(rules_copy)
     assert "overrideReasons[0].only_if[0]: unknown check 'bp-findings' (did you mean 'bp-finding'?)" in error
 
 
@@ -107,7 +103,7 @@ def test_override_reason_codes_are_unique_and_conditions_consistent(rules_copy):
     edit(rules_copy / "dhe-contraindicated-condition.yaml", "{code: pregnancy-excluded,", "{code: bp-rechecked-controlled,")
     edit(rules_copy / "dhe-cyp3a4-inhibitor.yaml", "only_if: [drafted-inhibitor]}",
          "only_if: [drafted-inhibitor], unless: [drafted-inhibitor]}")
-    found = errors(rules_copy)
+    found = rule_errors(rules_copy)
     assert any("found 'bp-rechecked-controlled' a second time" in e for e in found), found
     assert any("check 'drafted-inhibitor' is in both only_if and unless: the reason could never be shown" in e
                for e in found), found
