@@ -91,7 +91,7 @@ class _Found:
     """What a check found for the whole call, whichever draft is judged: the qualifying facts (in the order
     the card lists them) and the counts its trace note needs. Drafts are excluded per judged draft."""
 
-    __slots__ = ("facts", "considered", "draft_refs", "considered_draft_refs", "note")
+    __slots__ = ("facts", "considered", "draft_refs", "considered_draft_refs", "note", "dated", "days")
 
     def __init__(self, facts: list, considered: int = 0, draft_refs: Counter | None = None,
                  considered_draft_refs: Counter | None = None, note: str = ""):
@@ -100,6 +100,8 @@ class _Found:
         self.draft_refs = draft_refs or Counter()  # refs of the qualifying drafts
         self.considered_draft_refs = considered_draft_refs or Counter()
         self.note = note
+        self.dated: list | None = None  # a count (atLeast): the record entries dated within the window, and
+        self.days = 0  # on how many different days
 
 
 class Evaluation:
@@ -185,10 +187,12 @@ class Evaluation:
         facts = found.facts
         at_least = c.spec.get("atLeast")
         if at_least:  # a count: only entries dated (order or dose time) within the window count and are listed
-            since = self.ctx.now - timedelta(seconds=c.within) if c.within else None
-            facts = [m for m in facts if m.source != "draft" and m.time is not None and m.time <= self.ctx.now
-                     and (since is None or m.time >= since)]
-            skip = 0
+            if found.dated is None:  # the same for every draft: once per call
+                since = self.ctx.now - timedelta(seconds=c.within) if c.within else None
+                found.dated = [m for m in facts if m.source != "draft" and m.time is not None
+                               and m.time <= self.ctx.now and (since is None or m.time >= since)]
+                found.days = len({m.time.astimezone(timezone.utc).date() for m in found.dated})
+            facts, skip = found.dated, 0
         total = len(facts) - skip
         considered = found.considered - found.considered_draft_refs[ref]
         items = []
@@ -214,9 +218,8 @@ class Evaluation:
             })
         note = f"{total} qualifying of {considered} in the value sets" if considered else "none in the value sets"
         if at_least:
-            days = len({m.time.astimezone(timezone.utc).date() for m in facts})
-            note += f"; on {days} distinct days (UTC), at least {at_least} needed"
-            if days < at_least:
+            note += f"; on {found.days} distinct days (UTC), at least {at_least} needed"
+            if found.days < at_least:
                 return [], 0, note
         return items, total, note
 
