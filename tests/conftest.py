@@ -127,7 +127,8 @@ def client(app):
 # generator or other processes, builds a wheel, watches files for changes, runs a property-based fuzzer
 # (schemathesis/hypothesis) over the HTTP API, or measures scaling. Recognised here from the source of the
 # test, of the module-level helpers it names and of its fixtures, so a new test of that kind is marked
-# without anyone remembering to.
+# without anyone remembering to. Also slow, marked by hand (@pytest.mark.slow): a test that waits on a real
+# time-out (a hanging or trickling endpoint, a deadline) or runs a concurrency stress of many threads.
 _SLOW_FIXTURES = {"postgres_url", "fresh_postgres_url", "_postgres_cluster", "fhir_server", "open_fhir_server"}
 _SLOW_WORDS = ("GunicornService", "make_server(", "chromium", "playwright", "wrk", "bdist_wheel", "pip wheel", "schemathesis",
                "@given(", "hypothesis", "subprocess.", "multiprocessing", "Process(", "start_watching",

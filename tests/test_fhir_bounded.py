@@ -114,6 +114,7 @@ def test_one_bounded_pool_per_process(make_fault_server):
     assert any(not isinstance(v, FhirUnavailable) for out in results for v in out.values())
 
 
+@pytest.mark.slow  # waits on a real time-out or runs a concurrency stress (tests/conftest.py)
 def test_name_resolution_counts_against_the_budget():
     """A DNS server that does not answer: the call returns at its budget; the lookup thread is one of the few
     DNS threads, never the caller."""
@@ -160,6 +161,7 @@ def test_a_trickling_https_server_is_cut_at_the_deadline(make_fault_server, tmp_
     assert wait_until(lambda: client_sockets_to(server.port) == 0, 0.5)
 
 
+@pytest.mark.slow  # waits on a real time-out or runs a concurrency stress (tests/conftest.py)
 def test_a_stalled_tls_handshake_ends_at_the_deadline():
     """A server that accepts the connection and never answers the TLS ClientHello. The connection's own timeout
     is longer than what is left of the budget (the TCP connect may have used most of it); the handshake still

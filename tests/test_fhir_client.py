@@ -362,6 +362,7 @@ def test_expired_deadline_sends_nothing(mock, mclient):
     assert len(mock.calls) == 0
 
 
+@pytest.mark.slow  # waits on a real time-out or runs a concurrency stress (tests/conftest.py)
 def test_fetch_all_budget_exhausted(mock, mclient):
     release = threading.Event()
 

@@ -129,6 +129,7 @@ def test_the_fetch_limit_holds_without_a_cooldown(servers):
     assert v.verify(_token(key, iss, "ehr-b-1"), AUD)  # known keys still work
 
 
+@pytest.mark.slow  # waits on a real time-out or runs a concurrency stress (tests/conftest.py)
 def test_a_failed_fetch_is_remembered_then_retried(servers):
     key, iss, jwks = _issuer("ehr-c")
     server = servers(jwks, "down")
@@ -143,6 +144,7 @@ def test_a_failed_fetch_is_remembered_then_retried(servers):
     assert server.requests == 2
 
 
+@pytest.mark.slow  # waits on a real time-out or runs a concurrency stress (tests/conftest.py)
 def test_other_issuers_are_not_delayed_while_one_jwks_endpoint_hangs(servers):
     """Issuer A's JWKS endpoint hangs (its fetch times out after 2 s); 30 calls from A with random kids are in
     flight. Meanwhile valid calls from issuer B (keys from its own jwks_url) answer in milliseconds."""
@@ -199,6 +201,7 @@ def test_known_keys_are_not_held_up_by_a_refetch_in_flight(servers):
     attacker.shutdown()
 
 
+@pytest.mark.slow  # waits on a real time-out or runs a concurrency stress (tests/conftest.py)
 def test_a_trickling_jwks_endpoint_is_cut_at_the_fetch_timeout(servers):
     """Each byte arrives well within the read timeout, so only a total deadline ends the fetch (it used to run
     for as long as the server kept trickling, holding the request's thread)."""

@@ -232,6 +232,7 @@ def test_symlinked_rule_files_still_load(rules):
 
 
 # -- the gunicorn master's load has a deadline -----------------------------------------------------------
+@pytest.mark.slow  # waits on a real time-out or runs a concurrency stress (tests/conftest.py)
 def test_the_master_gives_up_a_hanging_load_and_keeps_the_last_good_rules(rules, make_settings, monkeypatch, caplog):
     from cds_hooks_service import runtime
 

@@ -284,6 +284,7 @@ def test_stats_top_five_reasons_and_mode_switch(store):
 N_THREADS, PER_THREAD = 20, 50
 
 
+@pytest.mark.slow  # waits on a real time-out or runs a concurrency stress (tests/conftest.py)
 def test_concurrent_feedback_nothing_lost(store, store_url):
     cards = [card(f"rule-{t % 4}") for t in range(N_THREADS) for _ in range(PER_THREAD)]
     store.record_cards(cards)
@@ -323,6 +324,7 @@ def test_concurrent_feedback_nothing_lost(store, store_url):
         fresh.close()
 
 
+@pytest.mark.slow  # waits on a real time-out or runs a concurrency stress (tests/conftest.py)
 def test_concurrent_jti_single_use(store, store_url):
     exp = datetime.now(UTC) + timedelta(minutes=5)
     jtis = [f"jti-{i}" for i in range(25)]
