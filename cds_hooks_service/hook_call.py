@@ -414,11 +414,34 @@ def _finding_card(f: Finding, card_id: str, ctx: HookContext, rulebook: Rulebook
             f"entr{'y' if more == 1 else 'ies'} not listed._"
     # data not read, or only partly read (the data only alternatives read: when partly read; when not read at all,
     # the alternative is not offered and its own line says so)
+    # (the data only the card's own additions read, cautions and level steps: which of them could not run)
+    unchecked = _unchecked(f.rule, {k for k in f.rule.card_needs
+                                    if k in unavailable and not is_partly_read(unavailable[k])})
     note = gaps_note(f.rule.needs | f.rule.card_needs | {k for k in f.rule.alternative_needs if k in unavailable
-                                                         and is_partly_read(unavailable[k])}, unavailable)
+                                                         and is_partly_read(unavailable[k])}, unavailable, unchecked)
     if note:
         card["detail"] = card.get("detail", "") + "\n\n" + note
     return card
+
+
+def _unchecked(rule: Rule, unread: set[str]) -> list[str]:
+    """The labels of the checks the card's cautions and level adjustments rest on that read ``unread`` data
+    themselves (not through other checks): what the card could not check."""
+    if not unread:
+        return []
+    out, seen = [], set()
+    todo = list(rule.cautions) + [n for names, _ in rule.adjust for n in names]
+    while todo:
+        name = todo.pop(0)
+        check = rule.checks.get(name)
+        if check is None or name in seen:
+            continue
+        seen.add(name)
+        if check.children:
+            todo += list(check.children)
+        elif check.needs & unread:
+            out.append(check.label)
+    return list(dict.fromkeys(out))
 
 
 def _not_completed(decision: Decision, rulebook: Rulebook) -> dict[str, tuple[Rule, list[str]]]:

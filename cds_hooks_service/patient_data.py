@@ -66,13 +66,16 @@ def is_partly_read(reason: str) -> bool:
     return reason.startswith((PARTLY_READ, FIRST_PAGE_ONLY))
 
 
-def gaps_note(keys, unavailable: dict[str, str]) -> str | None:
-    """The line a card that fired adds for the data its rule needs that was not read whole, or None."""
+def gaps_note(keys, unavailable: dict[str, str], unchecked: list[str] | tuple[str, ...] = ()) -> str | None:
+    """The line a card that fired adds for the data its rule needs that was not read whole, or None.
+    ``unchecked``: the labels of the checks of the card that could not run for the unread data."""
     unread = sorted(k for k in keys if k in unavailable and not is_partly_read(unavailable[k]))
     partly = sorted(k for k in keys if k in unavailable and is_partly_read(unavailable[k]))
     parts = [f"{lead}: " + markdown_escape(", ".join(DATA_LABELS[k] for k in group))
              for lead, group in (("Not checked, could not be read", unread),
                                  ("Only partly read, the record is longer", partly)) if group]
+    if unread and unchecked:
+        parts[0] += " (so not checked: " + markdown_escape("; ".join(unchecked)) + ")"
     return "_" + "; ".join(parts) + "._" if parts else None
 
 

@@ -375,7 +375,9 @@ def test_prefetched_conditions_and_a_failing_server_for_the_rest(fault_server, m
     detail = answer.cards[0]["detail"]
     assert detail.rsplit("\n\n", 1)[-1] == ("_Not checked, could not be read: "
                                             + markdown_escape(DATA_LABELS["medicationAdministrations"]) + ", "
-                                            + markdown_escape(DATA_LABELS["medicationRequests"]) + "._")
+                                            + markdown_escape(DATA_LABELS["medicationRequests"])
+                                            + " (so not checked: Opioid orders or doses on 3 or more days in the"
+                                              " past 30 days)._")
     assert "\n\n**Ketorolac not offered:** not checked, could not read: medications, lab results, procedures.\n\n" \
         in detail
     assert "Condition" not in fault_server.requested_types()

@@ -218,7 +218,8 @@ def test_the_draft_alone_card_names_both_kinds_of_gap(fault_server, make_app):
     answer = call(make_app(time_budget=0.5), hook_body(fault_server.base_url, drafts=(OPIOID_FOR_MIGRAINE,)))
     note = answer.cards[0]["detail"].rsplit("\n\n", 1)[-1]
     assert note == ("_Not checked, could not be read: " + markdown_escape(DATA_LABELS["medicationAdministrations"]) + ", "
-                    + markdown_escape(DATA_LABELS["medicationRequests"]) + "; Only partly read, the record is longer: "
+                    + markdown_escape(DATA_LABELS["medicationRequests"]) + " (so not checked: Opioid orders or doses "
+                    "on 3 or more days in the past 30 days); Only partly read, the record is longer: "
                     + markdown_escape(DATA_LABELS["conditions"]) + "._")
     # the rest is read only for ketorolac's contraindications: ketorolac is not offered, and says why
     assert "**Ketorolac not offered:** not checked, could not read: medications, lab results, procedures." \

@@ -191,6 +191,7 @@ def test_opioid_card_fires_at_its_own_level_when_the_opioid_orders_cannot_be_rea
     [card] = [c for c in r.get_json()["cards"] if c["source"]["topic"]["code"] == OPIOID]
     assert card["indicator"] == "warning"  # the confirmed MOH diagnosis (a condition) still raises the oral card
     assert "Not checked, could not be read" in card["detail"] and "medication" in card["detail"].lower()
+    assert "(so not checked: Opioid orders or doses on 3 or more days in the past 30 days)._" in card["detail"]
 
 
 def test_no_check_not_completed_card_when_only_the_overuse_count_could_not_run(shared_app):
