@@ -1176,8 +1176,8 @@ def _compile_rule(doc: dict, locator: Locator, path: Path, terminology: Terminol
     # (cautions, adjust entries that raise the level, which override reasons show) is read when available;
     # unreadable, the card still fires at its own level and names what was not checked. The data only the
     # alternatives' contraindications read leaves an alternative out ("not offered: ... could not be read").
-    rank = {"critical": 0, "warning": 1, "info": 2}
-    lowering = [n for names, level in adjust if rank[level] > rank[doc["indicator"]] for n in names]
+    lowering = [n for names, level in adjust if INDICATOR_RANK[level] < INDICATOR_RANK[doc["indicator"]]
+                for n in names]
     deciding = [n for n in [n for t in triggers for n in t.when] + list(exceptions) + lowering
                 + [n for sg in suggestions for n in sg.only_if + sg.unless] if n in checks]
     needs = frozenset().union(*(checks[n].needs for n in deciding))
