@@ -93,6 +93,7 @@ def json_loads_p50(raw: bytes, max_seconds: float = 3.0, max_iter: int = 5000) -
 C_EVERY = 10
 C_WARM = 2
 C_TIMED = {"small": 10, "large": 5, "xlarge": 1}
+CPU_BATCH = 10  # --cpu: calls per case between two readings of the worker's CPU time
 
 
 def json_loads_block(raw: bytes, timed: int, into: list[float]) -> None:
@@ -139,26 +140,32 @@ class Client:
         return r
 
 
-def measure_cpu(cases, service, floor, n: int) -> dict[str, float]:
-    """Per case, the server's CPU time per call (ms): n calls in a row, the worker's CPU time before and after."""
-    out = {}
-    for name, call in cases:
-        pids = worker_pids((floor if name == "flask_floor" else service).proc.pid)
-        before = cpu_ns(pids)
-        for _ in range(n):
-            call()
-        out[name] = (cpu_ns(pids) - before) / n / 1e6
-    return out
-
-
-def json_loads_cpu_ms(raw: bytes, n: int = 200) -> float:
-    """Median CPU time (ms) of json.loads of the body in this thread."""
-    times = []
-    for _ in range(n):
-        t0 = time.thread_time()
-        json.loads(raw)
-        times.append(time.thread_time() - t0)
-    return statistics.median(times) * 1000.0
+def measure_cpu(cases, service, floor, n: int, bodies: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """Per case, the server's CPU time per call (ms), and per body the CPU time of json.loads in this thread
+    (ms, median), measured in the same minutes: rounds of CPU_BATCH calls per case (the worker's CPU time read
+    before and after each batch: what a worker does after writing its last answer is counted for the next batch,
+    1 call in CPU_BATCH), n calls per case in all, and after each round a block of json.loads per body (C_WARM
+    untimed, then C_TIMED[case] timed)."""
+    total = {name: 0 for name, _ in cases}
+    calls = {name: 0 for name, _ in cases}
+    loads: dict[str, list[float]] = {case: [] for case in bodies}
+    pids = {name: worker_pids((floor if name == "flask_floor" else service).proc.pid) for name, _ in cases}
+    for _ in range(max(1, n // CPU_BATCH)):
+        for name, call in cases:
+            before = cpu_ns(pids[name])
+            for _ in range(CPU_BATCH):
+                call()
+            total[name] += cpu_ns(pids[name]) - before
+            calls[name] += CPU_BATCH
+        for case, body in bodies.items():
+            for _ in range(C_WARM):
+                json.loads(body["raw"])
+            for _ in range(C_TIMED[case]):
+                t0 = time.thread_time()
+                json.loads(body["raw"])
+                loads[case].append(time.thread_time() - t0)
+    return ({name: ns / calls[name] / 1e6 for name, ns in total.items()},
+            {case: statistics.median(v) * 1000.0 for case, v in loads.items()})
 
 
 def check_card(r: requests.Response, case: str) -> int:
@@ -232,7 +239,8 @@ def run(args) -> dict:
                 for case in bodies:
                     json_loads_block(bodies[case]["raw"], C_TIMED[case], c_samples[case])
         conns_after, reqs_after = client.pool_stats()
-        cpu = measure_cpu(cases, service, floor, args.n) if args.cpu and service is not None else None
+        cpu, loads_cpu = measure_cpu(cases, service, floor, args.n, bodies) if args.cpu and service is not None \
+            else (None, None)
         new_conns = conns_after - conns_before
         measured_reqs = reqs_after - reqs_before
         keepalive = {"connections_opened_total": conns_after,
@@ -269,7 +277,6 @@ def run(args) -> dict:
     checks.append({"check": "p95(B) < 50 ms (large)", "value_ms": stats["large"]["p95"], "limit_ms": 50.0,
                    "pass": stats["large"]["p95"] < 50.0})
     if cpu is not None:  # the same ratios from the server's CPU time per call (robust to a loaded machine)
-        loads_cpu = {case: json_loads_cpu_ms(bodies[case]["raw"], 200 if case != "xlarge" else 30) for case in bodies}
         a_cpu = cpu["discovery"]
         for case, name in (("large", "R_B"), ("xlarge", "R_X")):
             delta = cpu[case] - a_cpu
@@ -297,6 +304,7 @@ def run(args) -> dict:
                    for case, b in bodies.items()},
         "latency_ms": stats,
         "server_cpu_ms_per_call": cpu,
+        "json_loads_cpu_ms": loads_cpu,
         "keepalive": keepalive,
         "checks": checks,
     }
@@ -329,6 +337,7 @@ def print_report(res: dict) -> None:
               f"   (after the rounds: {b['json_loads_after_rounds_iterations']} x, {b['json_loads_after_rounds_p50_ms']:.3f})")
     if res.get("server_cpu_ms_per_call"):
         print("server CPU per call (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in res["server_cpu_ms_per_call"].items()))
+        print("json.loads CPU, same rounds (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in res["json_loads_cpu_ms"].items()))
     print()
     for c in res["checks"]:
         extra = f"  ({c['ratio_to_json_loads']:.1f}x json.loads)" if "ratio_to_json_loads" in c else ""
@@ -350,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="resources in the X prefetch, as the discovery templates ask (2000)")
     p.add_argument("--no-floor", action="store_true", help="do not start the bare Flask app (F)")
     p.add_argument("--cpu", action="store_true",
-                   help="also measure the server's CPU time per call (n more calls per case, in batches) and "
+                   help="also measure the server's CPU time per call (n more calls per case, in interleaved batches of "
+                        "10, with json.loads CPU in the same rounds) and "
                         "the ratios from it: robust to other load on the machine")
     p.add_argument("--seed", type=int, default=20260301)
     p.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS,
