@@ -87,22 +87,23 @@ def json_loads_p50(raw: bytes, max_seconds: float = 3.0, max_iter: int = 5000) -
 
 # C sampled through the rounds: every C_EVERY rounds, a short tight loop per body (C_WARM untimed parses, then
 # C_TIMED[case] timed ones), so that C is measured in the same minutes as the calls it is compared with (the
-# machine's speed changes by up to 2x from minute to minute; a C timed only after the rounds can fall in another
-# minute). The untimed parses warm the caches the HTTP calls in between have cooled: a single parse right after
-# them runs about 2x slower than in a tight loop, which would loosen the target.
+# machine's speed changes by up to 2x from one second to the next; a C timed only after the rounds can fall in
+# another state). The untimed parses warm the caches the HTTP calls in between have cooled: the first parse right
+# after them runs 40-60 % slower than in a tight loop, which would loosen the target.
 C_EVERY = 10
 C_WARM = 2
 C_TIMED = {"small": 10, "large": 5, "xlarge": 1}
 CPU_BATCH = 10  # --cpu: calls per case between two readings of the worker's CPU time
 
 
-def json_loads_block(raw: bytes, timed: int, into: list[float]) -> None:
+def json_loads_block(raw: bytes, timed: int, into: list[float], clock=time.perf_counter) -> None:
+    """C_WARM untimed parses of the body, then ``timed`` parses each timed by ``clock`` into ``into`` (seconds)."""
     for _ in range(C_WARM):
         json.loads(raw)
     for _ in range(timed):
-        t0 = time.perf_counter()
+        t0 = clock()
         json.loads(raw)
-        into.append(time.perf_counter() - t0)
+        into.append(clock() - t0)
 
 
 class Client:
@@ -158,12 +159,7 @@ def measure_cpu(cases, service, floor, n: int, bodies: dict) -> tuple[dict[str, 
             total[name] += cpu_ns(pids[name]) - before
             calls[name] += CPU_BATCH
         for case, body in bodies.items():
-            for _ in range(C_WARM):
-                json.loads(body["raw"])
-            for _ in range(C_TIMED[case]):
-                t0 = time.thread_time()
-                json.loads(body["raw"])
-                loads[case].append(time.thread_time() - t0)
+            json_loads_block(body["raw"], C_TIMED[case], loads[case], clock=time.thread_time)
     return ({name: ns / calls[name] / 1e6 for name, ns in total.items()},
             {case: statistics.median(v) * 1000.0 for case, v in loads.items()})
 
