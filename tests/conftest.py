@@ -9,6 +9,7 @@ import pytest
 from tests.helpers import REPO, SCENARIO_NOW  # noqa: F401 (also imported from here by older test modules)
 
 pytest_plugins = [
+    "tests.plugins.temp_root",
     "tests.plugins.postgres",
     "tests.plugins.fhir_server",
     "tests.plugins.fault_server",
