@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 
 import pytest
@@ -136,28 +137,51 @@ _SLOW_WORDS = ("GunicornService", "make_server(", "chromium", "playwright", "wrk
                "FaultServer", "fault_server", "simple_icd_10_cm")
 
 
-@functools.cache  # one function's source is read once per run (collection: every test names several)
-def _source(function) -> str:
-    import inspect
-
-    try:
-        return inspect.getsource(function)
-    except (OSError, TypeError):
-        return ""
+_SLOW_RE = re.compile("|".join(map(re.escape, _SLOW_WORDS)))
 
 
 @functools.cache
-def _sources(function) -> tuple[str, ...]:
-    """The function's source and that of the module-level functions and classes of its module it names."""
+def _file_names_slow_parts(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _SLOW_RE.search(f.read()) is not None
+    except (OSError, UnicodeDecodeError):
+        return True  # unknown: read the function's own source
+
+
+@functools.cache  # each function, fixture and helper is checked once per run (~700 for ~2,500 tests)
+def _source_names_slow_parts(obj) -> bool:
+    """Whether the source of ``obj`` (as inspect.getsource reads it) holds a slow word. A file holding none
+    cannot hold one in any of its functions: most are answered without reading a function's source."""
     import inspect
 
-    out = [_source(function)]
+    try:
+        path = inspect.getsourcefile(inspect.unwrap(obj))  # the file inspect.getsource reads
+    except (TypeError, ValueError):
+        path = None
+    if path is not None and not _file_names_slow_parts(path):
+        return False
+    try:
+        return _SLOW_RE.search(inspect.getsource(obj)) is not None
+    except (OSError, TypeError):
+        return False
+
+
+@functools.cache
+def _names_slow_parts(function) -> bool:
+    """The function's source, or that of a module-level function or class of its module it names, holds a
+    slow word."""
+    import inspect
+
+    if _source_names_slow_parts(function):
+        return True
     code, module = getattr(function, "__code__", None), getattr(function, "__module__", None)
     for name in (code.co_names if code is not None else ()):
         obj = getattr(function, "__globals__", {}).get(name)
-        if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module and obj is not function:
-            out.append(_source(obj))
-    return tuple(out)
+        if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module and obj is not function \
+                and _source_names_slow_parts(obj):
+            return True
+    return False
 
 
 def _uses_slow_parts(item) -> bool:
@@ -170,7 +194,7 @@ def _uses_slow_parts(item) -> bool:
     info = getattr(item, "_fixtureinfo", None)
     for defs in (info.name2fixturedefs.values() if info is not None else ()):
         functions += [d.func for d in defs if not d.func.__module__.startswith(("_pytest", "pytest"))]
-    return any(word in text for f in functions if f is not None for text in _sources(f) for word in _SLOW_WORDS)
+    return any(_names_slow_parts(f) for f in functions if f is not None)
 
 
 def pytest_collection_modifyitems(config, items):
