@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import REPO, SCENARIO_NOW  # noqa: F401 (also imported from here by older test modules)
+from tests.helpers import REPO, SCENARIO_NOW, shipped_rulebook  # noqa: F401 (REPO, SCENARIO_NOW: also imported from here by older test modules)
 
 pytest_plugins = [
     "tests.plugins.temp_root",
@@ -21,9 +21,7 @@ pytest_plugins = [
 
 @pytest.fixture(scope="session")
 def rulebook():
-    from cds_hooks_service.rulebook import load_rulebook
-
-    return load_rulebook(REPO / "rules", REPO / "cards")
+    return shipped_rulebook()
 
 
 def fixture_fhir_servers(request) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ Test modules import these from here (never from another test module).
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -24,6 +25,15 @@ MIGRAINE = {"condition": "G43.909", "display": "Migraine, unspecified"}
 HYDROMORPHONE = {"drug": "897745", "text": "hydromorphone 2 MG/ML Injectable Solution", "route": "IV"}
 DHE = {"drug": "3418", "text": "dihydroergotamine 1 mg IV", "route": "IV"}
 SUMATRIPTAN_GIVEN = {"given": "37418", "text": "sumatriptan 6 mg SC", "route": "SC"}
+
+
+@functools.cache
+def shipped_rulebook():
+    """The shipped rules and cards, loaded once per process (the ``rulebook`` fixture, and the tests that list
+    the shipped rules at collection). Read-only: a test that changes rules loads an edited copy."""
+    from cds_hooks_service.rulebook import load_rulebook
+
+    return load_rulebook(REPO / "rules", REPO / "cards")
 
 
 def request_body(hook="order-sign", drafts=(HYDROMORPHONE,), record=(MIGRAINE,), patient="example-patient",
