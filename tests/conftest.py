@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import REPO, SCENARIO_NOW, shipped_rulebook  # noqa: F401 (REPO, SCENARIO_NOW: also imported from here by older test modules)
+from tests.helpers import REPO, SCENARIO_NOW, app_settings, shipped_rulebook  # noqa: F401 (REPO, SCENARIO_NOW: also imported from here by older test modules)
 
 pytest_plugins = [
     "tests.plugins.temp_root",
@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.plugins.fault_server",
     "tests.plugins.terminology_cache",
     "tests.plugins.app_parts",
+    "tests.plugins.shared_answers",
 ]
 
 
@@ -56,21 +57,12 @@ def store_url(request, tmp_path):
 
 @pytest.fixture
 def make_settings(tmp_path, request, sqlite_store_template):
-    from cds_hooks_service.config import Settings
-    from cds_hooks_service.facts import parse_time
-
     store = tmp_path / "store.sqlite3"
 
     def make(**overrides):
         if "database_url" not in overrides and not store.exists():
             shutil.copyfile(sqlite_store_template, store)
-        base = dict(database_url=f"sqlite:///{store}", instance_dir=tmp_path,
-                    suppression_secret=b"test-secret", fixed_now=parse_time(SCENARIO_NOW),
-                    public_url="http://localhost",  # the test client's root: the JWT aud of the tests
-                    fhir_servers=fixture_fhir_servers(request),
-                    listen_hosts=("127.0.0.1",))  # a loopback service: open mode allowed
-        base.update(overrides)
-        return Settings(**base)
+        return app_settings(tmp_path, **({"fhir_servers": fixture_fhir_servers(request)} | overrides))
 
     return make
 
@@ -98,8 +90,6 @@ def shared_app(tmp_path_factory, rulebook, sqlite_store_template):
     only post a hook call and read the answer: an app costs about as much as the call. A test that changes
     what the app holds (feedback, overrides, reloads, settings, a FHIR server) makes its own with make_app."""
     from cds_hooks_service import create_app
-    from cds_hooks_service.config import Settings
-    from cds_hooks_service.facts import parse_time
 
     apps: dict[tuple, object] = {}
 
@@ -108,10 +98,7 @@ def shared_app(tmp_path_factory, rulebook, sqlite_store_template):
         if key not in apps:
             folder = tmp_path_factory.mktemp("shared-app")
             shutil.copyfile(sqlite_store_template, folder / "store.sqlite3")
-            settings = dict(database_url=f"sqlite:///{folder / 'store.sqlite3'}", instance_dir=folder,
-                            suppression_secret=b"test-secret", fixed_now=parse_time(SCENARIO_NOW),
-                            public_url="http://localhost", listen_hosts=("127.0.0.1",))
-            apps[key] = create_app(Settings(**(settings | overrides)), rulebook=rulebook)
+            apps[key] = create_app(app_settings(folder, **overrides), rulebook=rulebook)
         return apps[key]
 
     return get

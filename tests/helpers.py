@@ -36,6 +36,17 @@ def shipped_rulebook():
     return load_rulebook(REPO / "rules", REPO / "cards")
 
 
+def app_settings(folder: Path, **overrides):
+    """The settings of a test's app: its store ``folder/store.sqlite3`` (not created here), the scenarios' clock,
+    a loopback service (open mode allowed), the test client's root as public URL (the JWT aud of the tests)."""
+    from cds_hooks_service.config import Settings
+
+    base = dict(database_url=f"sqlite:///{folder / 'store.sqlite3'}", instance_dir=folder,
+                suppression_secret=b"test-secret", fixed_now=NOW, public_url="http://localhost",
+                listen_hosts=("127.0.0.1",))
+    return Settings(**(base | overrides))
+
+
 def request_body(hook="order-sign", drafts=(HYDROMORPHONE,), record=(MIGRAINE,), patient="example-patient",
                  selections=None):
     draft_resources = [expand_draft(dict(d), i, NOW) for i, d in enumerate(drafts)]
