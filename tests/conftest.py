@@ -11,6 +11,7 @@ from tests.helpers import REPO, SCENARIO_NOW, app_settings, shipped_rulebook  # 
 
 pytest_plugins = [
     "tests.plugins.temp_root",
+    "tests.plugins.process_exit",
     "tests.plugins.postgres",
     "tests.plugins.fhir_server",
     "tests.plugins.fault_server",
