@@ -7,6 +7,10 @@ requests, until each times out (``keepalive``): a restart took up to that long f
 closes the connections that are idle between requests as soon as it stops; a request being handled is
 finished and answered with "Connection: close" as before, and a connection accepted but not yet read is
 served (its first request is on its way).
+
+Connections take turns: after each answer the greenlet waits until the event loop has polled for I/O
+(``gevent.idle``), so a client whose next request is always already there cannot hold the worker while the
+other connections wait (``handle_request``).
 """
 from __future__ import annotations
 
@@ -85,6 +89,12 @@ class GeventWorker(_GunicornGeventWorker):
         finally:
             if self.alive:
                 self._idle.add(sock)
+            # Take turns: wait until the event loop has polled the other connections and served what they sent.
+            # A greenlet yields only when a read would block, and a fast client's next request is usually
+            # there already when its answer is written: without this, one busy keep-alive connection held
+            # the worker while the others waited (p99 0.3-4 s, wrk time-outs at 32 connections on a loaded
+            # machine; bench/README.md). gevent.sleep(0) would not do: it does not let the loop poll for I/O.
+            gevent.idle()
 
     def handle_exit(self, sig, frame):
         super().handle_exit(sig, frame)  # alive = False: stop accepting, finish what is under way

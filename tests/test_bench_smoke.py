@@ -22,3 +22,7 @@ def test_hook_latency_bench_runs_every_case():
     figures = json.dumps(json.loads(proc.stdout))
     for case in ("discovery", "bare", "small", "large", "xlarge"):
         assert case in figures, f"{case!r} missing from the bench output"
+    bodies = json.loads(proc.stdout)["bodies"]
+    # C is sampled in the rounds (one block in 5 rounds) and, for comparison, after them
+    assert bodies["large"]["json_loads_iterations"] == 5, bodies["large"]
+    assert bodies["large"]["json_loads_after_rounds_iterations"] >= 50, bodies["large"]
