@@ -47,6 +47,21 @@ def app_settings(folder: Path, **overrides):
     return Settings(**(base | overrides))
 
 
+def load_yaml(text: str):
+    """``yaml.safe_load`` with libyaml's parser when PyYAML has it: the same document, about 10 times faster on
+    the large rule files tests edit (the drug names, ~100 KB)."""
+    import yaml
+
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 - a safe loader
+
+
+def dump_yaml(doc, **options) -> str:
+    """``yaml.safe_dump`` with libyaml's emitter when PyYAML has it."""
+    import yaml
+
+    return yaml.dump(doc, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), **options)
+
+
 def request_body(hook="order-sign", drafts=(HYDROMORPHONE,), record=(MIGRAINE,), patient="example-patient",
                  selections=None):
     draft_resources = [expand_draft(dict(d), i, NOW) for i, d in enumerate(drafts)]

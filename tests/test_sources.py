@@ -7,11 +7,10 @@ import shutil
 from urllib.parse import urlsplit
 
 import pytest
-import yaml
 
 from cds_hooks_service.rulebook import RulebookError, load_rulebook
 from cds_hooks_service.sources import url_problem
-from tests.helpers import REPO
+from tests.helpers import REPO, dump_yaml, load_yaml
 
 # clinical.md §3.0, verbatim: the only hosts a card may link to (over https).
 PRIMARY_HOSTS = {
@@ -80,9 +79,9 @@ def rules_copy(tmp_path):
 
 
 def _edit_yaml(path, change):
-    doc = yaml.safe_load(path.read_text())
+    doc = load_yaml(path.read_text())
     change(doc)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    path.write_text(dump_yaml(doc, sort_keys=False))
 
 
 def _problems(tmp_path) -> str:
