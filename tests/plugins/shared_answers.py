@@ -113,15 +113,16 @@ def pytest_collection_modifyitems(config, items):
     first: dict[str, int] = {}
     rest = []
     for i, item in enumerate(items):
-        kind = "example" if _example_request_file(item) is not None else "scenario" if _scenario_reader(item) else None
+        request_file = _example_request_file(item)
+        kind = "example" if request_file is not None else "scenario" if _scenario_reader(item) else None
         if kind is None:
             rest.append(item)
             continue
         first.setdefault(kind, len(rest))
-        groups[kind].append((i, item))
+        groups[kind].append((request_file or "", i, item))
     if not first:
         return
-    groups["example"].sort(key=lambda pair: (_example_request_file(pair[1]), pair[0]))
+    groups["example"].sort(key=lambda entry: entry[:2])  # by request file, then collection order
     for kind in sorted(first, key=lambda k: first[k], reverse=True):  # insert from the back: earlier indexes hold
-        rest[first[kind]:first[kind]] = [item for _, item in groups[kind]]
+        rest[first[kind]:first[kind]] = [item for _, _, item in groups[kind]]
     items[:] = rest
