@@ -8,9 +8,9 @@ closes the connections that are idle between requests as soon as it stops; a req
 finished and answered with "Connection: close" as before, and a connection accepted but not yet read is
 served (its first request is on its way).
 
-Connections take turns: after each answer the greenlet waits until the event loop has polled for I/O
-(``gevent.idle``), so a client whose next request is always already there cannot hold the worker while the
-other connections wait (``handle_request``).
+Connections take turns: after each answer on a connection kept alive, its greenlet yields for one pass of the
+event loop (a timer due at once, ``TURN``), so a client whose next request is always already there cannot hold
+the worker while the other connections wait (``handle_request``).
 """
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker as _GunicornGeventWorker
 
 POLL = 0.1  # seconds between the main loop's checks (gunicorn's: 1)
+# A greenlet's turn ends after each answer: it sleeps on a timer due at once, which libev makes ready after its
+# next poll for I/O, together with the other connections whose requests arrived; each of them is served one
+# request before this one goes on. Not gevent.sleep(0): the loop polls for I/O only after 50 queued callbacks.
+# Not gevent.idle(): it waits for a loop pass with nothing else pending, which a saturated worker never has
+# (a kept-alive connection then waited seconds behind connection-per-call traffic).
+TURN = 1e-6
 
 
 class GeventWorker(_GunicornGeventWorker):
@@ -84,17 +90,16 @@ class GeventWorker(_GunicornGeventWorker):
 
     def handle_request(self, listener_name, req, sock, addr):
         self._idle.discard(sock)
-        try:
-            return super().handle_request(listener_name, req, sock, addr)
-        finally:
-            if self.alive:
-                self._idle.add(sock)
-            # Take turns: wait until the event loop has polled the other connections and served what they sent.
-            # A greenlet yields only when a read would block, and a fast client's next request is usually
-            # there already when its answer is written: without this, one busy keep-alive connection held
-            # the worker while the others waited (p99 0.3-4 s, wrk time-outs at 32 connections on a loaded
-            # machine; bench/README.md). gevent.sleep(0) would not do: it does not let the loop poll for I/O.
-            gevent.idle()
+        kept = super().handle_request(listener_name, req, sock, addr)  # raises StopIteration when it closes
+        # The connection stays open: take turns (TURN). A greenlet yields only when a read would block, and a fast
+        # client's next request is usually there already when its answer is written: without this, one busy
+        # keep-alive connection held the worker while the others waited (p99 0.3-4 s, wrk time-outs at 32
+        # connections on a loaded machine; bench/README.md). The socket counts as idle (closed at a stop) only
+        # after its turn: a request that arrives meanwhile is read, and answered with "Connection: close".
+        gevent.sleep(TURN)
+        if self.alive:
+            self._idle.add(sock)
+        return kept
 
     def handle_exit(self, sig, frame):
         super().handle_exit(sig, frame)  # alive = False: stop accepting, finish what is under way
@@ -107,6 +112,11 @@ class GeventWorker(_GunicornGeventWorker):
             # On the OS socket: its greenlet then reads the end of the stream and finishes quietly (gevent's
             # own shutdown() would cancel the wait with EBADF, logged by gunicorn as a socket error).
             raw = getattr(sock, "_sock", sock)
+            try:
+                if raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    continue  # its next request has arrived: its greenlet answers it with "Connection: close"
+            except OSError:  # nothing waiting (BlockingIOError), or the socket is gone: closed as before
+                pass
             try:
                 raw.shutdown(socket.SHUT_RDWR)
             except OSError:

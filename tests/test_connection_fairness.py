@@ -1,19 +1,27 @@
-"""Keep-alive connections take turns in a gevent worker (real gunicorn, production config, one worker).
+"""Kept-alive connections take turns in a gevent worker (real gunicorn, production config, one worker).
 
 A gevent greenlet yields only when a read would block. A client whose next request is already waiting when its
 answer is written (a fast client under load, or one that pipelines) was served request after request while
 every other connection of the worker waited: under wrk on a loaded machine, p99 of 0.3 to 4 s and time-outs at
-32 connections (bench/README.md). The worker now waits for the event loop to poll the other connections after
-each answer (gevent_worker.GeventWorker.handle_request).
+32 connections (bench/README.md). After each answer on a kept-alive connection the worker now yields for one
+pass of the event loop (gevent_worker.TURN). These tests count calls, they do not time them:
 
-The test counts, it does not time: connection A sends many hook calls in one write (HTTP/1.1 pipelining, so
-its next request is always there when an answer is written); once A's first answer is back, connection B sends
-one. B's answer must come after a few more of A's, not after all of them.
+* one connection pipelining cannot hold the worker (it could, before);
+* a kept-alive connection is not starved by connection-per-call traffic (it was, with a first fix that waited
+  for an idle event loop);
+* a graceful stop answers every call the application ran, also one sent right after the previous answer (a
+  call could be run and its answer lost when the stop closed a connection whose next request had arrived).
 """
 from __future__ import annotations
 
+import http.client
 import json
+import random
+import re
+import signal
 import socket
+import threading
+import time
 
 import pytest
 
@@ -22,6 +30,8 @@ from tests.plugins.gunicorn_service import GunicornService
 
 PIPELINED = 200
 ACETAMINOPHEN = {"drug": "198440", "text": "acetaminophen 500 mg tablet", "route": "oral"}  # no rule's drug
+BODY = json.dumps(request_body(drafts=(ACETAMINOPHEN,), record=(MIGRAINE,))).encode()  # about 1 ms of work
+HEADERS = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +41,9 @@ def service(tmp_path_factory):
 
 
 def _hook_call() -> bytes:
-    """An order-sign call that triggers no rule: about a millisecond of work and a small answer ("cards": []),
-    so that all the answers fit in the sockets' buffers (a full buffer would make A's greenlet wait, and so
-    yield, whatever the worker does)."""
-    body = json.dumps(request_body(drafts=(ACETAMINOPHEN,), record=(MIGRAINE,))).encode()
+    """An order-sign call that triggers no rule: about a millisecond of work and a small answer ("cards": [])."""
     return (f"POST {SIGN} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+            f"Content-Length: {len(BODY)}\r\n\r\n").encode() + BODY
 
 
 def _read_answer(sock: socket.socket) -> bytes:
@@ -76,10 +83,21 @@ def _read_waiting(sock: socket.socket) -> bytes:
     return data
 
 
-def test_a_connection_whose_requests_are_always_waiting_does_not_hold_the_worker(service):
-    call = _hook_call()
-    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as a, \
-            socket.create_connection(("127.0.0.1", service.port), timeout=30) as b:
+def _connect(port: int, receive_buffer: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer:  # set before connecting: the TCP window is agreed then
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _pipelining_trial(port: int, call: bytes) -> tuple[int, int] | None:
+    """(A's answers that arrived after B sent its call and before B's answer, A's answers in all so far), or None
+    when most of A's calls were answered before B could send (the test process was held up: no verdict)."""
+    # A's answers stay unread while B waits: the receive buffer holds them all, so that A's greenlet never
+    # waits to write (which would make it yield, fix or no fix).
+    with _connect(port, 4 * PIPELINED * 1024) as a, _connect(port) as b:
         for sock in (a, b):  # both connections accepted, their greenlets waiting for a next request
             sock.sendall(call)
             assert _read_answer(sock).startswith(b"HTTP/1.1 200")
@@ -89,11 +107,117 @@ def test_a_connection_whose_requests_are_always_waiting_does_not_hold_the_worker
             chunk = a.recv(65536)
             assert chunk, "A's connection closed"
             data += chunk
+        data += _read_waiting(a)
+        before = data.count(b"HTTP/1.1 ")
+        if before > PIPELINED // 2:
+            return None
         b.sendall(call)
         assert _read_answer(b).startswith(b"HTTP/1.1 200")
         data += _read_waiting(a)
-    served_before_b = data.count(b"HTTP/1.1 ")
-    assert data.count(b"HTTP/1.1 200 OK") == served_before_b, data[:2000]
-    # Before the fix all PIPELINED answers of A went out before B's. With turns, B waits for the call A's greenlet
-    # is on and, on a busy machine, a few more; never for most of them.
-    assert served_before_b < PIPELINED // 4, f"B was answered only after {served_before_b} of A's {PIPELINED} calls"
+        assert len(data) < a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2, "A's answers filled its buffer"
+    assert data.count(b"HTTP/1.1 200 OK") == data.count(b"HTTP/1.1 "), data[:2000]
+    return data.count(b"HTTP/1.1 ") - before, data.count(b"HTTP/1.1 ")
+
+
+def test_a_connection_whose_requests_are_always_waiting_does_not_hold_the_worker(service):
+    call = _hook_call()
+    for _ in range(3):
+        trial = _pipelining_trial(service.port, call)
+        if trial is not None:
+            break
+    else:
+        pytest.fail("in three trials most of A's calls were answered before B could send one: the test process "
+                    "was held up for 100 ms or more each time")
+    while_b_waited, in_all = trial
+    # Before the fix all of A's calls were answered before B's. With turns, B waits for the call A's greenlet is
+    # on and, on a busy machine, a few more.
+    assert while_b_waited <= 10, f"B was answered only after {while_b_waited} more of A's calls ({in_all} in all)"
+
+
+def test_a_kept_alive_connection_gets_its_turns_under_connection_per_call_traffic(service):
+    """K calls one after the other on one kept-alive connection while 4 threads call on a new connection each
+    time. With turns each ready connection is served once per pass of the event loop, so K gets about as many
+    calls through as one of the threads. (A first fix waited for an idle event loop, which a saturated worker
+    never has: K got 5 calls through in 4 s while the others made 3,500.)"""
+    threads, seconds = 4, 1.5
+    stop = time.monotonic() + seconds
+    others: list[int] = []
+
+    def background():
+        n = 0
+        while time.monotonic() < stop:
+            conn = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30)
+            conn.request("POST", SIGN, BODY, {**HEADERS, "Connection": "close"})
+            assert conn.getresponse().read()
+            conn.close()
+            n += 1
+        others.append(n)
+
+    pool = [threading.Thread(target=background) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    k, calls = http.client.HTTPConnection("127.0.0.1", service.port, timeout=30), 0
+    try:
+        while time.monotonic() < stop:
+            k.request("POST", SIGN, BODY, HEADERS)
+            response = k.getresponse()
+            assert response.status == 200 and response.read()
+            calls += 1
+    finally:
+        k.close()
+        for t in pool:
+            t.join()
+    per_thread = sum(others) / threads
+    assert calls >= per_thread / 4, f"K made {calls} calls while each other thread made {per_thread:.0f}"
+
+
+def test_a_graceful_stop_answers_every_call_it_ran(tmp_path):
+    """A client calls on one kept-alive connection, each call sent as soon as the previous answer is in, while
+    the master gets SIGTERM. Every call the application ran (the access log) must have been answered: the last
+    answer carries "Connection: close", or the connection ends before a call that was not run (the client may
+    send it again). Before, a stop could close a connection whose next request had just arrived: the call was
+    run and its answer lost (4 of 10 stops with two other clients calling). Three stops, at a random moment
+    each, with two other clients calling on a new connection each time."""
+    svc = GunicornService(tmp_path, workers=1, access_log_format="%(m)s %(U)s %(q)s")
+
+    def background(until: threading.Event):
+        while not until.is_set():
+            try:
+                other = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=30)
+                other.request("POST", SIGN, BODY, {**HEADERS, "Connection": "close"})
+                other.getresponse().read()
+                other.close()
+            except (OSError, http.client.HTTPException):
+                time.sleep(0.01)  # the service is stopping
+
+    for attempt in range(3):
+        svc.start()
+        done = threading.Event()
+        others = [threading.Thread(target=background, args=(done,)) for _ in range(2)]
+        try:
+            for t in others:
+                t.start()
+            timer = threading.Timer(0.3 + random.random() * 0.4, lambda: svc.proc.send_signal(signal.SIGTERM))
+            timer.start()
+            conn, n, lost = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=30), 0, None
+            while True:
+                n += 1
+                try:
+                    conn.request("POST", f"{SIGN}?call={attempt}-{n}", BODY, HEADERS)
+                    response = conn.getresponse()
+                    assert response.status == 200 and response.read()
+                except (http.client.RemoteDisconnected, ConnectionError):
+                    lost = n
+                    break
+                if (response.getheader("Connection") or "").lower() == "close":
+                    break
+            timer.join()
+            svc.proc.wait(30)
+        finally:
+            done.set()
+            for t in others:
+                t.join()
+            svc.stop()
+        if lost is not None:
+            ran = re.search(rf"call={attempt}-{lost}\b", svc.access_log())
+            assert not ran, f"stop {attempt + 1}: call {lost} was run by the service and its answer lost"
