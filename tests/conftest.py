@@ -2,26 +2,28 @@
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 
 import pytest
 
-from tests.helpers import REPO, SCENARIO_NOW  # noqa: F401 (also imported from here by older test modules)
+from tests.helpers import REPO, SCENARIO_NOW, app_settings, shipped_rulebook  # noqa: F401 (REPO, SCENARIO_NOW: also imported from here by older test modules)
 
 pytest_plugins = [
+    "tests.plugins.temp_root",
+    "tests.plugins.process_exit",
     "tests.plugins.postgres",
     "tests.plugins.fhir_server",
     "tests.plugins.fault_server",
     "tests.plugins.terminology_cache",
     "tests.plugins.app_parts",
+    "tests.plugins.shared_answers",
 ]
 
 
 @pytest.fixture(scope="session")
 def rulebook():
-    from cds_hooks_service.rulebook import load_rulebook
-
-    return load_rulebook(REPO / "rules", REPO / "cards")
+    return shipped_rulebook()
 
 
 def fixture_fhir_servers(request) -> tuple[str, ...]:
@@ -56,21 +58,12 @@ def store_url(request, tmp_path):
 
 @pytest.fixture
 def make_settings(tmp_path, request, sqlite_store_template):
-    from cds_hooks_service.config import Settings
-    from cds_hooks_service.facts import parse_time
-
     store = tmp_path / "store.sqlite3"
 
     def make(**overrides):
         if "database_url" not in overrides and not store.exists():
             shutil.copyfile(sqlite_store_template, store)
-        base = dict(database_url=f"sqlite:///{store}", instance_dir=tmp_path,
-                    suppression_secret=b"test-secret", fixed_now=parse_time(SCENARIO_NOW),
-                    public_url="http://localhost",  # the test client's root: the JWT aud of the tests
-                    fhir_servers=fixture_fhir_servers(request),
-                    listen_hosts=("127.0.0.1",))  # a loopback service: open mode allowed
-        base.update(overrides)
-        return Settings(**base)
+        return app_settings(tmp_path, **({"fhir_servers": fixture_fhir_servers(request)} | overrides))
 
     return make
 
@@ -98,8 +91,6 @@ def shared_app(tmp_path_factory, rulebook, sqlite_store_template):
     only post a hook call and read the answer: an app costs about as much as the call. A test that changes
     what the app holds (feedback, overrides, reloads, settings, a FHIR server) makes its own with make_app."""
     from cds_hooks_service import create_app
-    from cds_hooks_service.config import Settings
-    from cds_hooks_service.facts import parse_time
 
     apps: dict[tuple, object] = {}
 
@@ -108,10 +99,7 @@ def shared_app(tmp_path_factory, rulebook, sqlite_store_template):
         if key not in apps:
             folder = tmp_path_factory.mktemp("shared-app")
             shutil.copyfile(sqlite_store_template, folder / "store.sqlite3")
-            settings = dict(database_url=f"sqlite:///{folder / 'store.sqlite3'}", instance_dir=folder,
-                            suppression_secret=b"test-secret", fixed_now=parse_time(SCENARIO_NOW),
-                            public_url="http://localhost", listen_hosts=("127.0.0.1",))
-            apps[key] = create_app(Settings(**(settings | overrides)), rulebook=rulebook)
+            apps[key] = create_app(app_settings(folder, **overrides), rulebook=rulebook)
         return apps[key]
 
     return get
@@ -135,28 +123,51 @@ _SLOW_WORDS = ("GunicornService", "make_server(", "chromium", "playwright", "wrk
                "FaultServer", "fault_server", "simple_icd_10_cm")
 
 
-@functools.cache  # one function's source is read once per run (collection: every test names several)
-def _source(function) -> str:
-    import inspect
-
-    try:
-        return inspect.getsource(function)
-    except (OSError, TypeError):
-        return ""
+_SLOW_RE = re.compile("|".join(map(re.escape, _SLOW_WORDS)))
 
 
 @functools.cache
-def _sources(function) -> tuple[str, ...]:
-    """The function's source and that of the module-level functions and classes of its module it names."""
+def _file_names_slow_parts(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _SLOW_RE.search(f.read()) is not None
+    except (OSError, UnicodeDecodeError):
+        return True  # unknown: read the function's own source
+
+
+@functools.cache  # each function, fixture and helper is checked once per run (~700 for ~2,500 tests)
+def _source_names_slow_parts(obj) -> bool:
+    """Whether the source of ``obj`` (as inspect.getsource reads it) holds a slow word. A file holding none
+    cannot hold one in any of its functions: most are answered without reading a function's source."""
     import inspect
 
-    out = [_source(function)]
+    try:
+        path = inspect.getsourcefile(inspect.unwrap(obj))  # the file inspect.getsource reads
+    except (TypeError, ValueError):
+        path = None
+    if path is not None and not _file_names_slow_parts(path):
+        return False
+    try:
+        return _SLOW_RE.search(inspect.getsource(obj)) is not None
+    except (OSError, TypeError):
+        return False
+
+
+@functools.cache
+def _names_slow_parts(function) -> bool:
+    """The function's source, or that of a module-level function or class of its module it names, holds a
+    slow word."""
+    import inspect
+
+    if _source_names_slow_parts(function):
+        return True
     code, module = getattr(function, "__code__", None), getattr(function, "__module__", None)
     for name in (code.co_names if code is not None else ()):
         obj = getattr(function, "__globals__", {}).get(name)
-        if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module and obj is not function:
-            out.append(_source(obj))
-    return tuple(out)
+        if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module and obj is not function \
+                and _source_names_slow_parts(obj):
+            return True
+    return False
 
 
 def _uses_slow_parts(item) -> bool:
@@ -169,7 +180,7 @@ def _uses_slow_parts(item) -> bool:
     info = getattr(item, "_fixtureinfo", None)
     for defs in (info.name2fixturedefs.values() if info is not None else ()):
         functions += [d.func for d in defs if not d.func.__module__.startswith(("_pytest", "pytest"))]
-    return any(word in text for f in functions if f is not None for text in _sources(f) for word in _SLOW_WORDS)
+    return any(_names_slow_parts(f) for f in functions if f is not None)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -127,8 +127,8 @@ def test_one_edit_in_alternatives_yaml_applies_on_every_card_offering_it(rules_c
 
 
 def _shipped():
-    from tests.helpers import REPO
-    return load_rulebook(REPO / "rules", REPO / "cards")
+    from tests.helpers import shipped_rulebook
+    return shipped_rulebook()  # loaded once per process, as the rulebook fixture
 
 
 SUMATRIPTAN_SUGGESTION = """  - id: replace-sumatriptan

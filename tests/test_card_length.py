@@ -11,14 +11,12 @@ import pytest
 
 from cds_hooks_service.card_length import DETAIL_MAX_CHARS, length_problems, longest_details
 from cds_hooks_service.cli import main
-from cds_hooks_service.config import Settings
 from cds_hooks_service.limits import Limits
 from cds_hooks_service.rulebook import load_rulebook
 
-from .helpers import edit
+from .helpers import edit, shipped_rulebook
 
-SETTINGS = Settings.from_env()
-RULEBOOK = load_rulebook(SETTINGS.rules_dir, SETTINGS.cards_dir, None)
+RULEBOOK = shipped_rulebook()  # the same load as the rulebook fixture's (one per process)
 
 
 @pytest.mark.parametrize("rule_id", sorted(r.id for r in RULEBOOK.rules))

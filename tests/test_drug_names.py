@@ -5,12 +5,11 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import yaml
 
 from cds_hooks_service.rulebook import RulebookError, load_rulebook
 from cds_hooks_service.sources import url_problem
 from cds_hooks_service.terminology import INGREDIENT_NAME, RXNORM
-from tests.helpers import REPO
+from tests.helpers import REPO, dump_yaml, load_yaml
 
 NAMES_FILE = REPO / "rules/terminology/drug-names.yaml"
 STRONG = "rx-strong-cyp3a4-inhibitors"
@@ -75,7 +74,7 @@ def test_a_brand_does_not_reach_value_sets_of_ingredients_it_lacks(rulebook):
 
 def test_every_name_in_the_file_resolves_to_exactly_its_entry(rulebook):
     t = rulebook.terminology
-    doc = yaml.safe_load(NAMES_FILE.read_text(encoding="utf-8"))
+    doc = load_yaml(NAMES_FILE.read_text(encoding="utf-8"))
     expected: dict[str, set[str]] = {}
     for code, item in doc["ingredients"].items():
         for name in [item["name"]] + [n["name"] for n in item.get("names") or []]:
@@ -117,9 +116,9 @@ def rules_copy(tmp_path):
 
 def _break(rules_copy, change) -> str:
     path = rules_copy / "rules/terminology/drug-names.yaml"
-    doc = yaml.safe_load(path.read_text())
+    doc = load_yaml(path.read_text())
     change(doc)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    path.write_text(dump_yaml(doc, sort_keys=False))
     with pytest.raises(RulebookError) as exc:
         load_rulebook(rules_copy / "rules", rules_copy / "cards")
     return str(exc.value)

@@ -84,17 +84,16 @@ def test_shift_times_moves_date_times_and_dates_and_nothing_else():
 
 
 @pytest.mark.parametrize("example, hook", CASES, ids=[f"{e.rule_id}:{e.name}:{h}" for e, h in CASES])
-def test_example_request_answers_as_expected_with_todays_clock(shared_app, example, hook):
-    client = shared_app(fixed_now=None).test_client()  # the real clock, as in production
-    body = example.load(hook)
+def test_example_request_answers_as_expected_with_todays_clock(example_answer, example, hook):
+    r = example_answer(example.files[hook])  # posted once per run with the real clock, as in production
+    body = r.request  # as sent: example.load(hook), its times shifted to now
     for entry in body["context"]["draftOrders"]["entry"]:  # the drafts (and a Condition they cite) are strict R4 too
         resource = entry["resource"]
         model = MedicationRequest if resource["resourceType"] == "MedicationRequest" \
             else get_fhir_model_class(resource["resourceType"])
         model.model_validate(resource)
-    r = client.post(URL[hook], json=body)
-    assert r.status_code == 200, r.get_data(as_text=True)
-    response = r.get_json()
+    assert r.status == 200, r.text
+    response = r.json()
     check_response(response)
     fired = example.rule_id in topics(response)
     assert fired == (example.expect == "fire"), (example.name, topics(response))

@@ -133,3 +133,39 @@ def test_db_upgrade_reports_an_unreachable_database_in_one_line(monkeypatch, cap
     assert cli(["db", "upgrade"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: OperationalError") and "\n" not in err
+
+
+def test_the_revisions_are_read_once_and_again_when_a_revision_file_changes(tmp_path, monkeypatch):
+    """Every store start-up asks for the newest revision: Alembic imports every revision file to answer, so
+    the answer is kept per process, keyed by the revision files (name, size, modification time)."""
+    import shutil
+
+    from alembic.script import ScriptDirectory
+
+    from cds_hooks_service import migrations
+
+    original = migrations.SCRIPT_DIR
+    shipped = ScriptDirectory.from_config(migrations.alembic_config())
+    assert migrations.known_revisions() == (shipped.get_current_head(),
+                                            frozenset(r.revision for r in shipped.walk_revisions()))
+    copy = tmp_path / "migrations"
+    shutil.copytree(migrations.SCRIPT_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(migrations, "SCRIPT_DIR", copy)
+    reads = []
+    real = ScriptDirectory.from_config.__func__
+    monkeypatch.setattr(ScriptDirectory, "from_config",
+                        classmethod(lambda cls, *a, **kw: reads.append(1) or real(cls, *a, **kw)))
+    head, known = migrations.known_revisions()
+    assert migrations.known_revisions() == (head, known) and migrations.head_revision() == head
+    assert len(reads) == 1  # read once for these files
+    (copy / "versions" / "0099_later.py").write_text(
+        f'revision = "0099"\ndown_revision = "{head}"\nbranch_labels = None\ndepends_on = None\n\n\n'
+        "def upgrade() -> None:\n    pass\n\n\ndef downgrade() -> None:\n    pass\n")
+    assert migrations.known_revisions() == ("0099", known | {"0099"})  # a new file: read again
+    assert len(reads) == 2
+    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    FeedbackStore(url).engine.dispose()  # a store made at 0099 (the newest of these files)
+    assert current_revision(url) == "0099"
+    monkeypatch.setattr(migrations, "SCRIPT_DIR", original)  # the shipped files: 0099 is unknown to them
+    with pytest.raises(SchemaVersionError, match="revision 0099, which this version of the service does not know"):
+        FeedbackStore(url)

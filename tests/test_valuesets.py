@@ -7,8 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 from fhir.resources.R4B.valueset import ValueSet
+
+from tests.helpers import load_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 VS_DIR = REPO / "rules" / "valuesets"
@@ -149,7 +150,7 @@ def rollup() -> dict:
 
 @pytest.fixture(scope="module")
 def drug_names() -> dict:
-    return yaml.safe_load((TERM_DIR / "drug-names.yaml").read_text(encoding="utf-8"))
+    return load_yaml((TERM_DIR / "drug-names.yaml").read_text(encoding="utf-8"))
 
 
 def test_rollup_shape(rollup):

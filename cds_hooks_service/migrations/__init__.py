@@ -8,7 +8,9 @@ version does not know (made by a newer version of the service) is refused too.
 """
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from pathlib import Path
 
 # alembic and SQLAlchemy are imported where used: the CLI registers `db` for every command, and the
@@ -32,10 +34,43 @@ def alembic_config(url: str | None = None):
     return cfg
 
 
-def head_revision() -> str:
+def _versions_signature() -> tuple:
+    """What the revision files are now: the folder, and each ``versions/*.py`` file's name, size and
+    modification time."""
+    entries = sorted(os.scandir(SCRIPT_DIR / "versions"), key=lambda e: e.name)
+    return (str(SCRIPT_DIR),) + tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries
+                                      if e.name.endswith(".py") and e.is_file())
+
+
+# The newest revision and every known one, by the signature of the revision files. Alembic finds them by
+# importing every revision file, which every store start-up (each app, each `db` command) did again although
+# the files ship with the package and do not change while it runs; a changed file is a new signature and is
+# read again. At most _KNOWN_MAX signatures (a few strings each) are kept.
+_known: dict[tuple, tuple[str, frozenset[str]]] = {}
+_known_lock = threading.Lock()
+_KNOWN_MAX = 4
+
+
+def known_revisions() -> tuple[str, frozenset[str]]:
+    """(the newest revision, every revision) of the revision files."""
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    signature = _versions_signature()
+    with _known_lock:
+        kept = _known.get(signature)
+    if kept is not None:
+        return kept
+    script = ScriptDirectory.from_config(alembic_config())
+    kept = (script.get_current_head(), frozenset(rev.revision for rev in script.walk_revisions()))
+    with _known_lock:
+        if len(_known) >= _KNOWN_MAX:
+            _known.clear()
+        _known[signature] = kept
+    return kept
+
+
+def head_revision() -> str:
+    return known_revisions()[0]
 
 
 def prepare_schema(conn, metadata) -> None:
@@ -46,8 +81,7 @@ def prepare_schema(conn, metadata) -> None:
     from alembic.script import ScriptDirectory
     from sqlalchemy import inspect
 
-    script = ScriptDirectory.from_config(alembic_config())
-    head = script.get_current_head()
+    head, known = known_revisions()
     context = MigrationContext.configure(conn)
     current = context.get_current_revision()
     if current == head:
@@ -55,13 +89,12 @@ def prepare_schema(conn, metadata) -> None:
     present = [name for name in metadata.tables if inspect(conn).has_table(name)]
     if current is None and not present:
         metadata.create_all(conn)
-        context.stamp(script, head)
+        context.stamp(ScriptDirectory.from_config(alembic_config()), head)
         return
     if current is None:
         raise SchemaVersionError(
             f"the database holds the store's tables but no schema version (made before migrations): "
             f"run `{UPGRADE_COMMAND}` (with the same DATABASE_URL) once, then start the service")
-    known = {rev.revision for rev in script.walk_revisions()}
     if current not in known:
         raise SchemaVersionError(
             f"the database's schema is at revision {current}, which this version of the service does not know "
