@@ -10,7 +10,8 @@ served (its first request is on its way).
 
 Connections take turns: after each answer on a connection kept alive, its greenlet yields for one pass of the
 event loop (a timer due at once, ``TURN``), so a client whose next request is always already there cannot hold
-the worker while the other connections wait (``handle_request``).
+the worker while the other connections wait (``handle_request``). A stop that comes during a connection's turn
+closes it at the end of the turn, unless its next request has arrived (answered with "Connection: close").
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ TURN = 1e-6
 
 
 class GeventWorker(_GunicornGeventWorker):
+    turn = TURN  # (a test's subclass lengthens it, to land a stop inside a turn)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._idle: set = set()  # client sockets between two requests (not before their first: see handle)
@@ -96,9 +99,11 @@ class GeventWorker(_GunicornGeventWorker):
         # keep-alive connection held the worker while the others waited (p99 0.3-4 s, wrk time-outs at 32
         # connections on a loaded machine; bench/README.md). The socket counts as idle (closed at a stop) only
         # after its turn: a request that arrives meanwhile is read, and answered with "Connection: close".
-        gevent.sleep(TURN)
+        gevent.sleep(self.turn)
         if self.alive:
             self._idle.add(sock)
+        else:  # the stop came during the turn: _close_idle did not see this socket; without this, its greenlet
+            self._close_if_idle(sock)  # waited up to `keepalive` for a next request before the worker could exit
         return kept
 
     def handle_exit(self, sig, frame):
@@ -109,15 +114,21 @@ class GeventWorker(_GunicornGeventWorker):
         if self._stopping is not None:
             self._stopping.set()  # the main loop stops waiting
         for sock in list(self._idle):
-            # On the OS socket: its greenlet then reads the end of the stream and finishes quietly (gevent's
-            # own shutdown() would cancel the wait with EBADF, logged by gunicorn as a socket error).
-            raw = getattr(sock, "_sock", sock)
-            try:
-                if raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-                    continue  # its next request has arrived: its greenlet answers it with "Connection: close"
-            except OSError:  # nothing waiting (BlockingIOError), or the socket is gone: closed as before
-                pass
-            try:
-                raw.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            self._close_if_idle(sock)
+
+    @staticmethod
+    def _close_if_idle(sock) -> None:
+        """Shut a kept-alive connection between two requests, unless its next request has arrived (its greenlet
+        then answers it with "Connection: close")."""
+        # On the OS socket: its greenlet then reads the end of the stream and finishes quietly (gevent's own
+        # shutdown() would cancel the wait with EBADF, logged by gunicorn as a socket error).
+        raw = getattr(sock, "_sock", sock)
+        try:
+            if raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                return
+        except OSError:  # nothing waiting (BlockingIOError), or the socket is gone: closed as before
+            pass
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

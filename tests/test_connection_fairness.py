@@ -221,3 +221,37 @@ def test_a_graceful_stop_answers_every_call_it_ran(tmp_path):
         if lost is not None:
             ran = re.search(rf"call={attempt}-{lost}\b", svc.access_log())
             assert not ran, f"stop {attempt + 1}: call {lost} was run by the service and its answer lost"
+
+
+def test_a_stop_during_a_connections_turn_closes_it_at_the_end_of_the_turn(tmp_path):
+    """A stop that comes while a kept-alive connection has its turn (after an answer, before the socket counts as
+    idle) closes that connection when the turn ends. Before, the connection was left open and its greenlet waited
+    for a next request up to `keepalive` (5 s), holding the worker's exit. The turn is lengthened to LONG_TURN
+    seconds (a subclass) so that the stop lands inside it; a second connection, whose next request is sent during
+    the turn, gets that request answered with "Connection: close"."""
+    from tests.plugins.long_turn_worker import LONG_TURN
+
+    svc = GunicornService(tmp_path, workers=1, wait_for_workers=True,
+                          args=("--worker-class", "tests.plugins.long_turn_worker.LongTurnWorker"))
+    svc.start()
+    try:
+        idle, busy = _connect(svc.port), _connect(svc.port)
+        for sock in (idle, busy):
+            sock.sendall(_hook_call())
+            assert b" 200 " in _read_answer(sock).split(b"\r\n")[0]
+        answered = time.monotonic()  # both connections are in their turn now
+        svc.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        busy.sendall(_hook_call())  # arrives during its turn, after the stop
+        head = _read_answer(busy)
+        assert b" 200 " in head.split(b"\r\n")[0] and b"connection: close" in head.lower()
+        idle.settimeout(30)
+        assert idle.recv(1) == b"", "the idle connection got data instead of being closed"
+        closed_after = time.monotonic() - answered
+        svc.proc.wait(30)
+        exited_after = time.monotonic() - answered
+    finally:
+        svc.stop()
+    keepalive = 5
+    assert closed_after < LONG_TURN + keepalive / 2, f"closed {closed_after:.1f} s after the answer (turn {LONG_TURN} s)"
+    assert exited_after < LONG_TURN + keepalive / 2, f"the service exited {exited_after:.1f} s after the answer"
