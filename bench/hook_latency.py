@@ -96,6 +96,21 @@ C_TIMED = {"small": 10, "large": 5, "xlarge": 1}
 CPU_BATCH = 10  # --cpu: calls per case between two readings of the worker's CPU time
 
 
+def block_ratios(case: list[float], discovery: list[float], c: list[float], c_per_block: int) -> list[float]:
+    """A diagnostic of the noise, not the issue's measure: the ratio (p50(case) - p50(A)) / p50(C) taken within
+    each block of C_EVERY rounds (about a second, so one state of the machine's speed) with the C block timed at
+    its start; sorted. The issue's R is the ratio of the whole run's p50s, which can take B and C from different
+    states of a machine whose speed changes by 2x from one second to the next."""
+    out = []
+    for k in range(len(c) // c_per_block):
+        rounds = slice(k * C_EVERY, (k + 1) * C_EVERY)
+        b, a = sorted(case[rounds]), sorted(discovery[rounds])
+        loads = sorted(c[k * c_per_block:(k + 1) * c_per_block])
+        if b and a and loads:
+            out.append((pct(b, 50) - pct(a, 50)) / pct(loads, 50))
+    return sorted(out)
+
+
 def json_loads_block(raw: bytes, timed: int, into: list[float], clock=time.perf_counter) -> None:
     """C_WARM untimed parses of the body, then ``timed`` parses each timed by ``clock`` into ``into`` (seconds)."""
     for _ in range(C_WARM):
@@ -257,6 +272,8 @@ def run(args) -> dict:
              for case in bodies}  # the reference: C sampled through the rounds (see C_EVERY)
     stats = {name: summary(s) for name, s in samples.items()}
     a = stats["discovery"]["p50"]
+    blocks = {case: block_ratios(samples[case], samples["discovery"], c_samples[case], C_TIMED[case])
+              for case in ("large", "xlarge") if c_samples[case]}
     checks = []
     for case, name in (("large", "R_B"), ("xlarge", "R_X")):
         delta = stats[case]["p50"] - a
@@ -301,6 +318,8 @@ def run(args) -> dict:
         "latency_ms": stats,
         "server_cpu_ms_per_call": cpu,
         "json_loads_cpu_ms": loads_cpu,
+        "block_ratios": {case: {"p25": pct(r, 25), "p50": pct(r, 50), "p75": pct(r, 75), "blocks": len(r)}
+                         for case, r in blocks.items() if r},
         "keepalive": keepalive,
         "checks": checks,
     }
@@ -334,6 +353,10 @@ def print_report(res: dict) -> None:
     if res.get("server_cpu_ms_per_call"):
         print("server CPU per call (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in res["server_cpu_ms_per_call"].items()))
         print("json.loads CPU, same rounds (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in res["json_loads_cpu_ms"].items()))
+    for case, r in (res.get("block_ratios") or {}).items():
+        name = {"large": "R_B", "xlarge": "R_X"}[case]
+        print(f"{name} within each {C_EVERY}-round block (diagnostic, not the target): median {r['p50']:.1f}, "
+              f"quartiles {r['p25']:.1f}-{r['p75']:.1f} over {r['blocks']} blocks")
     print()
     for c in res["checks"]:
         extra = f"  ({c['ratio_to_json_loads']:.1f}x json.loads)" if "ratio_to_json_loads" in c else ""
