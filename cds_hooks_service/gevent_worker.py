@@ -11,7 +11,8 @@ served (its first request is on its way).
 Connections take turns: after each answer on a connection kept alive, its greenlet yields for one pass of the
 event loop (a timer due at once, ``TURN``), so a client whose next request is always already there cannot hold
 the worker while the other connections wait (``handle_request``). A stop that comes during a connection's turn
-closes it at the end of the turn, unless its next request has arrived (answered with "Connection: close").
+closes it at the end of the turn, unless its next request has arrived or was pipelined behind the last one
+(answered with "Connection: close").
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class GeventWorker(_GunicornGeventWorker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._idle: set = set()  # client sockets between two requests (not before their first: see handle)
+        self._idle: dict = {}  # client socket -> its greenlet, between two requests (not before the first: handle)
         self._stopping: Event | None = None
 
     def run(self):
@@ -89,22 +90,25 @@ class GeventWorker(_GunicornGeventWorker):
         try:
             super().handle(listener, client, addr)
         finally:
-            self._idle.discard(client)
+            self._idle.pop(client, None)
 
     def handle_request(self, listener_name, req, sock, addr):
-        self._idle.discard(sock)
-        kept = super().handle_request(listener_name, req, sock, addr)  # raises StopIteration when it closes
+        self._idle.pop(sock, None)
+        super().handle_request(listener_name, req, sock, addr)  # raises StopIteration when it closes
         # The connection stays open: take turns (TURN). A greenlet yields only when a read would block, and a fast
         # client's next request is usually there already when its answer is written: without this, one busy
         # keep-alive connection held the worker while the others waited (p99 0.3-4 s, wrk time-outs at 32
         # connections on a loaded machine; bench/README.md). The socket counts as idle (closed at a stop) only
-        # after its turn: a request that arrives meanwhile is read, and answered with "Connection: close".
+        # after its turn: a request that arrives meanwhile, or was pipelined behind this one, is read, and answered
+        # with "Connection: close".
         gevent.sleep(self.turn)
         if self.alive:
-            self._idle.add(sock)
-        else:  # the stop came during the turn: _close_idle did not see this socket; without this, its greenlet
-            self._close_if_idle(sock)  # waited up to `keepalive` for a next request before the worker could exit
-        return kept
+            self._idle[sock] = gevent.getcurrent()
+        elif not _request_waiting(req, sock):
+            # The stop came during the turn, so _close_idle did not see this socket, and nothing is waiting:
+            # close it now (gunicorn's loop closes it without reading on, so no request is run unanswered).
+            # Before, its greenlet waited up to `keepalive` for a next request while the worker could not exit.
+            raise StopIteration()
 
     def handle_exit(self, sig, frame):
         super().handle_exit(sig, frame)  # alive = False: stop accepting, finish what is under way
@@ -113,22 +117,26 @@ class GeventWorker(_GunicornGeventWorker):
     def _close_idle(self) -> None:
         if self._stopping is not None:
             self._stopping.set()  # the main loop stops waiting
-        for sock in list(self._idle):
-            self._close_if_idle(sock)
+        for sock, greenlet in list(self._idle.items()):
+            # Its greenlet waits in a read for the next request (it blocks only when gunicorn holds no whole
+            # request). If that request has arrived, the greenlet answers it with "Connection: close"; otherwise
+            # it is killed where it waits: it reads nothing more, so no request is run and left unanswered (a
+            # shutdown of the socket left a moment in which a request arriving could still be read and run, its
+            # answer then lost), and gunicorn's handler closes the socket on its way out.
+            if not _arrived(sock):
+                greenlet.kill(block=False)
 
-    @staticmethod
-    def _close_if_idle(sock) -> None:
-        """Shut a kept-alive connection between two requests, unless its next request has arrived (its greenlet
-        then answers it with "Connection: close")."""
-        # On the OS socket: its greenlet then reads the end of the stream and finishes quietly (gevent's own
-        # shutdown() would cancel the wait with EBADF, logged by gunicorn as a socket error).
-        raw = getattr(sock, "_sock", sock)
-        try:
-            if raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-                return
-        except OSError:  # nothing waiting (BlockingIOError), or the socket is gone: closed as before
-            pass
-        try:
-            raw.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+
+def _arrived(sock) -> bool:
+    """Whether bytes are waiting on the socket (read without consuming them)."""
+    try:
+        return bool(getattr(sock, "_sock", sock).recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing waiting (BlockingIOError), or the socket is gone
+        return False
+
+
+def _request_waiting(req, sock) -> bool:
+    """Whether a next request has begun: pipelined behind ``req`` (already in gunicorn's read buffer), or on the
+    socket."""
+    buffered = getattr(getattr(req, "unreader", None), "buf", None)
+    return (buffered is not None and len(buffered.getbuffer()) > 0) or _arrived(sock)
