@@ -42,7 +42,7 @@ class GeventWorker(_GunicornGeventWorker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._idle: dict = {}  # client socket -> its greenlet, between two requests (not before the first: handle)
+        self._idle: set = set()  # client sockets between two requests (not before their first: see handle)
         self._stopping: Event | None = None
 
     def run(self):
@@ -90,10 +90,10 @@ class GeventWorker(_GunicornGeventWorker):
         try:
             super().handle(listener, client, addr)
         finally:
-            self._idle.pop(client, None)
+            self._idle.discard(client)
 
     def handle_request(self, listener_name, req, sock, addr):
-        self._idle.pop(sock, None)
+        self._idle.discard(sock)
         super().handle_request(listener_name, req, sock, addr)  # raises StopIteration when it closes
         # The connection stays open: take turns (TURN). A greenlet yields only when a read would block, and a fast
         # client's next request is usually there already when its answer is written: without this, one busy
@@ -103,7 +103,7 @@ class GeventWorker(_GunicornGeventWorker):
         # with "Connection: close".
         gevent.sleep(self.turn)
         if self.alive:
-            self._idle[sock] = gevent.getcurrent()
+            self._idle.add(sock)
         elif not _request_waiting(req, sock):
             # The stop came during the turn, so _close_idle did not see this socket, and nothing is waiting:
             # close it now (gunicorn's loop closes it without reading on, so no request is run unanswered).
@@ -117,14 +117,20 @@ class GeventWorker(_GunicornGeventWorker):
     def _close_idle(self) -> None:
         if self._stopping is not None:
             self._stopping.set()  # the main loop stops waiting
-        for sock, greenlet in list(self._idle.items()):
+        for sock in list(self._idle):
             # Its greenlet waits in a read for the next request (it blocks only when gunicorn holds no whole
-            # request). If that request has arrived, the greenlet answers it with "Connection: close"; otherwise
-            # it is killed where it waits: it reads nothing more, so no request is run and left unanswered (a
-            # shutdown of the socket left a moment in which a request arriving could still be read and run, its
-            # answer then lost), and gunicorn's handler closes the socket on its way out.
-            if not _arrived(sock):
-                greenlet.kill(block=False)
+            # request). If that request has arrived, the greenlet answers it with "Connection: close".
+            # Otherwise the OS socket is shut: the greenlet reads the end of the stream and finishes quietly
+            # (gevent's own shutdown() would cancel the wait with EBADF, logged by gunicorn as a socket error;
+            # killing the greenlet instead was tried: a kill lands later, possibly in the application, and
+            # gunicorn answers the unexpected exception with a 500). A request that arrives in the microseconds
+            # between the check and the shutdown can still be read, run and its answer lost (not shown in tests).
+            if _arrived(sock):
+                continue
+            try:
+                getattr(sock, "_sock", sock).shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def _arrived(sock) -> bool:

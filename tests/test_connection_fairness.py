@@ -230,7 +230,9 @@ def test_a_stop_during_a_connections_turn_closes_it_at_the_end_of_the_turn(tmp_p
     (a subclass) so that the stop lands inside it. A connection whose next request is sent during the turn, and
     one that pipelined two calls in one write (the second already in gunicorn's read buffer, none on the socket),
     get that next call answered, with "Connection: close" (a first version of the change closed the pipelining
-    connection after the service had run its second call: the answer was lost)."""
+    connection after the service had run its second call: the answer was lost). A connection whose turn was
+    over is closed at once, with nothing sent and nothing logged as an error (a version that killed idle
+    greenlets made gunicorn answer them with a 500 and log a traceback)."""
     from tests.plugins.gunicorn_service import REPO
     from tests.plugins.long_turn_worker import LONG_TURN
 
@@ -239,6 +241,10 @@ def test_a_stop_during_a_connections_turn_closes_it_at_the_end_of_the_turn(tmp_p
                           args=("--worker-class", "tests.plugins.long_turn_worker.LongTurnWorker"))
     svc.start()
     try:
+        waiting = _connect(svc.port)  # its turn is over when the stop comes: idle, closed at once
+        waiting.sendall(_hook_call())
+        assert b" 200 " in _read_answer(waiting).split(b"\r\n")[0]
+        time.sleep(LONG_TURN + 0.3)
         idle, busy, piped = _connect(svc.port), _connect(svc.port), _connect(svc.port)
         for sock in (idle, busy):
             sock.sendall(_hook_call())
@@ -247,6 +253,10 @@ def test_a_stop_during_a_connections_turn_closes_it_at_the_end_of_the_turn(tmp_p
         piped.sendall(_hook_call() + _hook_call())
         assert b" 200 " in _read_answer(piped).split(b"\r\n")[0]  # the second waits for the end of the turn
         svc.proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        waiting.settimeout(30)
+        assert waiting.recv(1) == b"", "the connection idle at the stop got data (an answer it did not ask for?)"
+        waiting_closed_after = time.monotonic() - stopped
         time.sleep(0.3)
         busy.sendall(_hook_call())  # arrives during its turn, after the stop
         for sock in (busy, piped):
@@ -259,6 +269,8 @@ def test_a_stop_during_a_connections_turn_closes_it_at_the_end_of_the_turn(tmp_p
         exited_after = time.monotonic() - answered
     finally:
         svc.stop()
+    assert waiting_closed_after < 1, f"a connection idle at the stop was closed {waiting_closed_after:.1f} s later"
+    assert "Error handling" not in svc.log() and "Traceback" not in svc.log(), svc.log_tail()
     limit = LONG_TURN + keepalive / 2  # the old code: LONG_TURN + keepalive
     assert closed_after < limit, f"closed {closed_after:.1f} s after the answer (turn {LONG_TURN} s)"
     assert exited_after < limit, f"the service exited {exited_after:.1f} s after the answer"
