@@ -46,24 +46,29 @@ WARMUP = 20
 SUMMARY = re.compile(r"^summary: (\d+)$", re.M)
 
 
-def child(case: str, n: int) -> None:
-    """Run ``n`` calls of ``case`` after the warm-up (under valgrind, started by :func:`count`)."""
+def measured(call, n: int) -> None:
+    """The warm-up, then ``n`` calls between the two marker calls that zero and dump callgrind's counters."""
     import gc
 
+    for _ in range(WARMUP):
+        call()
+    gc.collect()
+    gc.freeze()  # as the workers do after start-up (serving.py)
+    gc.disable()  # a collection falls in one run and not in another (at the workers' threshold a hook call sets
+    os.getppid()  # off none: bench/README.md; json.loads of B counts about 4 % more with it on); zero the counters
+    for _ in range(n):
+        call()
+    os.getsid(0)  # dump them
+
+
+def child(case: str, n: int) -> None:
+    """Run ``n`` calls of ``case`` after the warm-up (under valgrind, started by :func:`count`)."""
     from cds_hooks_service.facts import parse_time
 
     now = parse_time(FIXED_NOW)
     if case.startswith("C"):
         raw = json.dumps(BODIES[case[1:]](now)).encode()
-        for _ in range(WARMUP):
-            json.loads(raw)
-        gc.collect()
-        gc.freeze()
-        gc.disable()  # as for the calls below (with the collector on, json.loads of B counts about 4 % more)
-        os.getppid()  # callgrind: zero the counters (see the module docstring)
-        for _ in range(n):
-            json.loads(raw)
-        os.getsid(0)  # callgrind: dump them
+        measured(lambda: json.loads(raw), n)
         return
 
     from cds_hooks_service import create_app
@@ -86,15 +91,8 @@ def child(case: str, n: int) -> None:
 
             def call():
                 return client.post(path, data=raw, content_type="application/json")
-        for _ in range(WARMUP):
-            assert call().status_code == 200
-        gc.collect()
-        gc.freeze()  # as the workers do after start-up (serving.py)
-        gc.disable()  # no collection falls in one run of a pair and not the other (at the workers' threshold,
-        os.getppid()  # GC_GEN0_THRESHOLD, a hook call sets off none: bench/README.md); zero the counters
-        for _ in range(n):
-            call()
-        os.getsid(0)  # dump them
+        assert call().status_code == 200
+        measured(call, n)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
