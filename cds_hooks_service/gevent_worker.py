@@ -37,12 +37,16 @@ POLL = 0.1  # seconds between the main loop's checks (gunicorn's: 1)
 TURN = 1e-6
 
 
+class _StopWaiting(Exception):
+    """Thrown, at a graceful stop, into a kept-alive connection's greenlet where it waits for its next request."""
+
+
 class GeventWorker(_GunicornGeventWorker):
     turn = TURN  # (a test's subclass lengthens it, to land a stop inside a turn)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._idle: set = set()  # client sockets between two requests (not before their first: see handle)
+        self._idle: dict = {}  # client socket -> its greenlet, between two requests (not before the first: handle)
         self._stopping: Event | None = None
 
     def run(self):
@@ -90,10 +94,10 @@ class GeventWorker(_GunicornGeventWorker):
         try:
             super().handle(listener, client, addr)
         finally:
-            self._idle.discard(client)
+            self._idle.pop(client, None)
 
     def handle_request(self, listener_name, req, sock, addr):
-        self._idle.discard(sock)
+        self._idle.pop(sock, None)
         super().handle_request(listener_name, req, sock, addr)  # raises StopIteration when it closes
         # The connection stays open: take turns (TURN). A greenlet yields only when a read would block, and a fast
         # client's next request is usually there already when its answer is written: without this, one busy
@@ -103,8 +107,8 @@ class GeventWorker(_GunicornGeventWorker):
         # with "Connection: close".
         gevent.sleep(self.turn)
         if self.alive:
-            self._idle.add(sock)
-        elif not _request_waiting(req, sock):
+            self._idle[sock] = gevent.getcurrent()
+        elif not self._request_waiting(req, sock):
             # The stop came during the turn, so _close_idle did not see this socket, and nothing is waiting:
             # close it now (gunicorn's loop closes it without reading on, so no request is run unanswered).
             # Before, its greenlet waited up to `keepalive` for a next request while the worker could not exit.
@@ -117,32 +121,36 @@ class GeventWorker(_GunicornGeventWorker):
     def _close_idle(self) -> None:
         if self._stopping is not None:
             self._stopping.set()  # the main loop stops waiting
-        for sock in list(self._idle):
-            # Its greenlet waits in a read for the next request (it blocks only when gunicorn holds no whole
-            # request). If that request has arrived, the greenlet answers it with "Connection: close".
-            # Otherwise the OS socket is shut: the greenlet reads the end of the stream and finishes quietly
-            # (gevent's own shutdown() would cancel the wait with EBADF, logged by gunicorn as a socket error;
-            # killing the greenlet instead was tried: a kill lands later, possibly in the application, and
-            # gunicorn answers the unexpected exception with a 500). A request that arrives in the microseconds
-            # between the check and the shutdown can still be read, run and its answer lost (not shown in tests).
-            if _arrived(sock):
-                continue
-            try:
-                getattr(sock, "_sock", sock).shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        loop = gevent.get_hub().loop
+        for sock, greenlet in list(self._idle.items()):
+            loop.run_callback(self._end_if_idle, sock, greenlet)
 
+    def _end_if_idle(self, sock, greenlet) -> None:
+        """End a connection whose greenlet waits in a read for its next request (it blocks only when gunicorn
+        holds no whole request), unless that request has arrived: its greenlet then answers it with "Connection:
+        close". Run as a callback of the event loop, between greenlets, so that nothing runs between the check and
+        the throw: the greenlet raises where it waits, reads nothing more (no request is run and left
+        unanswered), and gunicorn's handler closes the socket (``handle_error`` keeps it quiet). A shutdown of the
+        socket instead left a moment in which a request arriving could still be read and run, its answer lost;
+        gevent's kill() lands later, possibly in the application."""
+        if self._idle.get(sock) is greenlet and not self._arrived(sock):
+            greenlet.throw(_StopWaiting())
 
-def _arrived(sock) -> bool:
-    """Whether bytes are waiting on the socket (read without consuming them)."""
-    try:
-        return bool(getattr(sock, "_sock", sock).recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except OSError:  # nothing waiting (BlockingIOError), or the socket is gone
-        return False
+    def handle_error(self, req, client, addr, exc):
+        if isinstance(exc, _StopWaiting):
+            return  # a graceful stop ended a connection between two requests: nothing to answer or to log
+        super().handle_error(req, client, addr, exc)
 
+    @staticmethod
+    def _arrived(sock) -> bool:
+        """Whether bytes are waiting on the socket (read without consuming them)."""
+        try:
+            return bool(getattr(sock, "_sock", sock).recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing waiting (BlockingIOError), or the socket is gone
+            return False
 
-def _request_waiting(req, sock) -> bool:
-    """Whether a next request has begun: pipelined behind ``req`` (already in gunicorn's read buffer), or on the
-    socket."""
-    buffered = getattr(getattr(req, "unreader", None), "buf", None)
-    return (buffered is not None and len(buffered.getbuffer()) > 0) or _arrived(sock)
+    def _request_waiting(self, req, sock) -> bool:
+        """Whether a next request has begun: pipelined behind ``req`` (already in gunicorn's read buffer), or on
+        the socket."""
+        buffered = getattr(getattr(req, "unreader", None), "buf", None)
+        return (buffered is not None and len(buffered.getbuffer()) > 0) or self._arrived(sock)

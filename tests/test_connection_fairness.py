@@ -40,9 +40,9 @@ def service(tmp_path_factory):
         yield svc
 
 
-def _hook_call() -> bytes:
+def _hook_call(query: str = "") -> bytes:
     """An order-sign call that triggers no rule: about a millisecond of work and a small answer ("cards": [])."""
-    return (f"POST {SIGN} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    return (f"POST {SIGN}{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(BODY)}\r\n\r\n").encode() + BODY
 
 
@@ -274,3 +274,40 @@ def test_a_stop_during_a_connections_turn_closes_it_at_the_end_of_the_turn(tmp_p
     limit = LONG_TURN + keepalive / 2  # the old code: LONG_TURN + keepalive
     assert closed_after < limit, f"closed {closed_after:.1f} s after the answer (turn {LONG_TURN} s)"
     assert exited_after < limit, f"the service exited {exited_after:.1f} s after the answer"
+
+
+def test_a_call_arriving_as_a_stop_checks_its_idle_connection_is_answered_or_not_run(tmp_path):
+    """A graceful stop checks each connection idle between two requests and ends it unless its next request has
+    arrived. A request arriving just as that check runs must not be read afterwards: it would be run and its
+    answer lost (the socket was shut). The race is microseconds wide in production; a worker subclass whose
+    check takes BLIND_FOR seconds and misses what arrives meanwhile makes it certain. The call is either
+    answered or not run (the access log), never run and unanswered: the stop now ends the connection's greenlet
+    where it waits, in the same step of the event loop as the check."""
+    svc = GunicornService(tmp_path, workers=1, wait_for_workers=True, access_log_format="%(m)s %(U)s %(q)s",
+                          args=("--worker-class", "tests.plugins.stop_race_worker.BlindStopCheckWorker"))
+    svc.start()
+    try:
+        conn = _connect(svc.port)
+        conn.sendall(_hook_call())
+        assert b" 200 " in _read_answer(conn).split(b"\r\n")[0]
+        time.sleep(0.3)  # its turn is over: idle, waiting for its next request
+        svc.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # the stop's check of the connection is running (BLIND_FOR)
+        try:
+            conn.sendall(_hook_call("?call=late"))
+        except OSError:
+            pass  # already closed: the call cannot have run
+        data = b""
+        conn.settimeout(30)
+        try:
+            while chunk := conn.recv(65536):
+                data += chunk
+        except OSError:  # reset: closed with the call unread
+            pass
+        svc.proc.wait(30)
+    finally:
+        svc.stop()
+    ran = "call=late" in svc.access_log()
+    assert b" 200 " in data or not ran, "the service ran the call that arrived as the stop checked its " \
+                                         "connection, and its answer was lost"
+    assert "Error handling" not in svc.log() and "Traceback" not in svc.log(), svc.log_tail()
