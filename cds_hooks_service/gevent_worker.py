@@ -66,6 +66,7 @@ class GeventWorker(_GunicornGeventWorker):
         while self.alive:
             self.notify()
             self._stopping.wait(1.0)
+        self._close_idle()  # also when no signal came (gunicorn's max_requests only sets alive = False)
         try:
             for server in servers:  # stop accepting
                 server.close()
@@ -132,7 +133,9 @@ class GeventWorker(_GunicornGeventWorker):
         the throw: the greenlet raises where it waits, reads nothing more (no request is run and left
         unanswered), and gunicorn's handler closes the socket (``handle_error`` keeps it quiet). A shutdown of the
         socket instead left a moment in which a request arriving could still be read and run, its answer lost;
-        gevent's kill() lands later, possibly in the application."""
+        gevent's kill() lands later, possibly in the application. A next request only partly arrived, whose
+        first bytes the parser has already taken off the socket, is ended too: not run, the client sees the
+        connection closed (as with the shutdown before)."""
         if self._idle.get(sock) is greenlet and not self._arrived(sock):
             greenlet.throw(_StopWaiting())
 

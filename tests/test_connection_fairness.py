@@ -311,3 +311,35 @@ def test_a_call_arriving_as_a_stop_checks_its_idle_connection_is_answered_or_not
     assert b" 200 " in data or not ran, "the service ran the call that arrived as the stop checked its " \
                                          "connection, and its answer was lost"
     assert "Error handling" not in svc.log() and "Traceback" not in svc.log(), svc.log_tail()
+
+
+def test_a_worker_stopping_after_max_requests_closes_its_idle_connections(tmp_path):
+    """gunicorn's max_requests restarts a worker without a signal (it only marks the worker as no longer alive):
+    its kept-alive connections idle between requests are closed as at a graceful stop, not left to time out
+    after `keepalive` seconds while the worker cannot exit."""
+    from tests.plugins.gunicorn_service import REPO
+
+    keepalive = int(re.search(r"^keepalive = (\d+)", (REPO / "gunicorn.conf.py").read_text(), re.M).group(1))
+    svc = GunicornService(tmp_path, workers=1, wait_for_workers=True, args=("--max-requests", "6"))
+    svc.start()  # (its readiness checks are the worker's first requests: one or two)
+    try:
+        waiting, last = _connect(svc.port), _connect(svc.port)
+        waiting.sendall(_hook_call())
+        assert b" 200 " in _read_answer(waiting).split(b"\r\n")[0]
+        time.sleep(0.3)  # idle between two requests
+        for _ in range(6):  # until the worker's last request
+            last.sendall(_hook_call())
+            head = _read_answer(last)
+            assert b" 200 " in head.split(b"\r\n")[0]
+            if b"connection: close" in head.lower():
+                break
+        else:
+            raise AssertionError("the worker did not stop after --max-requests")
+        answered = time.monotonic()
+        waiting.settimeout(30)
+        assert waiting.recv(1) == b""
+        closed_after = time.monotonic() - answered
+    finally:
+        svc.stop()
+    assert closed_after < keepalive / 2, f"the idle connection was closed {closed_after:.1f} s after the last answer"
+    assert "Error handling" not in svc.log() and "Traceback" not in svc.log(), svc.log_tail()
