@@ -216,6 +216,17 @@ def test_gunicorn_metrics_add_up_all_workers(tmp_path):
         os.kill(gone, signal.SIGTERM)
         assert wait_for(lambda: gone not in service.worker_pids(), timeout=10), log()
         assert hook_count() == sent
+        # before stopping, the replacement worker must be past its first instants: a SIGTERM that reaches a worker
+        # between gunicorn's fork and its post_fork hook (serving.hold_signals) runs the master's inherited handler
+        # and is lost, and the master then waits its graceful timeout for it (seen once on a loaded machine)
+        fresh = wait_for(lambda: set(service.worker_pids()) - workers, timeout=10)
+        assert fresh, log()
+
+        def booted(pid: int) -> bool:  # its app is loaded (its open-mode warning): past post_fork
+            return any(f'"pid":{pid}' in line and '"logger":"cds_hooks_service.runtime"' in line
+                       for line in log().splitlines())
+
+        assert wait_for(lambda: all(booted(pid) for pid in fresh), timeout=20), log()
     finally:
         service.stop()
         os.close(in_use)
