@@ -106,8 +106,7 @@ def block_ratios(case: list[float], discovery: list[float], c: list[float], c_pe
         rounds = slice(k * C_EVERY, (k + 1) * C_EVERY)
         b, a = sorted(case[rounds]), sorted(discovery[rounds])
         loads = sorted(c[k * c_per_block:(k + 1) * c_per_block])
-        if b and a and loads:
-            out.append((pct(b, 50) - pct(a, 50)) / pct(loads, 50))
+        out.append((pct(b, 50) - pct(a, 50)) / pct(loads, 50))
     return sorted(out)
 
 

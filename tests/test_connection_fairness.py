@@ -83,6 +83,13 @@ def _read_waiting(sock: socket.socket) -> bytes:
     return data
 
 
+def _keepalive() -> int:
+    """gunicorn.conf.py's keepalive (seconds), read from the file: importing it would monkey-patch this process."""
+    from tests.plugins.gunicorn_service import REPO
+
+    return int(re.search(r"^keepalive = (\d+)", (REPO / "gunicorn.conf.py").read_text(), re.M).group(1))
+
+
 def _connect(port: int, receive_buffer: int | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if receive_buffer:  # set before connecting: the TCP window is agreed then
@@ -233,12 +240,11 @@ def test_a_stop_during_a_connections_turn_closes_it_at_the_end_of_the_turn(tmp_p
     connection after the service had run its second call: the answer was lost). A connection whose turn was
     over is closed at once, with nothing sent and nothing logged as an error (a version that killed idle
     greenlets made gunicorn answer them with a 500 and log a traceback)."""
-    from tests.plugins.gunicorn_service import REPO
-    from tests.plugins.long_turn_worker import LONG_TURN
+    from tests.plugins.worker_classes import LONG_TURN
 
-    keepalive = int(re.search(r"^keepalive = (\d+)", (REPO / "gunicorn.conf.py").read_text(), re.M).group(1))
+    keepalive = _keepalive()
     svc = GunicornService(tmp_path, workers=1, wait_for_workers=True,
-                          args=("--worker-class", "tests.plugins.long_turn_worker.LongTurnWorker"))
+                          args=("--worker-class", "tests.plugins.worker_classes.LongTurnWorker"))
     svc.start()
     try:
         waiting = _connect(svc.port)  # its turn is over when the stop comes: idle, closed at once
@@ -284,7 +290,7 @@ def test_a_call_arriving_as_a_stop_checks_its_idle_connection_is_answered_or_not
     answered or not run (the access log), never run and unanswered: the stop now ends the connection's greenlet
     where it waits, in the same step of the event loop as the check."""
     svc = GunicornService(tmp_path, workers=1, wait_for_workers=True, access_log_format="%(m)s %(U)s %(q)s",
-                          args=("--worker-class", "tests.plugins.stop_race_worker.BlindStopCheckWorker"))
+                          args=("--worker-class", "tests.plugins.worker_classes.BlindStopCheckWorker"))
     svc.start()
     try:
         conn = _connect(svc.port)
@@ -317,9 +323,7 @@ def test_a_worker_stopping_after_max_requests_closes_its_idle_connections(tmp_pa
     """gunicorn's max_requests restarts a worker without a signal (it only marks the worker as no longer alive):
     its kept-alive connections idle between requests are closed as at a graceful stop, not left to time out
     after `keepalive` seconds while the worker cannot exit."""
-    from tests.plugins.gunicorn_service import REPO
-
-    keepalive = int(re.search(r"^keepalive = (\d+)", (REPO / "gunicorn.conf.py").read_text(), re.M).group(1))
+    keepalive = _keepalive()
     svc = GunicornService(tmp_path, workers=1, wait_for_workers=True, args=("--max-requests", "6"))
     svc.start()  # (its readiness checks are the worker's first requests: one or two)
     try:
