@@ -17,8 +17,8 @@ from functools import cached_property
 from typing import Generic, Iterable, TypeVar
 
 from .facts import (DRAFT_TYPES, IGNORED_MEDICATION_STATUSES, MEDICATION_TYPES, ConditionFact, MedicationFact,
-                    MedicationIndex, Normaliser, ObservationFact, ProcedureFact, codeable_concepts,
-                    reason_condition)
+                    MedicationIndex, Normaliser, ObservationFact, ProcedureFact, as_list, bare_codes,
+                    codeable_concepts, may_match, reason_condition)
 from .terminology import Concept
 
 F = TypeVar("F")
@@ -131,21 +131,19 @@ class RecordIndex:
 
     @cached_property
     def conditions(self) -> ConceptIndex[ConditionFact]:
-        relevant = self._concepts.conditions if self._concepts is not None else None
-        return ConceptIndex(self._read("conditions", "Condition",
-                                       lambda r: _listed(self._normaliser.condition(r, relevant))))
+        return ConceptIndex(self._read("conditions", "Condition", self._normaliser.condition,
+                                       self._concepts.conditions if self._concepts is not None else None))
 
     @cached_property
     def observations(self) -> ConceptIndex[ObservationFact]:
-        relevant = self._concepts.observations if self._concepts is not None else None
-        return ConceptIndex(self._read("observations", "Observation",
-                                       lambda r: self._normaliser.observations(r, relevant)))
+        return ConceptIndex(self._read("observations", "Observation", self._normaliser.observations,
+                                       self._concepts.observations if self._concepts is not None else None,
+                                       components=True))
 
     @cached_property
     def procedures(self) -> ConceptIndex[ProcedureFact]:
-        relevant = self._concepts.procedures if self._concepts is not None else None
-        return ConceptIndex(self._read("procedures", "Procedure",
-                                       lambda r: _listed(self._normaliser.procedure(r, relevant))))
+        return ConceptIndex(self._read("procedures", "Procedure", self._normaliser.procedure,
+                                       self._concepts.procedures if self._concepts is not None else None))
 
     @cached_property
     def _conditions_by_ref(self) -> dict[str, dict]:
@@ -192,17 +190,28 @@ class RecordIndex:
         self._count(seen, normalised)
         return out
 
-    def _read(self, key: str, rtype: str, read) -> list:
-        """The facts of the record's ``rtype`` resources under ``key``: ``read(resource)`` gives a resource's
-        facts (none when it is of no interest, i.e. skipped after a look-up of its codes)."""
+    def _read(self, key: str, rtype: str, read, relevant: frozenset[Concept] | None, components: bool = False) -> list:
+        """The facts of the record's ``rtype`` resources under ``key``. A resource none of whose codes (nor, with
+        ``components``, its components' codes) is a code of ``relevant`` is skipped after that look-up; the
+        others are read by ``read(resource, relevant)`` (a fact, a list of facts, or None)."""
         out: list = []
         seen = normalised = 0
-        for r in self._of(self._resources, key, (rtype,)):
+        codes = bare_codes(relevant) if relevant is not None else None
+        for r in self._resources.get(key) or ():
+            if not isinstance(r, dict) or r.get("resourceType") != rtype:
+                continue
             seen += 1
-            facts = read(r)
+            if codes is not None and not may_match(r.get("code"), codes) and not (
+                    components and any(isinstance(c, dict) and may_match(c.get("code"), codes)
+                                       for c in as_list(r.get("component")))):
+                continue
+            facts = read(r, relevant)
             if facts:
                 normalised += 1
-                out += facts
+                if isinstance(facts, list):
+                    out += facts
+                else:
+                    out.append(facts)
         self._count(seen, normalised)
         return out
 
@@ -212,5 +221,3 @@ class RecordIndex:
         self.stats["skipped"] += seen - normalised
 
 
-def _listed(fact) -> list:
-    return [fact] if fact else []
