@@ -198,21 +198,25 @@ def as_list(value: object) -> list:
 
 
 def codeable_concepts(value: object) -> tuple[list[Concept], list[str]]:
-    """Concepts and texts (text + coding displays) of a CodeableConcept or a list of them."""
+    """Concepts and texts (text + coding displays) of a CodeableConcept or a list of them (a single coding
+    object where R4 has a list is read as that list; anything else of the wrong type as absent)."""
     concepts: list[Concept] = []
     texts: list[str] = []
-    for cc in as_list(value):
+    for cc in (value,) if isinstance(value, dict) else value if isinstance(value, list) else ():
         if not isinstance(cc, dict):
             continue
-        if isinstance(cc.get("text"), str):
-            texts.append(cc["text"])
-        for coding in as_list(cc.get("coding")):
+        text = cc.get("text")
+        if isinstance(text, str):
+            texts.append(text)
+        codings = cc.get("coding")
+        for coding in (codings,) if isinstance(codings, dict) else codings if isinstance(codings, list) else ():
             if isinstance(coding, dict):
                 c = concept(coding.get("system"), coding.get("code"))
                 if c:
                     concepts.append(c)
-                if isinstance(coding.get("display"), str):
-                    texts.append(coding["display"])
+                display = coding.get("display")
+                if isinstance(display, str):
+                    texts.append(display)
     return concepts, texts
 
 
@@ -227,7 +231,19 @@ def bare_codes(concepts: frozenset[Concept]) -> frozenset[str]:
 def may_match(value: object, codes: frozenset[str]) -> bool:
     """Whether a CodeableConcept (or a list of them) has a coding whose bare code is in ``codes``: the cheap
     test that lets the index skip a resource without building its concepts."""
-    # Called for nearly every resource of the record: the loops are written out (no helper calls per level).
+    # Called for nearly every resource of the record. The usual shape (an object whose coding is a list of
+    # objects with string codes) is read without type tests; anything else is read by the lenient loop.
+    try:
+        for coding in value["coding"]:  # type: ignore[index]
+            code = coding["code"]
+            if code in codes or code.strip() in codes:
+                return True
+        return False
+    except (TypeError, KeyError, AttributeError):
+        return _may_match_any_shape(value, codes)
+
+
+def _may_match_any_shape(value: object, codes: frozenset[str]) -> bool:
     if isinstance(value, dict):
         value = (value,)
     elif not isinstance(value, list):
