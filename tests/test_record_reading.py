@@ -250,6 +250,11 @@ def test_order_dated_year_9999_is_no_server_error(rulebook):
     ({"coding": [{"code": "I10"}, "junk", None]}, False),
     ({"coding": [{"code": ["G43.909"]}]}, False),  # a code of the wrong type is no code
     ({"coding": "G43.909"}, False),
+    # an odd coding before the match: the usual-shape loop gives way to the lenient one, which still finds it
+    ({"coding": [{"code": "I10"}, {"system": ICD10CM}, {"code": "G43.909"}]}, True),
+    ({"coding": [{"code": 5}, None, {"code": "G43909"}]}, True),
+    ({"coding": [{"code": "I10"}, {"code": None}, {"code": {"x": 1}}]}, False),
+    ({"text": "migraine"}, False),
     ("G43.909", False),
     (None, False),
 ])
