@@ -87,6 +87,9 @@ def _when(t: datetime | None) -> str | None:
     return t.isoformat().replace("+00:00", "Z") if t else None
 
 
+_NO_REFS: Counter = Counter()  # shared by the checks that count no drafts; never written to
+
+
 class _Found:
     """What a check found for the whole call, whichever draft is judged: the qualifying facts (in the order
     the card lists them) and the counts its trace note needs. Drafts are excluded per judged draft."""
@@ -97,8 +100,9 @@ class _Found:
                  considered_draft_refs: Counter | None = None, note: str = ""):
         self.facts = facts
         self.considered = considered
-        self.draft_refs = draft_refs or Counter()  # refs of the qualifying drafts
-        self.considered_draft_refs = considered_draft_refs or Counter()
+        # refs of the qualifying drafts, and of those in the value sets (read only: a missing ref counts 0)
+        self.draft_refs = draft_refs if draft_refs is not None else _NO_REFS
+        self.considered_draft_refs = considered_draft_refs if considered_draft_refs is not None else _NO_REFS
         self.note = note
         self.dated: list | None = None  # a count (atLeast): the record entries dated within the window, and
         self.days = 0  # on how many different days

@@ -17,7 +17,7 @@ from functools import cached_property
 from typing import Generic, Iterable, TypeVar
 
 from .facts import (DRAFT_TYPES, IGNORED_MEDICATION_STATUSES, MEDICATION_TYPES, ConditionFact, MedicationFact,
-                    MedicationIndex, Normaliser, ObservationFact, ProcedureFact, as_list, bare_codes,
+                    MedicationIndex, Normaliser, ObservationFact, ProcedureFact, bare_codes,
                     codeable_concepts, may_match, reason_condition)
 from .terminology import Concept
 
@@ -202,8 +202,7 @@ class RecordIndex:
                 continue
             seen += 1
             if codes is not None and not may_match(r.get("code"), codes) and not (
-                    components and any(isinstance(c, dict) and may_match(c.get("code"), codes)
-                                       for c in as_list(r.get("component")))):
+                    components and _component_may_match(r.get("component"), codes)):
                 continue
             facts = read(r, relevant)
             if facts:
@@ -221,3 +220,9 @@ class RecordIndex:
         self.stats["skipped"] += seen - normalised
 
 
+def _component_may_match(components: object, codes: frozenset[str]) -> bool:
+    """Whether a component (Observation.component, a list; one object read as a list of it) may match."""
+    for c in (components,) if isinstance(components, dict) else components if isinstance(components, list) else ():
+        if isinstance(c, dict) and may_match(c.get("code"), codes):
+            return True
+    return False
