@@ -83,6 +83,14 @@ class HookContext:
     unread: frozenset[str] = frozenset()  # data keys that could not be read at all (hook_call sets them)
 
 
+_NO_TIME = datetime.min.replace(tzinfo=timezone.utc)
+
+
+def _newest_first(m: MedicationFact) -> datetime:
+    """Sort key (with reverse=True): the latest exposure first, entries without a time last."""
+    return m.exposure or _NO_TIME
+
+
 def _when(t: datetime | None) -> str | None:
     return t.isoformat().replace("+00:00", "Z") if t else None
 
@@ -254,7 +262,7 @@ class Evaluation:
                 considered += 1
                 if qualifies(m):
                     qualifying.append(m)
-        qualifying.sort(key=lambda m: _when(m.exposure) or "", reverse=True)  # newest first
+        qualifying.sort(key=_newest_first, reverse=True)
         return _Found(qualifying, considered, draft_refs, considered_draft_refs)
 
     def _medicationClasses(self, c: Check):
