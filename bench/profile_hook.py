@@ -14,7 +14,8 @@ inflate) over ``--n`` calls each after warm-up:
   app       the whole POST through Flask's test client (WSGI, no socket), and A = GET /cds-services alike
 
 and R = (app - A) / C, the in-process counterpart of bench/hook_latency.py's R_B / R_X.
-``--profile B`` adds a cProfile of that case through the app (top functions by own time).
+``--profile B`` adds a cProfile of that case through the app (top functions by own time; ``--sort cumulative``
+and ``--top 60`` for the call tree's heavy branches).
 It is a measurement, not a test: exit 0.
 
   .venv/bin/python bench/profile_hook.py                  # S, B, X, DHE
@@ -65,6 +66,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="calls per case (default 200; X uses n/4)")
     ap.add_argument("--profile", choices=["S", "B", "X", "DHE"], help="cProfile this case")
+    ap.add_argument("--sort", default="tottime", choices=["tottime", "cumulative", "ncalls"],
+                    help="order of the cProfile listing (default: own time)")
+    ap.add_argument("--top", type=int, default=22, help="functions listed (default 22)")
     ap.add_argument("--gc-threshold", type=int, nargs=3, metavar=("G0", "G1", "G2"),
                     help="gc.set_threshold after the app is loaded (default: Python's, 700 10 10)")
     args = ap.parse_args()
@@ -121,10 +125,10 @@ def main() -> int:
                 post()
             prof.disable()
             out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats(__import__("os").environ.get("SORT","tottime")).print_stats(int(__import__("os").environ.get("NSTAT","22")))
+            pstats.Stats(prof, stream=out).sort_stats(args.sort).print_stats(args.top)
             profiled = out.getvalue()
     if profiled:
-        print(f"\ncProfile of {args.profile} through the app (tottime; wall clock, so a loaded machine inflates it):")
+        print(f"\ncProfile of {args.profile} through the app ({args.sort}; wall clock, so a loaded machine inflates it):")
         print("\n".join(line for line in profiled.splitlines() if line.strip()))
     return 0
 
