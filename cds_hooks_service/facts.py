@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from typing import NamedTuple
 
-from .terminology import Concept, DrugMatch, Terminology, concept
+from .terminology import CACHE_KEY_MAX_CHARS, Concept, DrugMatch, Terminology, concept
 
 MEDICATION_TYPES = ("MedicationRequest", "MedicationAdministration", "MedicationStatement")  # record sources
 # DSTU2 servers (the Sandbox's default) send MedicationOrder drafts; they read the same way.
@@ -127,9 +127,12 @@ def order_categories(resource: dict) -> frozenset[str]:
         if not isinstance(cc, dict):
             continue
         for coding in as_list(cc.get("coding")):
-            if isinstance(coding, dict) and coding.get("code") in ORDER_CATEGORIES \
-                    and coding.get("system") in ORDER_CATEGORY_SYSTEMS | {None}:
-                found.add(coding["code"])
+            if not isinstance(coding, dict):
+                continue
+            code, system = coding.get("code"), coding.get("system")
+            if isinstance(code, str) and code in ORDER_CATEGORIES \
+                    and (system is None or isinstance(system, str) and system in ORDER_CATEGORY_SYSTEMS):
+                found.add(code)
     return frozenset(found)
 
 
@@ -396,11 +399,17 @@ def reason_condition(reference: str | None, owner: dict, conditions: dict[str, d
 
 
 # A record names the same few products with the same dosage texts again and again: the route its words say,
-# and whether they name a local anaesthetic and epinephrine, are kept per tuple of words (a bounded cache;
-# the patterns are fixed, so an entry never goes stale).
-@lru_cache(maxsize=4096)
+# and whether they name a local anaesthetic and epinephrine, are kept per tuple of words (bounded caches: at
+# most 4096 entries of at most CACHE_KEY_MAX_CHARS characters each, so a few MB; longer texts are read without
+# them; the patterns are fixed, so an entry never goes stale).
 def _route_of_words(words: tuple[str, ...]) -> str | None:
     """The route the first text naming one says (each text tried against the patterns in their order)."""
+    if sum(map(len, words)) > CACHE_KEY_MAX_CHARS:
+        return _first_route(words)
+    return _cached_first_route(words)
+
+
+def _first_route(words: tuple[str, ...]) -> str | None:
     for text in words:
         lowered = text.lower()
         for pattern, route in _ROUTE_WORDS:
@@ -409,11 +418,20 @@ def _route_of_words(words: tuple[str, ...]) -> str | None:
     return None
 
 
-@lru_cache(maxsize=4096)
 def _local_names(texts: tuple[str, ...]) -> tuple[bool, bool]:
     """Whether the texts name a local anaesthetic, and epinephrine."""
+    if sum(map(len, texts)) > CACHE_KEY_MAX_CHARS:
+        return _names_local(texts)
+    return _cached_names_local(texts)
+
+
+def _names_local(texts: tuple[str, ...]) -> tuple[bool, bool]:
     lowered = " ".join(texts).lower()
     return bool(_LOCAL_ANAESTHETIC_NAMES.search(lowered)), bool(_EPINEPHRINE_NAMES.search(lowered))
+
+
+_cached_first_route = lru_cache(maxsize=4096)(_first_route)
+_cached_names_local = lru_cache(maxsize=4096)(_names_local)
 
 
 def _medication_times(r: dict, dosages: list) -> tuple[datetime | None, datetime | None]:
@@ -592,7 +610,8 @@ class Normaliser:
     def observations(r: dict, relevant: frozenset[Concept] | None = None) -> list[ObservationFact]:
         """The readings of an Observation (itself and its components); with ``relevant``, only those coded
         with one of these concepts (the resource is skipped after a look-up of its codes when none is)."""
-        if r.get("status") not in _OBS_STATUSES:
+        status = r.get("status")
+        if not isinstance(status, str) or status not in _OBS_STATUSES:
             return []
         if relevant is not None:
             codes = bare_codes(relevant)

@@ -42,6 +42,10 @@ _SYSTEM_ALIASES = {
 
 Concept = tuple[str, str]
 RECOGNISED_CACHE_SIZE = 4096  # medications recognised, kept per (codings, texts) for the look-ups that follow
+# The longest key (characters of its codes and texts together) a per-process cache keeps: a record's drug names
+# and dosage texts are short; a long text (a hostile body may send megabytes) is read without the cache, so the
+# caches hold a few MB at most and no large text outlives its request.
+CACHE_KEY_MAX_CHARS = 512
 
 
 def concept(system: object, code: object) -> Concept | None:
@@ -144,11 +148,14 @@ class Terminology:
     def recognise(self, codings: list[Concept], texts: list[str]) -> DrugMatch:
         """Recognise a medication from its codings (any RxNorm level) and, failing that, its names. A record
         names the same few drugs again and again: the answer is kept per (codings, texts), up to
-        RECOGNISED_CACHE_SIZE of them (the terminology is immutable, a reload makes a new one)."""
+        RECOGNISED_CACHE_SIZE of them of at most CACHE_KEY_MAX_CHARS characters each (the terminology is
+        immutable, a reload makes a new one)."""
         key = (tuple(codings), tuple(texts))
         match = self._recognised.get(key)
         if match is None:
             match = self._recognise(codings, texts)
+            if sum(map(len, texts)) + sum(len(s) + len(c) for s, c in codings) > CACHE_KEY_MAX_CHARS:
+                return match
             if len(self._recognised) >= RECOGNISED_CACHE_SIZE:
                 self._recognised.clear()
             self._recognised[key] = match

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.helpers import SELECT, SIGN, request_body
@@ -95,3 +96,29 @@ def test_huge_strings_and_deep_nesting(client):
     response = client.post(SIGN, data=raw, content_type="application/json")
     _assert_clean(response)
     assert response.status_code == 400
+
+
+def _egfr_with_a_list_status(body):
+    body["prefetch"]["observations"] = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": {
+        "resourceType": "Observation", "id": "egfr", "status": ["final"],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "62238-1"}]},
+        "effectiveDateTime": "2026-03-01T10:00:00Z", "valueQuantity": {"value": 20, "unit": "mL/min/{1.73_m2}"}}}]}
+
+
+def _category_with_list_code_and_system(body):
+    body["context"]["draftOrders"]["entry"][0]["resource"]["category"] = [{"coding": [
+        {"system": "http://terminology.hl7.org/CodeSystem/medicationrequest-category", "code": ["inpatient"]},
+        {"system": ["x"], "code": "outpatient"}]}]
+
+
+@pytest.mark.parametrize("odd", [_egfr_with_a_list_status, _category_with_list_code_and_system])
+def test_a_list_where_a_code_or_status_is_expected_reads_as_absent(client, odd):
+    """Review, 2026-12-02: a prefetched Observation with a code the rules read (eGFR) and a list for its status,
+    and a draft whose category coding has a list for its code or system, each answered 500 (a list looked up in
+    a set). Read as absent, the answer is the opioid card it is without them."""
+    body = request_body()
+    odd(body)
+    response = client.post(SIGN, data=json.dumps(body), content_type="application/json")
+    _assert_clean(response)
+    assert response.status_code == 200
+    assert [c["indicator"] for c in response.get_json()["cards"]] == ["warning"]

@@ -274,3 +274,28 @@ def test_prefetch_bundle_entries_read_leniently():
     resources, nxt = _from_prefetch(bundle)
     assert [r["id"] for r in resources] == ["c1", "c2", "c4"] and nxt is None
     assert _from_prefetch({"resourceType": "Bundle", "entry": {"resource": ok}}) == ([], None)
+
+
+def test_the_per_process_caches_keep_no_long_text(normaliser):
+    """Review, 2026-12-02: the route and drug-name caches were bounded in entries, not in size: 200 calls with a
+    1 MB dosage text each kept 200 MB alive after their requests. A text longer than CACHE_KEY_MAX_CHARS is read
+    without the caches (the same answer), so no large text outlives its request."""
+    from cds_hooks_service import facts
+    from cds_hooks_service.terminology import CACHE_KEY_MAX_CHARS
+
+    terminology = normaliser.terminology
+    words = "lidocaine and epinephrine injection (cache test)"  # an injection route, then the local-names check
+    long_text = words + " x" * CACHE_KEY_MAX_CHARS
+    r = {"resourceType": "MedicationRequest", "id": "long", "status": "active", "intent": "order",
+         "medicationCodeableConcept": {"text": long_text}}
+
+    def looked_up():  # calls of the two route caches so far
+        return sum(f.cache_info().hits + f.cache_info().misses
+                   for f in (facts._cached_first_route, facts._cached_names_local))
+
+    before = looked_up()
+    assert normaliser.medication(r, MedicationIndex([])).route == "infiltration"  # read as before
+    assert looked_up() == before and ((), (long_text,)) not in terminology._recognised
+    r["medicationCodeableConcept"]["text"] = words
+    assert normaliser.medication(r, MedicationIndex([])).route == "infiltration"
+    assert looked_up() == before + 2 and ((), (words,)) in terminology._recognised  # a short text is kept
