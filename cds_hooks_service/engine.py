@@ -7,6 +7,7 @@ exception) and, when asked, a trace saying why each check matched or not.
 """
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -15,7 +16,7 @@ from .facts import (DRAFT_TYPES, MEDICATION_TYPES, NEGATIVE_INTERPRETATIONS, POS
                     MedicationIndex, Normaliser, ObservationFact, add_time, category_matches, milli_iu_per_ml,
                     order_categories, parse_time, route_matches)
 from .index import RecordIndex
-from .rulebook import INDICATOR_RANK, Check, Rule, Rulebook, Trigger, contraindications, normalise_unit
+from .rulebook import CHECK_KINDS, INDICATOR_RANK, Check, Rule, Rulebook, Trigger, contraindications, normalise_unit
 
 _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 _UNCONFIRMED = frozenset({"unconfirmed", "provisional", "differential"})  # clinical.md §4.0: one level lower
@@ -84,6 +85,9 @@ class HookContext:
 
 
 _NO_TIME = datetime.min.replace(tzinfo=timezone.utc)
+# The Evaluation method of each kind of check, by an interned name: Python's attribute cache keys on the name
+# object, so a name built per call ("_" + kind) missed it and searched the class every time.
+_METHOD = {kind: sys.intern("_" + kind) for kind in CHECK_KINDS}
 
 
 def _newest_first(m: MedicationFact) -> datetime:
@@ -137,7 +141,7 @@ class Evaluation:
             return self._memo[name]
         self._memo[name] = None  # guards against cycles (also refused at load time)
         c = self.rule.checks[name]
-        items, total, note = getattr(self, "_" + c.kind)(c)
+        items, total, note = getattr(self, _METHOD[c.kind])(c)
         evidence = Evidence(name, c.label, c.indicator, items, total) if total else None
         self._memo[name] = evidence
         if self.trace is not None:
