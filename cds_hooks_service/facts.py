@@ -266,6 +266,20 @@ def _may_match_any_shape(value: object, codes: frozenset[str]) -> bool:
     return False
 
 
+def resource_may_match(r: dict, codes: frozenset[str], components: bool = False) -> bool:
+    """Whether a resource's code (with ``components``, also a component's code: Observation.component, a
+    list, one object read as a list of it) may be one of ``codes``: the look-up after which the index skips a
+    resource."""
+    if may_match(r.get("code"), codes):
+        return True
+    if components:
+        value = r.get("component")
+        for c in (value,) if isinstance(value, dict) else value if isinstance(value, list) else ():
+            if isinstance(c, dict) and may_match(c.get("code"), codes):
+                return True
+    return False
+
+
 def _ref(value: object) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("reference"), str):
         return value["reference"]
@@ -585,7 +599,7 @@ class Normaliser:
     @staticmethod
     def condition(r: dict, relevant: frozenset[Concept] | None = None) -> ConditionFact | None:
         """None for conditions that are refuted or entered in error, or coded in no value set of interest."""
-        if relevant is not None and not may_match(r.get("code"), bare_codes(relevant)):
+        if relevant is not None and not resource_may_match(r, bare_codes(relevant)):
             return None
         concepts, texts = codeable_concepts(r.get("code"))
         if relevant is not None and relevant.isdisjoint(concepts):
@@ -614,9 +628,7 @@ class Normaliser:
         if not isinstance(status, str) or status not in _OBS_STATUSES:
             return []
         if relevant is not None:
-            codes = bare_codes(relevant)
-            if not may_match(r.get("code"), codes) and not any(
-                    isinstance(c, dict) and may_match(c.get("code"), codes) for c in as_list(r.get("component"))):
+            if not resource_may_match(r, bare_codes(relevant), components=True):
                 return []
             if relevant.isdisjoint(_observation_codes(r)):
                 return []
@@ -636,7 +648,7 @@ class Normaliser:
     def procedure(r: dict, relevant: frozenset[Concept] | None = None) -> ProcedureFact | None:
         if r.get("status") in ("entered-in-error", "not-done", "preparation"):
             return None
-        if relevant is not None and not may_match(r.get("code"), bare_codes(relevant)):
+        if relevant is not None and not resource_may_match(r, bare_codes(relevant)):
             return None
         concepts, texts = codeable_concepts(r.get("code"))
         if relevant is not None and relevant.isdisjoint(concepts):

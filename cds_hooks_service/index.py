@@ -18,7 +18,7 @@ from typing import Generic, Iterable, TypeVar
 
 from .facts import (DRAFT_TYPES, IGNORED_MEDICATION_STATUSES, MEDICATION_TYPES, ConditionFact, MedicationFact,
                     MedicationIndex, Normaliser, ObservationFact, ProcedureFact, bare_codes,
-                    codeable_concepts, may_match, reason_condition)
+                    codeable_concepts, reason_condition, resource_may_match)
 from .terminology import Concept
 
 F = TypeVar("F")
@@ -201,8 +201,7 @@ class RecordIndex:
             if not isinstance(r, dict) or r.get("resourceType") != rtype:
                 continue
             seen += 1
-            if codes is not None and not may_match(r.get("code"), codes) and not (
-                    components and _component_may_match(r.get("component"), codes)):
+            if codes is not None and not resource_may_match(r, codes, components):
                 continue
             facts = read(r, relevant)
             if facts:
@@ -218,11 +217,3 @@ class RecordIndex:
         self.stats["resources"] += seen
         self.stats["normalised"] += normalised
         self.stats["skipped"] += seen - normalised
-
-
-def _component_may_match(components: object, codes: frozenset[str]) -> bool:
-    """Whether a component (Observation.component, a list; one object read as a list of it) may match."""
-    for c in (components,) if isinstance(components, dict) else components if isinstance(components, list) else ():
-        if isinstance(c, dict) and may_match(c.get("code"), codes):
-            return True
-    return False
