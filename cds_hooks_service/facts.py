@@ -435,17 +435,17 @@ def _first_route(words: tuple[str, ...]) -> str | None:
 def _local_names(texts: tuple[str, ...]) -> tuple[bool, bool]:
     """Whether the texts name a local anaesthetic, and epinephrine."""
     if sum(map(len, texts)) > CACHE_KEY_MAX_CHARS:
-        return _names_local(texts)
-    return _cached_names_local(texts)
+        return _find_local_names(texts)
+    return _cached_local_names(texts)
 
 
-def _names_local(texts: tuple[str, ...]) -> tuple[bool, bool]:
+def _find_local_names(texts: tuple[str, ...]) -> tuple[bool, bool]:
     lowered = " ".join(texts).lower()
     return bool(_LOCAL_ANAESTHETIC_NAMES.search(lowered)), bool(_EPINEPHRINE_NAMES.search(lowered))
 
 
 _cached_first_route = lru_cache(maxsize=4096)(_first_route)
-_cached_names_local = lru_cache(maxsize=4096)(_names_local)
+_cached_local_names = lru_cache(maxsize=4096)(_find_local_names)
 
 
 def _medication_times(r: dict, dosages: list) -> tuple[datetime | None, datetime | None]:
