@@ -85,21 +85,36 @@ def _from_prefetch(value: dict) -> tuple[list[dict] | None, str | None]:
     if rtype == "OperationOutcome":
         return None, False
     if rtype == "Bundle":
-        out = []
+        out: list[dict] = []
         entries = value.get("entry")
         for entry in entries if isinstance(entries, list) else ():  # once per resource of the record: kept tight
-            if isinstance(entry, dict):
-                resource = entry.get("resource")
-                if isinstance(resource, dict) and resource.get("resourceType") != "OperationOutcome":
-                    search = entry.get("search")
-                    if search is None or not isinstance(search, dict) or search.get("mode") in (None, "match"):
-                        out.append(resource)
+            # The usual entry ({"resource": {...}}, with no search or search.mode "match") is read without type
+            # tests or calls; any other shape raises here and is read by the lenient _read_entry.
+            try:
+                resource = entry["resource"]
+                if resource["resourceType"] != "OperationOutcome":
+                    if "search" in entry and entry["search"]["mode"] != "match":
+                        raise LookupError
+                    out.append(resource)
+            except (TypeError, LookupError):
+                _read_entry(entry, out)
         links = value.get("link") if isinstance(value.get("link"), list) else []
         nxt = next((ln.get("url") for ln in links if isinstance(ln, dict) and ln.get("relation") == "next"), None)
         return out, (nxt if isinstance(nxt, str) else "") if nxt is not None else None
     if isinstance(rtype, str):
         return [value], None
     return None, None
+
+
+def _read_entry(entry: object, out: list[dict]) -> None:
+    """A Bundle entry of any shape: its resource is used when it is an object that is no OperationOutcome and
+    the entry's search is absent, null, not an object, or of mode null or "match"."""
+    if isinstance(entry, dict):
+        resource = entry.get("resource")
+        if isinstance(resource, dict) and resource.get("resourceType") != "OperationOutcome":
+            search = entry.get("search")
+            if search is None or not isinstance(search, dict) or search.get("mode") in (None, "match"):
+                out.append(resource)
 
 
 def partly_read(result: SearchResult, prefetched_first_page: bool = False) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from cds_hooks_service.engine import _compare, draft_facts
 from cds_hooks_service.facts import (MedicationIndex, Normaliser, milli_iu_per_ml, parse_duration, parse_time,
@@ -299,3 +300,92 @@ def test_the_per_process_caches_keep_no_long_text(normaliser):
     r["medicationCodeableConcept"]["text"] = words
     assert normaliser.medication(r, MedicationIndex([])).route == "infiltration"
     assert looked_up() == before + 2 and ((), (words,)) in terminology._recognised  # a short text is kept
+
+
+def test_every_field_of_the_facts_is_read_into_its_own_place(normaliser):
+    """The readers build the facts with positional arguments (for speed): each field from a resource whose
+    values all differ, checked by name, so two fields swapped in a constructor fail here."""
+    from cds_hooks_service.facts import ConditionFact, MedicationFact, ObservationFact
+
+    med = {"resourceType": "MedicationAdministration", "id": "a1", "status": "completed",
+           "medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": "313160"}], "text": "sumatriptan 6 mg"},
+           "effectivePeriod": {"start": "2026-02-28T08:00:00Z", "end": "2026-02-28T09:00:00Z"},
+           "context": {"reference": "Encounter/e7"},
+           "reasonCode": [{"coding": [{"system": ICD10CM, "code": "G43.909"}], "text": "migraine"}],
+           "reasonReference": [{"reference": "Condition/c9", "display": "headache"}],
+           "dosage": {"route": {"text": "subcutaneous"}, "text": "6 mg SC"}}
+    m = normaliser.medication(med, MedicationIndex([]))
+    assert len(m) == len(MedicationFact._fields) == 16
+    assert (m.source, m.ref, m.display, m.matched_by, m.matched_names) == \
+        ("MedicationAdministration", "MedicationAdministration/a1", "sumatriptan 6 mg", "code", ())
+    assert (RXNORM, "313160") in m.concepts and m.status == "completed" and m.active is False
+    assert (m.time, m.course_end) == (parse_time("2026-02-28T09:00:00Z"),) * 2  # the period end, both
+    assert (m.route, m.encounter, m.resource) == ("subcutaneous", "Encounter/e7", med)
+    assert (m.reasons, m.reason_texts, m.reason_refs) == (((ICD10CM, "G43.909"),), ("migraine", "headache"),
+                                                          ("Condition/c9",))
+    ordered = _med(normaliser, medicationCodeableConcept=_cc("313160"), authoredOn="2026-02-01T00:00:00Z",
+                   dispenseRequest={"expectedSupplyDuration": {"value": 30, "unit": "days"}})
+    assert (ordered.active, ordered.time, ordered.course_end) == (
+        True, parse_time("2026-02-01T00:00:00Z"), parse_time("2026-03-03T00:00:00Z"))
+
+    cond = Normaliser.condition({
+        "resourceType": "Condition", "id": "c1", "clinicalStatus": {"coding": [{"code": "active"}]},
+        "verificationStatus": {"coding": [{"code": "provisional"}]}, "encounter": {"reference": "Encounter/e1"},
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category",
+                                  "code": "encounter-diagnosis"}]}], "recordedDate": "2026-01-02T03:04:05Z",
+        "code": {"coding": [{"system": ICD10CM, "code": "G43.909"}], "text": "Migraine"}})
+    assert len(cond) == len(ConditionFact._fields) == 8
+    assert (cond.ref, cond.display, cond.concepts) == ("Condition/c1", "Migraine", frozenset({(ICD10CM, "G43.909")}))
+    assert (cond.clinical_status, cond.verification_status, cond.encounter, cond.encounter_diagnosis, cond.time) == \
+        ("active", "provisional", "Encounter/e1", True, parse_time("2026-01-02T03:04:05Z"))
+
+    [obs] = Normaliser.observations({
+        "resourceType": "Observation", "id": "o1", "status": "final", "effectiveDateTime": "2026-02-01T10:00:00Z",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "33914-3"}], "text": "eGFR"},
+        "valueQuantity": {"value": 42, "unit": "mL/min/1.73m2"},
+        "interpretation": [{"coding": [{"system": INTERP, "code": "l"}]}]})
+    assert len(obs) == len(ObservationFact._fields) == 8
+    assert (obs.ref, obs.display, obs.concepts, obs.value, obs.unit, obs.value_text, obs.time, obs.interpretation) \
+        == ("Observation/o1", "eGFR", frozenset({("http://loinc.org", "33914-3")}), 42.0, "mL/min/1.73m2", "l",
+            parse_time("2026-02-01T10:00:00Z"), frozenset({"L"}))
+
+
+# The one-pass readers of the usual shapes give the lenient readers' answers for any JSON (differential tests):
+# near-usual shapes with any JSON in any place.
+_ATOMS = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from(
+    ["", " G43909 ", "G43.909", "match", "include", "OperationOutcome", "Condition", ICD10CM, RXNORM, "313160"]))
+_JSON = st.recursive(_ATOMS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+    st.sampled_from(["coding", "text", "code", "resource", "mode"]), inner, max_size=3), max_leaves=8)
+
+
+def _usual_or(usual):
+    return st.one_of(usual, usual, usual, _JSON)  # mostly the usual shape, sometimes anything
+
+
+_CODING = _usual_or(st.fixed_dictionaries({}, optional={"system": _usual_or(st.sampled_from([ICD10CM, RXNORM])),
+                                                        "code": _usual_or(st.sampled_from(["G43.909", " G43909 "])),
+                                                        "display": _usual_or(st.just("Migraine"))}))
+_CONCEPT = _usual_or(st.fixed_dictionaries({}, optional={"coding": _usual_or(st.lists(_CODING, max_size=3)),
+                                                         "text": _usual_or(st.just("migraine"))}))
+_ENTRY = _usual_or(st.fixed_dictionaries({}, optional={
+    "resource": _usual_or(st.fixed_dictionaries({}, optional={
+        "resourceType": _usual_or(st.sampled_from(["Condition", "OperationOutcome"]))})),
+    "search": _usual_or(st.fixed_dictionaries({}, optional={"mode": _usual_or(st.sampled_from(["match", "include"]))}))}))
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=_CONCEPT)
+def test_codeable_concepts_fast_path_reads_as_the_lenient_loop(value):
+    from cds_hooks_service.facts import codeable_concepts
+    assert codeable_concepts(value) == codeable_concepts([value] if isinstance(value, dict) else value)
+
+
+@settings(max_examples=500, deadline=None)
+@given(entries=st.lists(_ENTRY, max_size=6))
+def test_bundle_entries_fast_path_reads_as_the_lenient_reader(entries):
+    from cds_hooks_service.patient_data import _from_prefetch, _read_entry
+    expected: list = []
+    for entry in entries:
+        _read_entry(entry, expected)
+    resources, _ = _from_prefetch({"resourceType": "Bundle", "entry": entries})
+    assert [id(r) for r in resources] == [id(r) for r in expected]
