@@ -209,14 +209,7 @@ def codeable_concepts(value: object) -> tuple[list[Concept], list[str]]:
         text = value.get("text")
         if isinstance(text, str):
             texts.append(text)
-        for coding in value["coding"]:
-            if isinstance(coding, dict):
-                c = concept(coding.get("system"), coding.get("code"))
-                if c:
-                    concepts.append(c)
-                display = coding.get("display")
-                if isinstance(display, str):
-                    texts.append(display)
+        _read_codings(value["coding"], concepts, texts)
         return concepts, texts
     for cc in (value,) if isinstance(value, dict) else value if isinstance(value, list) else ():
         if not isinstance(cc, dict):
@@ -225,15 +218,21 @@ def codeable_concepts(value: object) -> tuple[list[Concept], list[str]]:
         if isinstance(text, str):
             texts.append(text)
         codings = cc.get("coding")
-        for coding in (codings,) if isinstance(codings, dict) else codings if isinstance(codings, list) else ():
-            if isinstance(coding, dict):
-                c = concept(coding.get("system"), coding.get("code"))
-                if c:
-                    concepts.append(c)
-                display = coding.get("display")
-                if isinstance(display, str):
-                    texts.append(display)
+        _read_codings((codings,) if isinstance(codings, dict) else codings if isinstance(codings, list) else (),
+                      concepts, texts)
     return concepts, texts
+
+
+def _read_codings(codings, concepts: list[Concept], texts: list[str]) -> None:
+    """Adds the concepts and displays of ``codings`` (a list or tuple; entries that are not objects are skipped)."""
+    for coding in codings:
+        if isinstance(coding, dict):
+            c = concept(coding.get("system"), coding.get("code"))
+            if c:
+                concepts.append(c)
+            display = coding.get("display")
+            if isinstance(display, str):
+                texts.append(display)
 
 
 @lru_cache(maxsize=256)
