@@ -431,14 +431,21 @@ def reason_condition(reference: str | None, owner: dict, conditions: dict[str, d
 # and whether they name a local anaesthetic and epinephrine, are kept per tuple of words (bounded caches: at
 # most 4096 entries of at most CACHE_KEY_MAX_CHARS characters each, so a few MB; longer texts are read without
 # them; the patterns are fixed, so an entry never goes stale).
+def _kept_for_short_words(read):
+    """``read(words)``, its answers kept per tuple of words (``.cache``, an lru_cache) when the words together
+    are at most CACHE_KEY_MAX_CHARS long; longer words are read without the cache."""
+    cache = lru_cache(maxsize=4096)(read)
+
+    def kept(words: tuple[str, ...]):
+        return read(words) if sum(map(len, words)) > CACHE_KEY_MAX_CHARS else cache(words)
+
+    kept.cache = cache
+    return kept
+
+
+@_kept_for_short_words
 def _route_of_words(words: tuple[str, ...]) -> str | None:
     """The route the first text naming one says (each text tried against the patterns in their order)."""
-    if sum(map(len, words)) > CACHE_KEY_MAX_CHARS:
-        return _first_route(words)
-    return _cached_first_route(words)
-
-
-def _first_route(words: tuple[str, ...]) -> str | None:
     for text in words:
         lowered = text.lower()
         for pattern, route in _ROUTE_WORDS:
@@ -447,20 +454,11 @@ def _first_route(words: tuple[str, ...]) -> str | None:
     return None
 
 
+@_kept_for_short_words
 def _local_names(texts: tuple[str, ...]) -> tuple[bool, bool]:
     """Whether the texts name a local anaesthetic, and epinephrine."""
-    if sum(map(len, texts)) > CACHE_KEY_MAX_CHARS:
-        return _find_local_names(texts)
-    return _cached_local_names(texts)
-
-
-def _find_local_names(texts: tuple[str, ...]) -> tuple[bool, bool]:
     lowered = " ".join(texts).lower()
     return bool(_LOCAL_ANAESTHETIC_NAMES.search(lowered)), bool(_EPINEPHRINE_NAMES.search(lowered))
-
-
-_cached_first_route = lru_cache(maxsize=4096)(_first_route)
-_cached_local_names = lru_cache(maxsize=4096)(_find_local_names)
 
 
 def _medication_times(r: dict, dosages: list) -> tuple[datetime | None, datetime | None]:

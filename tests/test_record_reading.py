@@ -292,7 +292,7 @@ def test_the_per_process_caches_keep_no_long_text(normaliser):
 
     def looked_up():  # calls of the two route caches so far
         return sum(f.cache_info().hits + f.cache_info().misses
-                   for f in (facts._cached_first_route, facts._cached_local_names))
+                   for f in (facts._route_of_words.cache, facts._local_names.cache))
 
     before = looked_up()
     assert normaliser.medication(r, MedicationIndex([])).route == "infiltration"  # read as before
