@@ -26,7 +26,8 @@ from datetime import datetime, timedelta, timezone
 
 import orjson
 
-from .cards import drop_repeated_lines, info_card, markdown_escape, render_card, unrecommend_cancellation
+from .cards import (alternative_lines, drop_repeated_lines, info_card, markdown_escape, render_card,
+                    unrecommend_cancellation)
 from .clients import OPEN_CLIENT, Client
 from .engine import Finding, HookContext, draft_facts, evaluate_rule, triggered
 from .errors import PreconditionFailed, store_failure
@@ -305,10 +306,11 @@ def render(decision: Decision, card_ids: dict[int, str], *, rulebook: Rulebook, 
     critical = 0
     lead_summary: dict[str, str] = {}
     merged = [m for m in decision.findings if m.outcome == MERGED]
-    alternative_lines: set[str] = set()  # "<drug> not offered: ..." lines already shown (one card says each)
+    shown_lines: set[str] = set()  # "<drug> not offered: ..." lines already shown (one card says each)
     for f in shown:
-        card = _finding_card(f, card_ids[id(f)], ctx, rulebook, unavailable)
-        drop_repeated_lines(card, f, rulebook.alternatives, ctx.now, alternative_lines)
+        lines = alternative_lines(f, rulebook.alternatives, ctx.now)
+        card = _finding_card(f, card_ids[id(f)], ctx, rulebook, unavailable, lines)
+        drop_repeated_lines(card, lines, shown_lines)
         _add_mirror_suggestions(card, f, merged, ctx, rulebook)
         first = lead[f.draft.ref]
         if first is f:
@@ -405,9 +407,11 @@ def _created_key(action: dict) -> str:
     return orjson.dumps((action.get("resource") or {}).get("medicationCodeableConcept")).decode()
 
 
-def _finding_card(f: Finding, card_id: str, ctx: HookContext, rulebook: Rulebook, unavailable: dict) -> dict:
+def _finding_card(f: Finding, card_id: str, ctx: HookContext, rulebook: Rulebook, unavailable: dict,
+                  safety_lines: list[str] | None = None) -> dict:
     card = render_card(f, now=ctx.now, patient_id=ctx.patient_id, encounter_id=ctx.encounter_id,
-                       user_id=ctx.user_id, alternatives=rulebook.alternatives, card_uuid=card_id)
+                       user_id=ctx.user_id, alternatives=rulebook.alternatives, card_uuid=card_id,
+                       safety_lines=safety_lines)
     more = sum(e.more for e in f.evidence + f.cautions)
     if more:
         card["detail"] = card.get("detail", "") + f"\n\n_And {more} more matching record " \
