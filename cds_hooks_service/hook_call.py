@@ -16,7 +16,6 @@ Nothing here needs Flask or SQLAlchemy: the pharmacists' commands (explain, repl
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import time
@@ -88,17 +87,11 @@ def suppression_key(secret: bytes, body: dict, finding: Finding, client_id: str 
     A conflict between drafted orders only (every evidence item is another drafted order, e.g. DHE and
     sumatriptan drafted together) is keyed by all its orders, the same from either side (``drafts``: the
     drafted orders by reference): its one card stands for the finding of each order, so an override of it,
-    given on either order's card, holds for the conflict."""
-    context = body.get("context") or {}
-    orders = [finding.draft]
-    others = conflict_drafts(finding)
-    if others and drafts is not None and all(ref in drafts for ref in others):
-        orders += [drafts[ref] for ref in sorted(others)]
-    named = sorted((d.ref, ",".join(sorted(c[1] for c in d.concepts))) for d in orders)
-    what = list(named[0]) if len(named) == 1 else ["conflict:" + ";".join(f"{ref}#{drug}" for ref, drug in named)]
-    message = "|".join([client_id, str(body.get("fhirServer", "")), str(context.get("patientId", ""))]
-                       + what + [finding.rule.id, indicator or finding.indicator])
-    return hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+    given on either order's card, holds for the conflict.
+
+    The key is HMAC-SHA256 (hex) of "client|fhirServer|patientId|<order>|rule|level" (<order>: "ref|drugs", or
+    "conflict:ref#drugs;ref#drugs"). Stored overrides hold these keys: the format must not change."""
+    return _level_key(secret, _suppression_message(body, finding, client_id, drafts), indicator or finding.indicator)
 
 
 def covering_keys(secret: bytes, body: dict, finding: Finding, client_id: str = OPEN_CLIENT.id,
@@ -106,8 +99,27 @@ def covering_keys(secret: bytes, body: dict, finding: Finding, client_id: str = 
     """The keys whose override suppresses this finding's card: its own level's and every more severe one's (an
     override of a critical card also holds for the warning the same order gets later)."""
     rank = INDICATOR_ORDER[finding.indicator]
-    return tuple(suppression_key(secret, body, finding, client_id, drafts, level)
+    message = _suppression_message(body, finding, client_id, drafts)  # the same for every level
+    return tuple(_level_key(secret, message, level)
                  for level, r in sorted(INDICATOR_ORDER.items(), key=lambda kv: kv[1]) if r <= rank)
+
+
+def _suppression_message(body: dict, finding: Finding, client_id: str,
+                         drafts: dict[str, MedicationFact] | None) -> str:
+    """What :func:`suppression_key` keys, but the level."""
+    context = body.get("context") or {}
+    orders = [finding.draft]
+    others = conflict_drafts(finding)
+    if others and drafts is not None and all(ref in drafts for ref in others):
+        orders += [drafts[ref] for ref in sorted(others)]
+    named = sorted((d.ref, ",".join(sorted(c[1] for c in d.concepts))) for d in orders)
+    what = list(named[0]) if len(named) == 1 else ["conflict:" + ";".join(f"{ref}#{drug}" for ref, drug in named)]
+    return "|".join([client_id, str(body.get("fhirServer", "")), str(context.get("patientId", ""))]
+                    + what + [finding.rule.id])
+
+
+def _level_key(secret: bytes, message: str, level: str) -> str:
+    return hmac.digest(secret, f"{message}|{level}".encode(), "sha256").hex()
 
 
 def conflict_drafts(finding: Finding) -> set[str]:

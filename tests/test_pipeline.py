@@ -3,12 +3,15 @@ the pharmacists' commands without Flask or SQLAlchemy."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
 import subprocess
 import sys
 
 from cds_hooks_service.config import Settings
-from cds_hooks_service.hook_call import EXCEPTED, FIRED, NOT_FIRED, SHADOW, SUPPRESSED, call_service
+from cds_hooks_service.hook_call import (EXCEPTED, FIRED, NOT_FIRED, SHADOW, SUPPRESSED, call_service, covering_keys,
+                                        suppression_key)
 from cds_hooks_service.services import SERVICE_FOR_HOOK
 from cds_hooks_service.store import FeedbackStore
 from tests.helpers import DHE, HYDROMORPHONE, MIGRAINE, NOW, REPO, request_body
@@ -58,6 +61,37 @@ def test_an_override_at_order_select_suppresses_the_card_at_order_sign(rulebook,
     (finding,) = signed.findings
     assert finding.outcome == SUPPRESSED and "overridden" in finding.reason
     assert signed.response["cards"] == []
+
+
+def _key(message: str) -> str:
+    return hmac.new(b"pipeline", message.encode(), hashlib.sha256).hexdigest()
+
+
+def test_the_suppression_keys_keep_their_format(rulebook):
+    """Stored overrides hold these keys (cds_override): the same finding must get the same keys after an upgrade."""
+    body = dict(request_body(), fhirServer="https://ehr.example.org/fhir")
+    (finding,) = call_service(SIGN, body, rulebook=rulebook, store=None, settings=_settings()).findings
+    drugs = ",".join(sorted(code for _, code in finding.draft.concepts))
+    prefix = f"open|https://ehr.example.org/fhir|example-patient|{finding.draft.ref}|{drugs}|opioid-in-migraine|"
+    assert finding.indicator == "warning"
+    assert covering_keys(b"pipeline", body, finding) == (_key(prefix + "critical"), _key(prefix + "warning"))
+    assert suppression_key(b"pipeline", body, finding) == _key(prefix + "warning")
+    assert suppression_key(b"pipeline", body, finding, "client-b", indicator="info") == \
+        _key(prefix.replace("open|", "client-b|", 1) + "info")
+
+
+def test_a_conflict_between_drafts_is_keyed_by_both_orders(rulebook):
+    sumatriptan = {"drug": "37418", "text": "sumatriptan 6 mg SC", "route": "SC"}
+    body = request_body(drafts=[DHE, sumatriptan], record=[MIGRAINE])
+    result = call_service(SIGN, body, rulebook=rulebook, store=None, settings=_settings())
+    conflicts = [f for f in result.findings if f.rule.id == "dhe-triptan-ergot-24h" and f.evidence]
+    assert conflicts
+    drafts = {d.ref: d for f in result.findings for d in [f.draft]}
+    orders = sorted((d.ref, ",".join(sorted(code for _, code in d.concepts))) for d in drafts.values())
+    conflict = "conflict:" + ";".join(f"{ref}#{codes}" for ref, codes in orders)
+    for f in conflicts:  # the same key from either order's side
+        assert covering_keys(b"pipeline", body, f, drafts=drafts)[-1] == \
+            _key(f"open||example-patient|{conflict}|dhe-triptan-ergot-24h|{f.indicator}")
 
 
 def test_findings_of_several_drafts_are_rendered_most_severe_first(rulebook):
