@@ -420,7 +420,7 @@ def _created_key(action: dict) -> str:
 
 
 def _finding_card(f: Finding, card_id: str, ctx: HookContext, rulebook: Rulebook, unavailable: dict,
-                  safety_lines: list[str] | None = None) -> dict:
+                  safety_lines: list[str]) -> dict:
     card = render_card(f, now=ctx.now, patient_id=ctx.patient_id, encounter_id=ctx.encounter_id,
                        user_id=ctx.user_id, alternatives=rulebook.alternatives, card_uuid=card_id,
                        safety_lines=safety_lines)
