@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Generic, Iterable, TypeVar
 
+import msgspec
+
 from .facts import (DRAFT_TYPES, IGNORED_MEDICATION_STATUSES, MEDICATION_TYPES, ConditionFact, MedicationFact,
                     MedicationIndex, Normaliser, ObservationFact, ProcedureFact, bare_codes,
                     codeable_concepts, reason_condition, resource_may_match)
+from . import typed_record
 from .terminology import Concept
 
 F = TypeVar("F")
@@ -147,10 +150,14 @@ class RecordIndex:
 
     @cached_property
     def _conditions_by_ref(self) -> dict[str, dict]:
-        """The record's Condition resources by "Condition/id", for reasonReference (built on first use)."""
+        """The record's Condition resources by "Condition/id", for reasonReference (built on first use; a
+        Condition decoded typed is given as the dictionary of its fields, which is all a reason reads)."""
         out = dict(self._medication_index.conditions)
-        for r in self._of(self._resources, "conditions", ("Condition",)):
-            if isinstance(r.get("id"), str):
+        for r in self._resources.get("conditions") or ():
+            if type(r) is typed_record.Condition:
+                if isinstance(r.id, str):
+                    out.setdefault(f"Condition/{r.id}", msgspec.to_builtins(r))
+            elif isinstance(r, dict) and r.get("resourceType") == "Condition" and isinstance(r.get("id"), str):
                 out.setdefault(f"Condition/{r['id']}", r)
         return out
 
@@ -197,13 +204,19 @@ class RecordIndex:
         out: list = []
         seen = normalised = 0
         codes = bare_codes(relevant) if relevant is not None else None
+        typed = typed_record.RESOURCES[rtype]
+        read_typed = typed_record.READERS[typed]
         for r in self._resources.get(key) or ():
-            if not isinstance(r, dict) or r.get("resourceType") != rtype:
+            if type(r) is typed:  # decoded typed (request_body): its own reader, the same facts
+                seen += 1
+                facts = read_typed(r, relevant, codes)
+            elif not isinstance(r, dict) or r.get("resourceType") != rtype:
                 continue
-            seen += 1
-            if codes is not None and not resource_may_match(r, codes, components):
-                continue
-            facts = read(r, relevant)
+            else:
+                seen += 1
+                if codes is not None and not resource_may_match(r, codes, components):
+                    continue
+                facts = read(r, relevant)
             if facts:
                 normalised += 1
                 if isinstance(facts, list):

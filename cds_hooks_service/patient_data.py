@@ -28,6 +28,7 @@ from .cards import markdown_escape
 from .fhir_client import Continuation, FhirClient, FhirError, FhirUnavailable, SearchResult, plain_reason
 from .fhir_servers import parse_target, trusted_base
 from .services import render_query
+from .typed_record import Bundle
 
 DATA_LABELS = {
     "conditions": "conditions (problem list and diagnoses)",
@@ -79,8 +80,11 @@ def gaps_note(keys, unavailable: dict[str, str], unchecked: list[str] | tuple[st
     return "_" + "; ".join(parts) + "._" if parts else None
 
 
-def _from_prefetch(value: dict) -> tuple[list[dict] | None, str | None]:
-    """(resources, the Bundle's next link or None). resources None: the value is unusable (an error)."""
+def _from_prefetch(value: dict | Bundle) -> tuple[list | None, str | None]:
+    """(resources, the Bundle's next link or None). resources None: the value is unusable (an error).
+    A Bundle decoded typed (request_body) gives its typed resources, read the same way."""
+    if isinstance(value, Bundle):
+        return value.resources_and_next()
     rtype = value.get("resourceType")
     if rtype == "OperationOutcome":
         return None, False
@@ -157,7 +161,7 @@ def gather(keys: set[str], body: dict, *, templates: dict[str, str], budget: flo
             if value is None:
                 data.resources[key] = []
                 continue
-            resources, next_link = _from_prefetch(value) if isinstance(value, dict) else (None, None)
+            resources, next_link = _from_prefetch(value) if isinstance(value, (dict, Bundle)) else (None, None)
             if resources is not None and next_link is None:
                 data.resources[key] = resources
                 continue

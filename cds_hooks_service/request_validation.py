@@ -18,6 +18,7 @@ import jsonschema
 
 from .errors import BadRequest
 from .limits import Limits
+from .request_body import for_schema
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
@@ -116,7 +117,7 @@ def validate_request(body: object, service, validators, limits: Limits = Limits(
     """The body, if it is a valid request for this service within the limits; else BadRequest."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    checked(validators, "request", body)
+    checked(validators, "request", for_schema(body))  # (a typed prefetch Bundle is checked as the object it was)
     if "\x00" in body["hookInstance"]:  # stored; PostgreSQL text cannot hold NUL
         raise BadRequest("hookInstance must not contain NUL characters", field="hookInstance")
     if body["hook"] != service.hook:
