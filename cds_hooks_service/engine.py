@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 from .facts import (DRAFT_TYPES, MEDICATION_TYPES, NEGATIVE_INTERPRETATIONS, POSITIVE_INTERPRETATIONS, MedicationFact,
                     MedicationIndex, Normaliser, ObservationFact, add_time, category_matches, milli_iu_per_ml,
-                    order_categories, parse_time, route_matches)
+                    order_categories, route_matches)
 from .index import RecordIndex
 from .rulebook import CHECK_KINDS, INDICATOR_RANK, Check, Rule, Rulebook, Trigger, contraindications, normalise_unit
 
@@ -229,7 +229,7 @@ class Evaluation:
                 "ingredients": self.terminology.ingredient_label(m.concepts & c.valueset) or m.display,
                 "status": m.status or "unknown", "active": m.active, "time": _when(exposure if ended else m.time),
                 "until": _when(until), "ordered": _when(m.time), "course_end": _when(m.course_end),
-                "asserted": _when(parse_time(m.resource.get("dateAsserted"))),  # list reviewed: no dose time
+                "asserted": _when(m.asserted),  # list reviewed: no dose time
                 "route": m.route, "matched_by": m.matched_by, "ref": m.ref,
             })
         note = f"{total} qualifying of {considered} in the value sets" if considered else "none in the value sets"

@@ -325,7 +325,7 @@ class MedicationFact(NamedTuple):
     encounter: str | None
     reasons: tuple[Concept, ...] = ()
     reason_texts: tuple[str, ...] = ()
-    resource: dict | None = None  # the FHIR resource read
+    resource: object = None  # the FHIR resource read: a dict, or for a prefetched record a typed_record Struct
     # The end of the course the record states (dosage bounds, expected supply, validity, effective period
     # end), when later than ``time``: a course ordered 16 days ago that ran until 2 days ago exposes the
     # patient until 2 days ago.
@@ -333,6 +333,7 @@ class MedicationFact(NamedTuple):
     # reasonReference targets not found in the resource itself or the draft bundle ("Condition/123"):
     # resolved against the record's conditions when a check reads the order's reason.
     reason_refs: tuple[str, ...] = ()
+    asserted: datetime | None = None  # MedicationStatement.dateAsserted: when the list was reviewed (no dose time)
 
     @property
     def exposure(self) -> datetime | None:
@@ -513,6 +514,32 @@ def _medication_times(r: dict, dosages: list) -> tuple[datetime | None, datetime
     return time, (max(ends) if ends else None)
 
 
+def read_medication(med: dict, concepts: list[Concept], texts: list[str]) -> None:
+    """Adds the concepts and texts of a Medication resource (the target of a medicationReference): its code,
+    its ingredients' codes, its form's texts."""
+    c2, t2 = codeable_concepts(med.get("code"))
+    concepts += c2
+    texts += t2
+    for ing in as_list(med.get("ingredient")):
+        if isinstance(ing, dict):
+            c3, t3 = codeable_concepts(ing.get("itemCodeableConcept"))
+            concepts += c3
+            texts += t3
+    _, form_texts = codeable_concepts(med.get("form"))
+    texts += form_texts
+
+
+def infiltration_or(route: str | None, texts: list[str], concepts: frozenset) -> str | None:
+    """The route stated, or "infiltration" for a local anaesthetic combined with epinephrine injected by no
+    stated IV route."""
+    if route in (None, "injection", "subcutaneous"):
+        names_anaesthetic, names_epinephrine = _local_names(tuple(texts))
+        has_anaesthetic = names_anaesthetic or not LOCAL_ANAESTHETICS.isdisjoint(concepts)
+        if has_anaesthetic and (names_epinephrine or EPINEPHRINE in concepts):
+            return "infiltration"
+    return route
+
+
 class Normaliser:
     def __init__(self, terminology: Terminology):
         self.terminology = terminology
@@ -525,16 +552,7 @@ class Normaliser:
         if isinstance(med_ref, dict):
             med = medications.resolve(_ref(med_ref), resource)
             if med is not None:
-                c2, t2 = codeable_concepts(med.get("code"))
-                concepts += c2
-                texts += t2
-                for ing in as_list(med.get("ingredient")):
-                    if isinstance(ing, dict):
-                        c3, t3 = codeable_concepts(ing.get("itemCodeableConcept"))
-                        concepts += c3
-                        texts += t3
-                _, form_texts = codeable_concepts(med.get("form"))
-                texts += form_texts
+                read_medication(med, concepts, texts)
             if isinstance(med_ref.get("display"), str):
                 texts.append(med_ref["display"])
         return self.terminology.recognise(concepts, texts), texts, concepts
@@ -577,19 +595,13 @@ class Normaliser:
             resource,  # resource
             course_end,  # course_end
             tuple(reason_refs),  # reason_refs
+            parse_time(resource.get("dateAsserted")),  # asserted
         )
 
     @staticmethod
     def _route(dosages: list, dose_form: str | None, texts: list[str], concepts: frozenset = frozenset()) -> str | None:
         """The route of a medication whose dosages (dosageInstruction and dosage, as lists) are ``dosages``."""
-        route = Normaliser._stated_route(dosages, dose_form, texts)
-        # A local anaesthetic combined with epinephrine, injected by no stated IV route, is infiltrated.
-        if route in (None, "injection", "subcutaneous"):
-            names_anaesthetic, names_epinephrine = _local_names(tuple(texts))
-            has_anaesthetic = names_anaesthetic or not LOCAL_ANAESTHETICS.isdisjoint(concepts)
-            if has_anaesthetic and (names_epinephrine or EPINEPHRINE in concepts):
-                return "infiltration"
-        return route
+        return infiltration_or(Normaliser._stated_route(dosages, dose_form, texts), texts, concepts)
 
     @staticmethod
     def _stated_route(dosages: list, dose_form: str | None, texts: list[str]) -> str | None:

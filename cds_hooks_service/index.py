@@ -26,6 +26,8 @@ from .terminology import Concept
 
 F = TypeVar("F")
 RECORD_MEDICATION_KEYS = ("medicationRequests", "medicationAdministrations", "medicationStatements")
+_RECORD_MEDICATION_TYPES = MEDICATION_TYPES + DRAFT_TYPES  # what a record's medication key may hold (a tuple: a
+# resourceType that is a list is compared, not hashed)
 
 
 @dataclass(frozen=True)
@@ -175,23 +177,30 @@ class RecordIndex:
                 texts += t
         return tuple(reasons), tuple(texts)
 
-    @staticmethod
-    def _of(resources: dict[str, list[dict]], key: str, rtypes: tuple[str, ...]) -> list[dict]:
-        return [r for r in resources.get(key) or () if isinstance(r, dict) and r.get("resourceType") in rtypes]
-
     # The two loops below run once per resource of the record: counts are kept in locals, not in ``stats``.
     def _medications(self, resources, normaliser, medications, exclude, concepts) -> list[MedicationFact]:
         out = []
         seen = normalised = 0
         relevant = concepts.medications if concepts is not None else None
+        typed = typed_record.Medication
         for key in RECORD_MEDICATION_KEYS:
-            for r in self._of(resources, key, MEDICATION_TYPES + DRAFT_TYPES):
-                seen += 1
-                drug = normaliser.drug(r, medications)
-                if relevant is not None and relevant.isdisjoint(drug[0].concepts):
+            for r in resources.get(key) or ():
+                if type(r) is typed:  # decoded typed (request_body): its own reader, the same facts
+                    seen += 1
+                    drug = typed_record.drug(normaliser, r, medications)
+                    if relevant is not None and relevant.isdisjoint(drug[0].concepts):
+                        continue
+                    normalised += 1
+                    fact = typed_record.medication(normaliser, r, medications, drug)
+                elif not isinstance(r, dict) or r.get("resourceType") not in _RECORD_MEDICATION_TYPES:
                     continue
-                normalised += 1
-                fact = normaliser.medication(r, medications, drug=drug)
+                else:
+                    seen += 1
+                    drug = normaliser.drug(r, medications)
+                    if relevant is not None and relevant.isdisjoint(drug[0].concepts):
+                        continue
+                    normalised += 1
+                    fact = normaliser.medication(r, medications, drug=drug)
                 if fact.ref not in exclude and fact.status not in IGNORED_MEDICATION_STATUSES:
                     out.append(fact)
         self._count(seen, normalised)

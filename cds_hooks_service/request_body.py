@@ -1,16 +1,16 @@
 """A hook request's body, decoded: the prefetched record's usual shapes typed, everything else as orjson gives it.
 
-The prefetched Conditions, Observations and Procedures are most of a request's bytes and of its objects.
-Each of their Bundles is decoded straight into ``typed_record``'s Structs (the fields the rules read; the
-rest is skipped, never built); every other part of the body (hook, context, the medications, the patient,
-...) is cut out as raw JSON and parsed by orjson, as the whole body was before. The body returned is the
+The prefetched record (conditions, medications, observations, procedures) is most of a request's bytes and
+of its objects. Each of its Bundles is decoded straight into ``typed_record``'s Structs (the fields the rules
+read; the rest is skipped, never built); every other part of the body (hook, context with the draft orders,
+the patient, ...) is cut out as raw JSON and parsed by orjson, as the whole body was before. The body returned is the
 dictionary the request's JSON gives, except that a prefetch value decoded typed is that Struct.
 
 When the body is not of that shape (a key the request model does not name, a Bundle of another form, a field
 of another JSON type, anything the typed decoding refuses), the whole body is parsed by orjson and read as
 dictionaries: the same answer, by the lenient readers. A body orjson refuses is a 400 naming orjson's reason,
 whichever way it went. One difference, on purpose: a number beyond a double's range (orjson refuses 1e400) in
-a field of a Condition, Observation or Procedure that the service never reads is skipped, not refused.
+a field of a prefetched record resource that the service never reads is skipped, not refused.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """The record's usual shapes, decoded typed (msgspec) and read into facts without a dictionary in between.
 
-A prefetched Bundle of Conditions, Observations or Procedures is most of a hook request's bytes, and the
-index skips most of its resources after one look-up of their codes. Decoded into the Structs below, a
-resource keeps only the fields ``facts.py`` reads (the rest of its JSON is skipped while decoding, never
-built), and a field holds its JSON type or the decoding fails: so the readers here need no type tests.
+The prefetched Bundles of Conditions, medications (orders, administrations, statements), Observations and
+Procedures are most of a hook request's bytes, and the index skips most of their resources after one look-up
+of their codes or names. Decoded into the Structs below, a resource keeps only the fields ``facts.py`` reads
+(the rest of its JSON is skipped while decoding, never built), and a field holds its JSON type or the decoding
+fails: so the readers here need no type tests.
 
 Only the usual shapes decode: a field of another JSON type (a number where a string is expected, a string
 where an object is), an entry without a resource or of another resource type, a Bundle that is not one. The
@@ -16,19 +17,22 @@ Nothing here knows HTTP, the store or the FHIR client.
 """
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 from msgspec import UNSET, Struct, UnsetType
 
-from .facts import (_CONDITION_EXCLUDED, _OBS_STATUSES, INTERPRETATION_SYSTEMS, ConditionFact, ObservationFact,
-                    ProcedureFact, _ref_tail, bare_codes, parse_time)
-from .terminology import Concept, concept
+from .facts import (_ACTIVE_STATUSES, _CONDITION_EXCLUDED, _DURATION_UNITS, _MAX_DURATION, _OBS_STATUSES,
+                    _ROUTE_CODES, INTERPRETATION_SYSTEMS, ConditionFact, MedicationFact, MedicationIndex, Normaliser,
+                    ObservationFact, ProcedureFact, _ref_tail, _route_of_words, add_time, infiltration_or,
+                    parse_time, read_medication, reason_condition)
+from .facts import codeable_concepts as dict_concepts
+from .terminology import Concept, DrugMatch, concept
 
 
 # -- the model: the fields facts.py reads, each of the JSON type FHIR R4 gives it ------------------------------
-# gc=False: none of these can hold a reference cycle (their fields are strings, numbers and Structs), so the
-# collector need not track them. omit_defaults: msgspec.to_builtins gives the fields that were sent.
+# gc=False: none of these can hold a reference cycle (their fields are strings, numbers, Structs and, in
+# ``contained``, decoded JSON: trees, never changed after decoding), so the collector need not track them. omit_defaults: msgspec.to_builtins gives the fields that were sent.
 class _Model(Struct, gc=False, omit_defaults=True):
     pass
 
@@ -49,6 +53,7 @@ Concepts = CodeableConcept | list[CodeableConcept] | None  # a CodeableConcept, 
 
 class Reference(_Model):
     reference: str | None = None
+    display: str | None = None
 
 
 class Period(_Model):
@@ -106,6 +111,58 @@ class Procedure(_Model, kw_only=True):
     performedPeriod: Period | None = None
 
 
+class Duration(_Model):
+    value: float | None = None
+    unit: str | None = None
+    code: str | None = None
+
+
+class Repeat(_Model):
+    boundsPeriod: Period | None = None
+    boundsDuration: Duration | None = None
+
+
+class Timing(_Model):
+    repeat: Repeat | None = None
+
+
+class Dosage(_Model):
+    text: str | None = None
+    route: Concepts = None
+    timing: Timing | None = None
+    asNeededBoolean: bool | None = None
+    asNeededCodeableConcept: CodeableConcept | None = None
+
+
+class DispenseRequest(_Model):
+    validityPeriod: Period | None = None
+    expectedSupplyDuration: Duration | None = None
+
+
+# The record's orders, administrations and statements (and DSTU2's MedicationOrder), one shape: what
+# Normaliser.drug and Normaliser.medication read. ``contained`` (Medication or Condition resources a reference
+# "#id" points at) is kept as its JSON value and read by facts.py's dictionary readers: few resources have it.
+class Medication(_Model, kw_only=True):
+    resourceType: Literal["MedicationRequest", "MedicationAdministration", "MedicationStatement", "MedicationOrder"]
+    id: str | UnsetType = UNSET
+    status: str | None = None
+    medicationCodeableConcept: Concepts = None
+    medicationReference: Reference | None = None
+    contained: Any = None
+    reasonCode: Concepts = None
+    reasonReference: list[Reference] | Reference | None = None
+    dosageInstruction: list[Dosage] | Dosage | None = None
+    dosage: list[Dosage] | Dosage | None = None
+    effectiveDateTime: str | None = None
+    effectivePeriod: Period | None = None
+    authoredOn: str | None = None
+    dateWritten: str | None = None  # DSTU2
+    dateAsserted: str | None = None
+    dispenseRequest: DispenseRequest | None = None
+    encounter: Reference | None = None
+    context: Reference | None = None  # STU3's name for encounter
+
+
 class Search(_Model):
     mode: str | None = None
 
@@ -127,6 +184,11 @@ class ObservationEntry(_Model):
 
 class ProcedureEntry(_Model):
     resource: Procedure
+    search: Search | None = None
+
+
+class MedicationEntry(_Model):
+    resource: Medication
     search: Search | None = None
 
 
@@ -154,8 +216,14 @@ class ProcedureBundle(Bundle):
     entry: list[ProcedureEntry] | None = None
 
 
+class MedicationBundle(Bundle):
+    entry: list[MedicationEntry] | None = None
+
+
 # The prefetch keys whose value is decoded typed when it is a Bundle of the usual shape.
-BUNDLES = {"conditions": ConditionBundle, "observations": ObservationBundle, "procedures": ProcedureBundle}
+BUNDLES = {"conditions": ConditionBundle, "observations": ObservationBundle, "procedures": ProcedureBundle,
+           "medicationRequests": MedicationBundle, "medicationAdministrations": MedicationBundle,
+           "medicationStatements": MedicationBundle}
 RESOURCES = {"Condition": Condition, "Observation": Observation, "Procedure": Procedure}
 
 
@@ -322,6 +390,137 @@ def procedure(r: Procedure, relevant: frozenset[Concept] | None, codes: frozense
 READERS = {Condition: condition, Observation: observations, Procedure: procedure}
 
 
-def read(r, relevant: frozenset[Concept] | None):
-    """The fact(s) of a typed resource (``relevant`` as for the dictionary readers)."""
-    return READERS[type(r)](r, relevant, bare_codes(relevant) if relevant is not None else None)
+# -- medications: Normaliser.drug and Normaliser.medication --------------------------------------------------
+def _owner(r: Medication) -> dict:
+    """What MedicationIndex.resolve and reason_condition read of a resource: its contained resources."""
+    return {} if r.contained is None else {"contained": r.contained}
+
+
+def drug(normaliser: Normaliser, r: Medication,
+         medications: MedicationIndex) -> tuple[DrugMatch, list[str], list[Concept]]:
+    """``Normaliser.drug``: what the resource names, its texts and its codings' concepts."""
+    concepts: list[Concept] = []
+    texts: list[str] = []
+    codeable_concepts(r.medicationCodeableConcept, concepts, texts)
+    med_ref = r.medicationReference
+    if med_ref is not None:
+        med = medications.resolve(med_ref.reference, _owner(r))
+        if med is not None:
+            read_medication(med, concepts, texts)
+        if med_ref.display is not None:
+            texts.append(med_ref.display)
+    return normaliser.terminology.recognise(concepts, texts), texts, concepts
+
+
+def medication(normaliser: Normaliser, r: Medication, medications: MedicationIndex,
+               drug: tuple[DrugMatch, list[str], list[Concept]]) -> MedicationFact:
+    """``Normaliser.medication`` of a record resource (``drug``: what :func:`drug` gave)."""
+    rtype = r.resourceType
+    match, texts, concepts = drug
+    status = r.status
+    reasons: list[Concept] = []
+    reason_texts: list[str] = []
+    codeable_concepts(r.reasonCode, reasons, reason_texts)
+    reason_refs = []
+    targets = r.reasonReference
+    for target in targets if type(targets) is list else () if targets is None else (targets,):
+        reference = target.reference
+        found = reason_condition(reference, _owner(r), medications.conditions)
+        if found is not None:
+            c, t = dict_concepts(found.get("code"))
+            reasons += c
+            reason_texts += t
+        elif reference and _ref_tail(reference).startswith("Condition/"):
+            reason_refs.append(_ref_tail(reference))
+        if target.display is not None:
+            reason_texts.append(target.display)
+    dosages = [*_listed(r.dosageInstruction), *_listed(r.dosage)]
+    time, course_end = _medication_times(r, dosages)
+    return MedicationFact(  # positional, as facts.py builds it
+        rtype,  # source
+        f"{rtype}/{_id(r.id)}",  # ref
+        texts[0] if texts else normaliser.terminology.display_of(concepts) or "unnamed medication",  # display
+        match.concepts,  # concepts
+        match.matched_by,  # matched_by
+        match.matched_names,  # matched_names
+        status,  # status
+        status in _ACTIVE_STATUSES.get(rtype, ()),  # active
+        time,  # time
+        infiltration_or(_stated_route(dosages, match.dose_form, texts), texts, match.concepts),  # route
+        _ref_tail(_ref(r.encounter) or _ref(r.context)),  # encounter
+        tuple(reasons),  # reasons
+        tuple(reason_texts),  # reason_texts
+        r,  # resource
+        course_end,  # course_end
+        tuple(reason_refs),  # reason_refs
+        parse_time(r.dateAsserted),  # asserted
+    )
+
+
+def _listed(value) -> list | tuple:
+    return value if type(value) is list else () if value is None else (value,)
+
+
+def _duration(d: Duration | None) -> timedelta | None:
+    """``facts.parse_duration``."""
+    if d is None or d.value is None or d.value < 0:
+        return None
+    unit = d.code if d.code is not None else d.unit
+    seconds = _DURATION_UNITS.get(unit.strip().lower() if unit is not None else "")
+    if seconds is None or d.value * seconds > _MAX_DURATION:
+        return None
+    return timedelta(seconds=d.value * seconds)
+
+
+def _medication_times(r: Medication, dosages: list[Dosage]) -> tuple[datetime | None, datetime | None]:
+    """``facts._medication_times``: (the time of the dose or order, the end of the course the resource states)."""
+    effective = parse_time(r.effectiveDateTime)
+    period = r.effectivePeriod
+    period_start = period_end = None
+    if period is not None:
+        period_start, period_end = parse_time(period.start), parse_time(period.end)
+    ordered = parse_time(r.authoredOn) or parse_time(r.dateWritten)
+    time = effective or period_end or period_start or ordered
+    dispense = r.dispenseRequest
+    if not dosages and dispense is None:
+        return time, period_end
+    if any(d.asNeededBoolean is True or d.asNeededCodeableConcept is not None for d in dosages):
+        return time, None  # as needed (PRN): the course says when a dose MAY be taken, not that one was
+    start = ordered or period_start or effective
+    ends = [period_end]
+    for dosage in dosages:
+        repeat = dosage.timing.repeat if dosage.timing is not None else None
+        if repeat is None:
+            continue
+        bounds = repeat.boundsPeriod
+        ends.append(parse_time(bounds.end if bounds is not None else None))
+        duration = _duration(repeat.boundsDuration)
+        begin = parse_time(bounds.start if bounds is not None else None) or start
+        if duration is not None and begin is not None:
+            ends.append(add_time(begin, duration))
+    validity = dispense.validityPeriod if dispense is not None else None
+    supply = _duration(dispense.expectedSupplyDuration if dispense is not None else None)
+    supply_start = parse_time(validity.start if validity is not None else None) or start
+    if supply is not None and supply_start is not None:
+        ends.append(add_time(supply_start, supply))
+    elif r.status in ("active", "on-hold"):
+        ends.append(parse_time(validity.end if validity is not None else None))
+    ends = [e for e in ends if e is not None]
+    return time, (max(ends) if ends else None)
+
+
+def _stated_route(dosages: list[Dosage], dose_form: str | None, texts: list[str]) -> str | None:
+    """``Normaliser._stated_route``: a route code of a dosage; else the route its words say."""
+    words: list[str] = []
+    for dosage in dosages:
+        concepts: list[Concept] = []
+        codeable_concepts(dosage.route, concepts, words)
+        for _, code in concepts:
+            if code in _ROUTE_CODES:
+                return _ROUTE_CODES[code]
+        if dosage.text is not None:
+            words.append(dosage.text)
+    if dose_form:
+        words.append(dose_form)
+    words += texts
+    return _route_of_words(tuple(words))

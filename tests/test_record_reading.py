@@ -110,6 +110,7 @@ def test_date_asserted_is_no_dose_time(normaliser):
          "medicationCodeableConcept": _cc("37418")}
     fact = normaliser.medication(r, MedicationIndex([]))
     assert fact.time is None and fact.exposure is None and fact.active
+    assert fact.asserted == parse_time("2026-03-01T10:00:00Z")  # shown as when the list was reviewed
     r["effectiveDateTime"] = "2026-03-01T09:00:00Z"
     assert normaliser.medication(r, MedicationIndex([])).time == parse_time("2026-03-01T09:00:00Z")
 
@@ -315,7 +316,7 @@ def test_every_field_of_the_facts_is_read_into_its_own_place(normaliser):
            "reasonReference": [{"reference": "Condition/c9", "display": "headache"}],
            "dosage": {"route": {"text": "subcutaneous"}, "text": "6 mg SC"}}
     m = normaliser.medication(med, MedicationIndex([]))
-    assert len(m) == len(MedicationFact._fields) == 16
+    assert len(m) == len(MedicationFact._fields) == 17
     assert (m.source, m.ref, m.display, m.matched_by, m.matched_names) == \
         ("MedicationAdministration", "MedicationAdministration/a1", "sumatriptan 6 mg", "code", ())
     assert (RXNORM, "313160") in m.concepts and m.status == "completed" and m.active is False
