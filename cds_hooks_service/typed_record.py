@@ -231,6 +231,16 @@ RESOURCES = {"Condition": Condition, "Observation": Observation, "Procedure": Pr
 def codeable_concepts(value: Concepts, concepts: list[Concept], texts: list[str]) -> None:
     """Adds what ``facts.codeable_concepts`` gives: each CodeableConcept's text, then per coding its concept
     (when it has one) and its display."""
+    if type(value) is CodeableConcept and type(value.coding) is list:  # the usual shape: no tuples built
+        if value.text is not None:
+            texts.append(value.text)
+        for c in value.coding:
+            k = concept(c.system, c.code)
+            if k:
+                concepts.append(k)
+            if c.display is not None:
+                texts.append(c.display)
+        return
     if value is None:
         return
     for cc in value if type(value) is list else (value,):
@@ -247,6 +257,12 @@ def codeable_concepts(value: Concepts, concepts: list[Concept], texts: list[str]
 
 def may_match(value: Concepts, codes: frozenset[str]) -> bool:
     """``facts.may_match``: whether a coding's code, as sent or stripped, is one of ``codes``."""
+    if type(value) is CodeableConcept and type(value.coding) is list:  # the usual shape: no tuples built
+        for c in value.coding:
+            code = c.code
+            if code is not None and (code in codes or code.strip() in codes):
+                return True
+        return False
     if value is None:
         return False
     for cc in value if type(value) is list else (value,):
@@ -317,8 +333,12 @@ def observations(r: Observation, relevant: frozenset[Concept] | None,
     component = r.component
     components = component if type(component) is list else () if component is None else (component,)
     if codes is not None:
-        if not (may_match(r.code, codes) or any(may_match(c.code, codes) for c in components)):
-            return []
+        if not may_match(r.code, codes):
+            for c in components:
+                if may_match(c.code, codes):
+                    break
+            else:
+                return []
         coded: list[Concept] = []
         for part in (r, *components):
             codeable_concepts(part.code, coded, [])
