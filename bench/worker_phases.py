@@ -11,7 +11,7 @@ calls per case over one keep-alive connection after 50 warm-up calls, and prints
   handle     gunicorn's handling of the request (parse, the app, writing the response)
   app        the Flask app (WSGI call)
   before     each before_request function; after: each after_request function (the log line, CORS, ...)
-  view       the hook view: read (the body off the socket), parse (orjson), validate, decide, record, render
+  view       the hook view: read (the body off the socket), parse (request_body.decode), validate, decide, record, render
   decide     of which: draft facts, gather (the prefetch), the index and the rules' evaluation
   record     of which: the store (issue_cards: the card recorded, the override look-up)
 
