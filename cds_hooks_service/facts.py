@@ -325,7 +325,9 @@ class MedicationFact(NamedTuple):
     encounter: str | None
     reasons: tuple[Concept, ...] = ()
     reason_texts: tuple[str, ...] = ()
-    resource: object = None  # the FHIR resource read: a dict, or for a prefetched record a typed_record Struct
+    # The FHIR resource read: a dict for a draft (what draft-only readers such as order_categories read), a dict
+    # or a typed_record.Medication for a record resource (nothing reads it as a dictionary).
+    resource: object = None
     # The end of the course the record states (dosage bounds, expected supply, validity, effective period
     # end), when later than ``time``: a course ordered 16 days ago that ran until 2 days ago exposes the
     # patient until 2 days ago.

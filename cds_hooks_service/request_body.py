@@ -10,7 +10,8 @@ When the body is not of that shape (a key the request model does not name, a Bun
 of another JSON type, anything the typed decoding refuses), the whole body is parsed by orjson and read as
 dictionaries: the same answer, by the lenient readers. A body orjson refuses is a 400 naming orjson's reason,
 whichever way it went. One difference, on purpose: a number beyond a double's range (orjson refuses 1e400) in
-a field of a prefetched record resource that the service never reads is skipped, not refused.
+a part of a prefetched Bundle that the service never reads (a resource's unread field, the Bundle's total, ...)
+is skipped, not refused.
 """
 from __future__ import annotations
 

@@ -18,9 +18,9 @@ Nothing here knows HTTP, the store or the FHIR client.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
-from msgspec import UNSET, Struct, UnsetType
+from msgspec import UNSET, Struct, UnsetType, to_builtins
 
 from .facts import (_ACTIVE_STATUSES, _CONDITION_EXCLUDED, _DURATION_UNITS, _MAX_DURATION, _OBS_STATUSES,
                     _ROUTE_CODES, INTERPRETATION_SYSTEMS, ConditionFact, MedicationFact, MedicationIndex, Normaliser,
@@ -31,8 +31,8 @@ from .terminology import Concept, DrugMatch, concept
 
 
 # -- the model: the fields facts.py reads, each of the JSON type FHIR R4 gives it ------------------------------
-# gc=False: none of these can hold a reference cycle (their fields are strings, numbers, Structs and, in
-# ``contained``, decoded JSON: trees, never changed after decoding), so the collector need not track them. omit_defaults: msgspec.to_builtins gives the fields that were sent.
+# gc=False: none of these can hold a reference cycle (their fields are strings, numbers, Structs and lists of
+# them, never changed after decoding), so the collector need not track them. omit_defaults: msgspec.to_builtins gives the fields that were sent.
 class _Model(Struct, gc=False, omit_defaults=True):
     pass
 
@@ -139,16 +139,31 @@ class DispenseRequest(_Model):
     expectedSupplyDuration: Duration | None = None
 
 
+class Ingredient(_Model):
+    itemCodeableConcept: Concepts = None
+
+
+# A resource contained in a medication resource: what a reference "#id" to a Medication (MedicationIndex.resolve,
+# facts.read_medication) or to a Condition (facts.reason_condition) reads. Few resources have one: it is handed to
+# those dictionary readers as the dictionary of its fields (msgspec.to_builtins), when a reference needs it.
+class Contained(_Model):
+    resourceType: str | None = None
+    id: str | UnsetType = UNSET
+    code: Concepts = None
+    ingredient: list[Ingredient] | Ingredient | None = None
+    form: Concepts = None
+    verificationStatus: str | CodeableConcept | list[CodeableConcept] | None = None
+
+
 # The record's orders, administrations and statements (and DSTU2's MedicationOrder), one shape: what
-# Normaliser.drug and Normaliser.medication read. ``contained`` (Medication or Condition resources a reference
-# "#id" points at) is kept as its JSON value and read by facts.py's dictionary readers: few resources have it.
+# Normaliser.drug and Normaliser.medication read.
 class Medication(_Model, kw_only=True):
     resourceType: Literal["MedicationRequest", "MedicationAdministration", "MedicationStatement", "MedicationOrder"]
     id: str | UnsetType = UNSET
     status: str | None = None
     medicationCodeableConcept: Concepts = None
     medicationReference: Reference | None = None
-    contained: Any = None
+    contained: list[Contained] | Contained | None = None
     reasonCode: Concepts = None
     reasonReference: list[Reference] | Reference | None = None
     dosageInstruction: list[Dosage] | Dosage | None = None
@@ -412,8 +427,9 @@ READERS = {Condition: condition, Observation: observations, Procedure: procedure
 
 # -- medications: Normaliser.drug and Normaliser.medication --------------------------------------------------
 def _owner(r: Medication) -> dict:
-    """What MedicationIndex.resolve and reason_condition read of a resource: its contained resources."""
-    return {} if r.contained is None else {"contained": r.contained}
+    """What MedicationIndex.resolve and reason_condition read of a resource: its contained resources, as the
+    dictionaries of their fields."""
+    return {} if r.contained is None else {"contained": to_builtins(r.contained)}
 
 
 def drug(normaliser: Normaliser, r: Medication,
