@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Generic, Iterable, TypeVar
 
 import msgspec
@@ -182,25 +182,23 @@ class RecordIndex:
         out = []
         seen = normalised = 0
         relevant = concepts.medications if concepts is not None else None
-        typed = typed_record.Medication
+        # A resource decoded typed (request_body) has its own readers, which give the same facts.
+        typed = (partial(typed_record.drug, normaliser), partial(typed_record.medication, normaliser))
+        plain = (normaliser.drug, lambda r, index, drug: normaliser.medication(r, index, drug=drug))
         for key in RECORD_MEDICATION_KEYS:
             for r in resources.get(key) or ():
-                if type(r) is typed:  # decoded typed (request_body): its own reader, the same facts
-                    seen += 1
-                    drug = typed_record.drug(normaliser, r, medications)
-                    if relevant is not None and relevant.isdisjoint(drug[0].concepts):
-                        continue
-                    normalised += 1
-                    fact = typed_record.medication(normaliser, r, medications, drug)
-                elif not isinstance(r, dict) or r.get("resourceType") not in _RECORD_MEDICATION_TYPES:
-                    continue
+                if type(r) is typed_record.Medication:
+                    read_drug, read_fact = typed
+                elif isinstance(r, dict) and r.get("resourceType") in _RECORD_MEDICATION_TYPES:
+                    read_drug, read_fact = plain
                 else:
-                    seen += 1
-                    drug = normaliser.drug(r, medications)
-                    if relevant is not None and relevant.isdisjoint(drug[0].concepts):
-                        continue
-                    normalised += 1
-                    fact = normaliser.medication(r, medications, drug=drug)
+                    continue
+                seen += 1
+                drug = read_drug(r, medications)
+                if relevant is not None and relevant.isdisjoint(drug[0].concepts):
+                    continue
+                normalised += 1
+                fact = read_fact(r, medications, drug)
                 if fact.ref not in exclude and fact.status not in IGNORED_MEDICATION_STATUSES:
                     out.append(fact)
         self._count(seen, normalised)
@@ -209,14 +207,15 @@ class RecordIndex:
     def _read(self, key: str, rtype: str, read, relevant: frozenset[Concept] | None, components: bool = False) -> list:
         """The facts of the record's ``rtype`` resources under ``key``. A resource none of whose codes (nor, with
         ``components``, its components' codes) is a code of ``relevant`` is skipped after that look-up; the
-        others are read by ``read(resource, relevant)`` (a fact, a list of facts, or None)."""
+        others are read by ``read(resource, relevant)`` (a fact, a list of facts, or None). A resource decoded typed
+        (request_body) is read by typed_record's reader, which makes the same look-up and gives the same facts."""
         out: list = []
         seen = normalised = 0
         codes = bare_codes(relevant) if relevant is not None else None
         typed = typed_record.RESOURCES[rtype]
         read_typed = typed_record.READERS[typed]
         for r in self._resources.get(key) or ():
-            if type(r) is typed:  # decoded typed (request_body): its own reader, the same facts
+            if type(r) is typed:
                 seen += 1
                 facts = read_typed(r, relevant, codes)
             elif not isinstance(r, dict) or r.get("resourceType") != rtype:
