@@ -516,6 +516,20 @@ def _medication_times(r: dict, dosages: list) -> tuple[datetime | None, datetime
     return time, (max(ends) if ends else None)
 
 
+def read_reason(reference: str | None, owner: dict, conditions: dict[str, dict], reasons: list[Concept],
+                reason_texts: list[str], reason_refs: list[str]) -> None:
+    """Adds what a reasonReference gives: the codes and texts of the Condition it points at (contained in
+    ``owner`` or among ``conditions``), or, for a Condition elsewhere, its "Condition/id" (resolved against the
+    record when a check reads the order's reason)."""
+    found = reason_condition(reference, owner, conditions)
+    if found is not None:
+        c, t = codeable_concepts(found.get("code"))
+        reasons += c
+        reason_texts += t
+    elif reference and _ref_tail(reference).startswith("Condition/"):
+        reason_refs.append(_ref_tail(reference))
+
+
 def read_medication(med: dict, concepts: list[Concept], texts: list[str]) -> None:
     """Adds the concepts and texts of a Medication resource (the target of a medicationReference): its code,
     its ingredients' codes, its form's texts."""
@@ -568,36 +582,41 @@ class Normaliser:
         reasons, reason_texts = codeable_concepts(resource.get("reasonCode"))
         reason_refs = []
         for target in as_list(resource.get("reasonReference")):
-            reference = _ref(target)
-            found = reason_condition(reference, resource, medications.conditions)
-            if found is not None:
-                c, t = codeable_concepts(found.get("code"))
-                reasons += c
-                reason_texts += t
-            elif reference and _ref_tail(reference).startswith("Condition/"):
-                reason_refs.append(_ref_tail(reference))
+            read_reason(_ref(target), resource, medications.conditions, reasons, reason_texts, reason_refs)
             if isinstance(target, dict) and isinstance(target.get("display"), str):
                 reason_texts.append(target["display"])
         dosages = as_list(resource.get("dosageInstruction")) + as_list(resource.get("dosage"))
-        time, course_end = _medication_times(resource, dosages)
+        return self.medication_fact(
+            source or rtype, rtype, resource.get("id", ""), (match, texts, concepts), status,
+            _medication_times(resource, dosages), self._route(dosages, match.dose_form, texts, match.concepts),
+            _ref_tail(_ref(resource.get("encounter")) or _ref(resource.get("context"))), reasons, reason_texts,
+            reason_refs, parse_time(resource.get("dateAsserted")), resource)
+
+    def medication_fact(self, source: str, rtype: str, ident: object, drug: tuple[DrugMatch, list[str], list[Concept]],
+                        status: str | None, times: tuple[datetime | None, datetime | None], route: str | None,
+                        encounter: str | None, reasons: list[Concept], reason_texts: list[str],
+                        reason_refs: list[str], asserted: datetime | None, resource: object) -> MedicationFact:
+        """The fact of a medication resource from what its reader read (this class's ``medication``, or
+        typed_record's for a resource decoded typed): its display and whether it is active are decided here."""
+        match, texts, concepts = drug
         return MedicationFact(  # positional (see above MedicationFact), fields named in the comments
-            source or rtype,  # source
-            f"{rtype}/{resource.get('id', '')}",  # ref
+            source,  # source
+            f"{rtype}/{ident}",  # ref
             texts[0] if texts else self.terminology.display_of(concepts) or "unnamed medication",  # display
             match.concepts,  # concepts
             match.matched_by,  # matched_by
             match.matched_names,  # matched_names
             status,  # status
             status in _ACTIVE_STATUSES.get(rtype, ()),  # active
-            time,  # time
-            self._route(dosages, match.dose_form, texts, match.concepts),  # route
-            _ref_tail(_ref(resource.get("encounter")) or _ref(resource.get("context"))),  # encounter
+            times[0],  # time
+            route,  # route
+            encounter,  # encounter
             tuple(reasons),  # reasons
             tuple(reason_texts),  # reason_texts
             resource,  # resource
-            course_end,  # course_end
+            times[1],  # course_end
             tuple(reason_refs),  # reason_refs
-            parse_time(resource.get("dateAsserted")),  # asserted
+            asserted,  # asserted
         )
 
     @staticmethod

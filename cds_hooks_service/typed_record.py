@@ -22,11 +22,10 @@ from typing import Literal
 
 from msgspec import UNSET, Struct, UnsetType, to_builtins
 
-from .facts import (_ACTIVE_STATUSES, _CONDITION_EXCLUDED, _DURATION_UNITS, _MAX_DURATION, _OBS_STATUSES,
+from .facts import (_CONDITION_EXCLUDED, _DURATION_UNITS, _MAX_DURATION, _OBS_STATUSES,
                     _ROUTE_CODES, INTERPRETATION_SYSTEMS, ConditionFact, MedicationFact, MedicationIndex, Normaliser,
                     ObservationFact, ProcedureFact, _ref_tail, _route_of_words, add_time, infiltration_or,
-                    parse_time, read_medication, reason_condition)
-from .facts import codeable_concepts as dict_concepts
+                    parse_time, read_medication, read_reason)
 from .terminology import Concept, DrugMatch, concept
 
 
@@ -452,7 +451,7 @@ def medication(normaliser: Normaliser, r: Medication, medications: MedicationInd
                drug: tuple[DrugMatch, list[str], list[Concept]]) -> MedicationFact:
     """``Normaliser.medication`` of a record resource (``drug``: what :func:`drug` gave)."""
     rtype = r.resourceType
-    match, texts, concepts = drug
+    match, texts, _ = drug
     status = r.status
     reasons: list[Concept] = []
     reason_texts: list[str] = []
@@ -460,37 +459,15 @@ def medication(normaliser: Normaliser, r: Medication, medications: MedicationInd
     reason_refs = []
     targets = r.reasonReference
     for target in targets if type(targets) is list else () if targets is None else (targets,):
-        reference = target.reference
-        found = reason_condition(reference, _owner(r), medications.conditions)
-        if found is not None:
-            c, t = dict_concepts(found.get("code"))
-            reasons += c
-            reason_texts += t
-        elif reference and _ref_tail(reference).startswith("Condition/"):
-            reason_refs.append(_ref_tail(reference))
+        read_reason(target.reference, _owner(r), medications.conditions, reasons, reason_texts, reason_refs)
         if target.display is not None:
             reason_texts.append(target.display)
     dosages = [*_listed(r.dosageInstruction), *_listed(r.dosage)]
-    time, course_end = _medication_times(r, dosages)
-    return MedicationFact(  # positional, as facts.py builds it
-        rtype,  # source
-        f"{rtype}/{_id(r.id)}",  # ref
-        texts[0] if texts else normaliser.terminology.display_of(concepts) or "unnamed medication",  # display
-        match.concepts,  # concepts
-        match.matched_by,  # matched_by
-        match.matched_names,  # matched_names
-        status,  # status
-        status in _ACTIVE_STATUSES.get(rtype, ()),  # active
-        time,  # time
-        infiltration_or(_stated_route(dosages, match.dose_form, texts), texts, match.concepts),  # route
-        _ref_tail(_ref(r.encounter) or _ref(r.context)),  # encounter
-        tuple(reasons),  # reasons
-        tuple(reason_texts),  # reason_texts
-        r,  # resource
-        course_end,  # course_end
-        tuple(reason_refs),  # reason_refs
-        parse_time(r.dateAsserted),  # asserted
-    )
+    return normaliser.medication_fact(
+        rtype, rtype, _id(r.id), drug, status, _medication_times(r, dosages),
+        infiltration_or(_stated_route(dosages, match.dose_form, texts), texts, match.concepts),
+        _ref_tail(_ref(r.encounter) or _ref(r.context)), reasons, reason_texts, reason_refs, parse_time(r.dateAsserted),
+        r)
 
 
 def _listed(value) -> list | tuple:
