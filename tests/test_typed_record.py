@@ -166,7 +166,7 @@ def _same_facts(key: str, resources: list, relevant) -> bool:
 
 
 @pytest.mark.parametrize("key", sorted(KINDS))
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.data(), relevant=st.sampled_from(RELEVANT))
 def test_usual_shapes_decode_typed_and_give_the_dictionary_readers_facts(key, data, relevant):
     resources = data.draw(st.lists(USUAL[key], max_size=4))
@@ -174,7 +174,7 @@ def test_usual_shapes_decode_typed_and_give_the_dictionary_readers_facts(key, da
 
 
 @pytest.mark.parametrize("key", sorted(KINDS))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(data=st.data(), relevant=st.sampled_from(RELEVANT))
 def test_any_shape_that_decodes_typed_gives_the_dictionary_readers_facts(key, data, relevant):
     resources = data.draw(st.lists(ODD[key], max_size=3))
@@ -218,7 +218,7 @@ _ENTRY = st.fixed_dictionaries({}, optional={
     | _ANY})
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(entries=st.lists(_ENTRY, max_size=4), links=st.lists(_LINK, max_size=3) | _ANY)
 def test_a_bundle_decoded_typed_gives_the_entries_and_the_next_link_the_dictionary_reader_gives(entries, links):
     raw = json.dumps({"resourceType": "Bundle", "entry": entries, "link": links}).encode()
@@ -266,7 +266,7 @@ _BODY = _body(_USUAL_PREFETCH)
 _ODD_BODY = _body(_USUAL_PREFETCH | _ODD_PREFETCH, unknownMember=_ANY, extension=_ANY | st.just("x"))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(body=_BODY | _ODD_BODY)
 def test_a_body_decodes_to_what_orjson_gives_with_its_usual_bundles_typed(body):
     raw = json.dumps(body).encode()
