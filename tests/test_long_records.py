@@ -14,6 +14,7 @@ import time
 import pytest
 import requests
 
+from cds_hooks_service import request_body, typed_record
 from cds_hooks_service.cards import markdown_escape
 from cds_hooks_service.patient_data import DATA_LABELS, FIRST_PAGE_ONLY, MAX_PAGES
 from cds_hooks_service.scenarios import expand_record
@@ -122,7 +123,11 @@ def test_prefetched_first_page_is_continued_from_its_next_link(fhir_server, faul
     assert any(link["relation"] == "next" for link in page["link"]) and len(page["entry"]) == 1000
     fault_server.requests.clear()
     prefetch = {"conditions": page} | {k: EMPTY for k in OTHER_KEYS}
-    answer = call(make_app(), _body_for(patient, fault_server.base_url, fhir_server.token, prefetch=prefetch))
+    body = _body_for(patient, fault_server.base_url, fhir_server.token, prefetch=prefetch)
+    # the server's page is of the usual shape: decoded typed, then continued with the dictionaries of page 2
+    assert isinstance(request_body.decode(json.dumps(body).encode())["prefetch"]["conditions"],
+                      typed_record.ConditionBundle)
+    answer = call(make_app(), body)
     assert topics(answer.body) == [OPIOID_RULE]
     assert "partly read" not in answer.cards[0]["detail"]
     [req] = fault_server.requests  # the second page only, by the next link, with the token
