@@ -7,8 +7,6 @@ exception) and, when asked, a trace saying why each check matched or not.
 """
 from __future__ import annotations
 
-import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -85,9 +83,6 @@ class HookContext:
 
 
 _NO_TIME = datetime.min.replace(tzinfo=timezone.utc)
-# The Evaluation method of each kind of check, by an interned name: Python's attribute cache keys on the name
-# object, so a name built per call ("_" + kind) missed it and searched the class every time.
-_METHOD = {kind: sys.intern("_" + kind) for kind in CHECK_KINDS}
 
 
 def _newest_first(m: MedicationFact) -> datetime:
@@ -99,7 +94,7 @@ def _when(t: datetime | None) -> str | None:
     return t.isoformat().replace("+00:00", "Z") if t else None
 
 
-_NO_REFS: Counter = Counter()  # shared by the checks that count no drafts; never written to
+_NO_REFS: dict = {}  # shared by the checks that count no drafts; never written to
 
 
 class _Found:
@@ -108,11 +103,11 @@ class _Found:
 
     __slots__ = ("facts", "considered", "draft_refs", "considered_draft_refs", "note", "dated", "days")
 
-    def __init__(self, facts: list, considered: int = 0, draft_refs: Counter | None = None,
-                 considered_draft_refs: Counter | None = None, note: str = ""):
+    def __init__(self, facts: list, considered: int = 0, draft_refs: dict[str, int] | None = None,
+                 considered_draft_refs: dict[str, int] | None = None, note: str = ""):
         self.facts = facts
         self.considered = considered
-        # refs of the qualifying drafts, and of those in the value sets (read only: a missing ref counts 0)
+        # how many qualifying drafts, and drafts in the value sets, have each ref (read with .get(ref, 0))
         self.draft_refs = draft_refs if draft_refs is not None else _NO_REFS
         self.considered_draft_refs = considered_draft_refs if considered_draft_refs is not None else _NO_REFS
         self.note = note
@@ -135,13 +130,14 @@ class Evaluation:
         self.limit = ctx.max_evidence_items
         self._memo: dict[str, Evidence | None] = {}
         self.trace: list[dict] | None = [] if trace else None
+        self._categories: frozenset[str] | None = None  # the draft's order categories, read on first use
 
     def check(self, name: str) -> Evidence | None:
         if name in self._memo:
             return self._memo[name]
         self._memo[name] = None  # guards against cycles (also refused at load time)
         c = self.rule.checks[name]
-        items, total, note = getattr(self, _METHOD[c.kind])(c)
+        items, total, note = _KIND_METHODS[c.kind](self, c)
         evidence = Evidence(name, c.label, c.indicator, items, total) if total else None
         self._memo[name] = evidence
         if self.trace is not None:
@@ -175,16 +171,17 @@ class Evaluation:
 
     def _find_conditions(self, c: Check) -> _Found:
         status = c.spec.get("status", "active")
+        confirmed_only = c.spec.get("verification") == "confirmed"
+        encounter = f"Encounter/{self.ctx.encounter_id}" if self.ctx.encounter_id else None
         qualifying, seen = [], 0
         for cond in self.record.conditions.matching(c.valueset):
             seen += 1
-            on_this_encounter = bool(self.ctx.encounter_id) and cond.encounter == f"Encounter/{self.ctx.encounter_id}"
             if status == "active" and not (cond.clinical_status in _ACTIVE_CONDITION or cond.clinical_status is None
-                                           or on_this_encounter):
+                                           or (encounter is not None and cond.encounter == encounter)):
                 continue
             if c.within is not None and cond.time is not None and not self._in_window(c, cond.time):
                 continue
-            if c.spec.get("verification") == "confirmed" and cond.verification_status in _UNCONFIRMED:
+            if confirmed_only and cond.verification_status in _UNCONFIRMED:
                 continue
             qualifying.append(cond)
         total = len(self.record.conditions)
@@ -199,7 +196,7 @@ class Evaluation:
     def _medication(self, c: Check):
         found = self._shared(c, self._find_medications)
         ref = self.draft.ref
-        skip = found.draft_refs[ref]  # this draft itself (and drafts sharing its reference) never count
+        skip = found.draft_refs.get(ref, 0)  # this draft itself (and drafts sharing its reference) never count
         facts = found.facts
         at_least = c.spec.get("atLeast")
         if at_least:  # a count: only entries dated (order or dose time) within the window count and are listed
@@ -210,7 +207,7 @@ class Evaluation:
                 found.days = len({m.time.astimezone(timezone.utc).date() for m in found.dated})
             facts, skip = found.dated, 0
         total = len(facts) - skip
-        considered = found.considered - found.considered_draft_refs[ref]
+        considered = found.considered - found.considered_draft_refs.get(ref, 0)
         items = []
         for m in facts:
             if len(items) >= self.limit:
@@ -252,13 +249,14 @@ class Evaluation:
             in_window = c.within is not None and self._in_window(c, m.exposure)
             return is_draft or in_window or (active_wanted and m.active) or (c.within is None and not active_wanted)
 
-        draft_refs, considered_draft_refs = Counter(), Counter()
+        draft_refs: dict[str, int] = {}
+        considered_draft_refs: dict[str, int] = {}
         qualifying = []
         if spec.get("drafts", True):
             for d in self.record.drafts.matching(c.valueset):
-                considered_draft_refs[d.ref] += 1
+                considered_draft_refs[d.ref] = considered_draft_refs.get(d.ref, 0) + 1
                 if qualifies(d):
-                    draft_refs[d.ref] += 1
+                    draft_refs[d.ref] = draft_refs.get(d.ref, 0) + 1
                     qualifying.append(d)
         considered = sum(considered_draft_refs.values())
         for m in self.record.medications.matching(c.valueset):
@@ -396,7 +394,9 @@ class Evaluation:
             ok = not self.draft.concepts.isdisjoint(c.valueset)
         if ok and spec.get("route"):
             ok = route_matches(self.draft.route, spec["route"])
-        categories = order_categories(self.draft.resource)
+        categories = self._categories
+        if categories is None:
+            categories = self._categories = order_categories(self.draft.resource)
         if ok and spec.get("category"):
             ok = category_matches(categories, spec["category"])
         items = [{"kind": "drafted", "display": self.draft.display, "route": self.draft.route,
@@ -421,6 +421,10 @@ class Evaluation:
         inner = self.check(c.children[0])
         items = [] if inner else [{"kind": "absent", "display": c.label}]
         return items, len(items), ("inner matched" if inner else "inner absent")
+
+
+# The Evaluation method of each kind of check (its function, called with the evaluation: no bound method per check).
+_KIND_METHODS = {kind: getattr(Evaluation, "_" + kind) for kind in CHECK_KINDS}
 
 
 def _compare(o: ObservationFact, op: str, value: float | None) -> bool:

@@ -11,7 +11,6 @@ Nothing here knows HTTP, the store or the FHIR client.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Generic, Iterable, TypeVar
@@ -121,12 +120,13 @@ class RecordIndex:
 
     def __init__(self, resources: dict[str, list[dict]], normaliser: Normaliser, medications: MedicationIndex,
                  drafts: list[MedicationFact], concepts: RuleConcepts | None):
-        self.stats: Counter = Counter()  # resources seen / normalised in full / skipped after a look-up
+        self.stats = {"resources": 0, "normalised": 0, "skipped": 0}  # seen / normalised in full / skipped after a look-up
         self.drafts = ConceptIndex(drafts)
         self.shared: dict[tuple[str, str], object] = {}
         self._resources, self._normaliser, self._medication_index = resources, normaliser, medications
         self._concepts = concepts
         self._exclude = frozenset(d.ref for d in drafts)  # the drafts themselves, if the EHR also returns them
+        self._reasons: dict[int, tuple[tuple, tuple[str, ...]]] = {}  # reasons_of, by id(draft)
 
     # Each kind is indexed on first use: a call whose checks read no observation never looks at one.
     @cached_property
@@ -165,17 +165,20 @@ class RecordIndex:
 
     def reasons_of(self, draft: MedicationFact) -> tuple[tuple, tuple[str, ...]]:
         """A draft's reasons: its reasonCode and the Conditions its reasonReference points at, wherever they
-        are (contained, in the draft bundle, or in the record)."""
+        are (contained, in the draft bundle, or in the record). Read once per draft and call."""
         if not draft.reason_refs:
             return draft.reasons, draft.reason_texts
-        reasons, texts = list(draft.reasons), list(draft.reason_texts)
-        for ref in draft.reason_refs:
-            found = reason_condition(ref, draft.resource, self._conditions_by_ref)
-            if found is not None:
-                c, t = codeable_concepts(found.get("code"))
-                reasons += c
-                texts += t
-        return tuple(reasons), tuple(texts)
+        found = self._reasons.get(id(draft))  # the drafts live as long as this index: their ids stay theirs
+        if found is None:
+            reasons, texts = list(draft.reasons), list(draft.reason_texts)
+            for ref in draft.reason_refs:
+                condition = reason_condition(ref, draft.resource, self._conditions_by_ref)
+                if condition is not None:
+                    c, t = codeable_concepts(condition.get("code"))
+                    reasons += c
+                    texts += t
+            found = self._reasons[id(draft)] = (tuple(reasons), tuple(texts))
+        return found
 
     # The two loops below run once per resource of the record: counts are kept in locals, not in ``stats``.
     def _medications(self, resources, normaliser, medications, exclude, concepts) -> list[MedicationFact]:
