@@ -86,3 +86,59 @@ def test_the_hot_path_does_not_run_statements_through_sqlalchemy(store):
     store.issue_cards([card()], skip_overridden_since=T0 - timedelta(hours=24))
     assert statements == []
     assert len(_raw_rows(store)) == 1
+
+
+def test_the_hot_path_keeps_one_connection_out_of_the_pool(store):
+    """No pool checkout per hook call: the same DB-API connection each time, never lent to other callers."""
+    store.issue_cards([card()])
+    first = store._hot_connection()
+    store.issue_cards([card()], skip_overridden_since=T0 - timedelta(hours=24))
+    assert store._hot_connection() is first
+    assert store.engine.pool.checkedout() == 0  # the pool's connections are all back; this one is not among them
+    with store.engine.connect() as conn:  # a pooled connection is another one
+        assert conn.connection.dbapi_connection is not first
+    assert first.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # opened with the engine's PRAGMAs
+    assert len(_raw_rows(store)) == 2
+
+
+def test_a_broken_hot_connection_is_replaced_and_the_next_call_works(store):
+    store.issue_cards([card()])
+    store._hot_connection().close()  # broken under us (as a failed disk or a killed handle would leave it)
+    with pytest.raises(sqlite3.ProgrammingError):
+        store.issue_cards([card()])
+    c = card()
+    assert store.issue_cards([c]) == set()  # the lock was released and a new connection opened
+    assert c.card_uuid in _raw_rows(store)
+
+
+def test_a_failed_write_leaves_the_hot_connection_usable(store):
+    good, naive = card(), card(at=datetime(2026, 3, 1, 12, 0))
+    store.issue_cards([good])
+    conn = store._hot_connection()
+    with pytest.raises(ValueError):
+        store.issue_cards([card(), naive])
+    assert store._hot_connection() is conn and not conn.in_transaction  # rolled back, kept
+    assert list(_raw_rows(store)) == [good.card_uuid]
+
+
+def test_a_forked_child_opens_its_own_hot_connection(store):
+    import os
+
+    store.issue_cards([card()])
+    parent = store._hot_connection()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a gunicorn worker forked after the store was used
+        try:
+            os.close(read)
+            c = card()
+            ok = store._hot_connection() is not parent and store.issue_cards([c]) == set()
+            os.write(write, c.card_uuid.encode() if ok else b"")
+        finally:
+            os._exit(0)
+    os.close(write)
+    child_card = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child_card and child_card in _raw_rows(store)
+    assert store._hot_connection() is parent
