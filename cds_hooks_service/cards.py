@@ -252,13 +252,14 @@ class LimitedTemplate(Template):
         budget = _state.budget = _Budget()
         try:
             out, size = [], 0
+            append, clock, deadline = out.append, time.monotonic, budget.deadline
             for chunk in self.root_render_func(ctx):
                 size += len(chunk)
                 if size > RENDER_MAX_CHARS:
                     raise RenderLimitExceeded(f"output longer than {RENDER_MAX_CHARS} characters")
-                if time.monotonic() > budget.deadline:
+                if clock() > deadline:
                     raise RenderTimeExceeded(f"took longer than {RENDER_MAX_SECONDS:g} s")
-                out.append(chunk)
+                append(chunk)
             return self.environment.concat(out)  # type: ignore[attr-defined]
         except Exception:
             self.environment.handle_exception()
@@ -282,6 +283,12 @@ class CardEnvironment(ImmutableSandboxedEnvironment):
 
     def _parse(self, source, name, filename):
         return _Guard().visit(super()._parse(source, name, filename))
+
+    def make_globals(self, d):
+        """A template's globals as one dict (Jinja's default is a ChainMap over the environment's, which each
+        render walks key by key, missing in the first map): the same names and values, since the card
+        environments' globals are set once, here, before any template is compiled."""
+        return {**self.globals, **(d or {})}
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805,B902 (Jinja's signature)
         _step()

@@ -464,6 +464,8 @@ def _not_completed(decision: Decision, rulebook: Rulebook) -> dict[str, tuple[Ru
     """Rules that must not pass for "nothing found": data they need could not be read and they did not
     fire, or the evaluation deadline came before they were evaluated for some drafted order."""
     ctx, unavailable = decision.ctx, decision.data.unavailable
+    if not unavailable and not decision.not_evaluated:  # every rule's data was read, every pair evaluated
+        return {}
     answered = {f.rule.id for f in decision.findings if f.evidence}
     out: dict[str, tuple[Rule, list[str]]] = {}
     live_rules = {rule.id for rule, _ in decision.live}
