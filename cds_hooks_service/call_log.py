@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 
 from flask import Flask, g, request
 
@@ -18,7 +17,10 @@ log = logging.getLogger("cds_hooks_service.api")  # the one line per hook call b
 
 def hook_result(result) -> None:
     """Keep the answered call's cards per indicator for its log line."""
-    g.cds_cards = dict(Counter(card["indicator"] for card in result.response["cards"]))
+    cards: dict[str, int] = {}
+    for card in result.response["cards"]:
+        cards[card["indicator"]] = cards.get(card["indicator"], 0) + 1
+    g.cds_cards = cards
 
 
 def _start() -> None:
