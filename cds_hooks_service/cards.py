@@ -267,6 +267,9 @@ class LimitedTemplate(Template):
             _state.budget = previous
 
 
+_DICT_ATTRIBUTES = frozenset(dir(dict))  # a dict instance has no other attributes (no __dict__)
+
+
 class CardEnvironment(ImmutableSandboxedEnvironment):
     """Immutable sandbox with the render limits (module docstring)."""
 
@@ -311,6 +314,29 @@ class CardEnvironment(ImmutableSandboxedEnvironment):
         if operator == "%" and isinstance(left, str) and _PERCENT_WIDTH.search(left):
             raise SecurityError("% format widths and precisions over 999 are not allowed in card templates")
         return super().call_binop(context, operator, left, right)
+
+    def getitem(self, obj, argument):
+        """``obj[key]`` on a plain dict: its item; a missing string key that names no attribute of dict is
+        undefined at once (Jinja's sandbox tries the attribute first, catching the AttributeError). Anything
+        else, as Jinja does it."""
+        if type(obj) is dict and type(argument) is str:
+            try:
+                return obj[argument]
+            except KeyError:
+                if argument not in _DICT_ATTRIBUTES:
+                    return self.undefined(obj=obj, name=argument)
+        return super().getitem(obj, argument)
+
+    def getattr(self, obj, attribute):
+        """``obj.name`` on a plain dict (an evidence item, the draft, ...) whose type has no attribute of that
+        name is its item, or undefined: what Jinja's sandbox gives after trying the attribute and catching the
+        AttributeError, without raising one per look-up. Anything else, as Jinja does it."""
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
 
     def is_safe_attribute(self, obj, attr, value) -> bool:
         if isinstance(obj, str) and attr not in _SAFE_STR_METHODS:

@@ -290,3 +290,32 @@ def test_the_wall_clock_limit_is_checked_in_loops_and_in_the_output_stream(monke
             cards.DETAIL_ENV.from_string(source).render({})
     assert cards.load_time_problems(cards.DETAIL_ENV.from_string("x"), {"id": RULE}) == [
         "took longer than -1 s (rendered with example data)"]
+
+
+@pytest.mark.parametrize("expression", [
+    "d.display", "d['display']", "d.missing", "d['missing']", "d.missing.deeper", "d['missing']['deeper']",
+    "d.nested.code", "d['nested'].code", "d.nested['code']", "d.items", "d['items']", "d.keys()|list",
+    "d['keys']", "d.get('display')", "d['get']('display')", "d.__class__", "d['__class__']", "d[1]", "d[2]",
+    "d.copy", "(d.missing or 'none')", "d.found|map(attribute='ref')|list", "d.found[0].ref", "d.found[5]",
+    "'abc'.upper()", "'abc'['upper']()", "d.pop", "d.update",
+])
+def test_dict_look_ups_in_card_templates_give_what_jinjas_sandbox_gives(expression):
+    """The card environments read a plain dict's items without Jinja's AttributeError per look-up
+    (cards.CardEnvironment.getattr/getitem): the same values, undefined and refusals as Jinja's own sandbox."""
+    from jinja2 import ChainableUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+    from cds_hooks_service.cards import SUMMARY_ENV
+
+    jinja = ImmutableSandboxedEnvironment(undefined=ChainableUndefined, finalize=SUMMARY_ENV.finalize)
+    data = {"display": "Hydromorphone", "items": 5, "nested": {"code": "123"}, 1: "one",
+            "found": [{"ref": "Condition/1"}, {"ref": "Condition/2"}]}
+
+    def render(env):
+        try:
+            return env.from_string("{{ " + expression + " }}").render(d=data)
+        except SecurityError as exc:
+            return f"refused: {exc}"
+
+    ours, theirs = render(SUMMARY_ENV), render(jinja)
+    assert re.sub(r" at 0x[0-9a-f]+", "", ours) == re.sub(r" at 0x[0-9a-f]+", "", theirs)
