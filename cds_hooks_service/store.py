@@ -187,6 +187,17 @@ def _normalise_url(url: str) -> str:
     return url
 
 
+_forks = 0  # how many forks this process is away from its first ancestor that imported this module
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)  # what a store's hot connection was opened in (no getpid per call)
+
+
 class FeedbackStore:
     """Thread-safe store; one instance per process (each has its own pool)."""
 
@@ -223,7 +234,7 @@ class FeedbackStore:
         self._writer = self.engine.execution_options(cds_write=True)
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
         self._fast_sqlite = _SqliteCardWriter(self.engine.dialect) if self.dialect == "sqlite" else None
-        self._hot: tuple[int, object] | None = None  # (pid, DB-API connection) of _hot_connection
+        self._hot: tuple[int, object] | None = None  # (fork generation, DB-API connection) of _hot_connection
         self._inherited: list = []  # hot connections of a parent process (after a fork): kept, never closed
         self._purge_lock = threading.Lock()
         self._last_purge = 0.0
@@ -412,12 +423,12 @@ class FeedbackStore:
         call does not check a connection out and back in. Used only under the write locks, so by one caller at
         a time whatever the worker's threads or greenlets; a forked child opens its own."""
         hot = self._hot
-        if hot is None or hot[0] != os.getpid():
+        if hot is None or hot[0] != _forks:
             if hot is not None:  # the parent's, inherited through fork: never used, closed or collected here
                 self._inherited.append(hot[1])  # (SQLite: a connection must not be touched by a forked child)
             fairy = self.engine.raw_connection()
             fairy.detach()  # out of the pool: closed by close(), never handed to another caller
-            hot = self._hot = (os.getpid(), fairy.dbapi_connection)
+            hot = self._hot = (_forks, fairy.dbapi_connection)
         return hot[1]
 
     def _abandon(self, cursor) -> None:
@@ -432,7 +443,7 @@ class FeedbackStore:
 
     def _close_hot(self) -> None:
         hot, self._hot = self._hot, None
-        if hot is not None and hot[0] == os.getpid():
+        if hot is not None and hot[0] == _forks:
             try:
                 hot[1].close()
             except Exception:  # noqa: BLE001 - closing a broken connection
