@@ -233,7 +233,9 @@ class FeedbackStore:
         # load with 2 gunicorn workers: p99 in the hundreds of ms), the kernel hands the flock over at once.
         self._writer = self.engine.execution_options(cds_write=True)
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
-        self._fast_sqlite = _SqliteCardWriter(self.engine.dialect) if self.dialect == "sqlite" else None
+        # The hot path's DB-API write (and its connection kept out of the pool) on a SQLite file only: an in-memory
+        # database lives in the one pooled connection of its thread, which the hot path must not take away.
+        self._fast_sqlite = _SqliteCardWriter(self.engine.dialect) if self._lock_file is not None else None
         self._hot: tuple[int, object] | None = None  # (fork generation, DB-API connection) of _hot_connection
         self._inherited: list = []  # hot connections of a parent process (after a fork): kept, never closed
         self._purge_lock = threading.Lock()
@@ -443,11 +445,15 @@ class FeedbackStore:
 
     def _close_hot(self) -> None:
         hot, self._hot = self._hot, None
-        if hot is not None and hot[0] == _forks:
-            try:
-                hot[1].close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
+        if hot is None:
+            return
+        if hot[0] != _forks:  # a parent's, inherited through fork: kept, never closed here
+            self._inherited.append(hot[1])
+            return
+        try:
+            hot[1].close()
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            pass
 
     # -- reads ------------------------------------------------------------
     def overridden_keys(self, keys: Iterable[str], since: datetime) -> set[str]:
@@ -526,7 +532,8 @@ class FeedbackStore:
             return False
 
     def close(self) -> None:
-        self._close_hot()
+        with self._write_lock:  # not while a hook call's card write runs on the hot connection
+            self._close_hot()
         self.engine.dispose()
         if self._lock_file is not None:
             os.close(self._lock_file)

@@ -92,13 +92,16 @@ def test_the_hot_path_keeps_one_connection_out_of_the_pool(store):
     """No pool checkout per hook call: the same DB-API connection each time, never lent to other callers."""
     store.issue_cards([card()])
     first = store._hot_connection()
-    store.issue_cards([card()], skip_overridden_since=T0 - timedelta(hours=24))
+    checkouts = []
+    event.listen(store.engine.pool, "checkout", lambda *a: checkouts.append(a))
+    for _ in range(3):
+        store.issue_cards([card()], skip_overridden_since=T0 - timedelta(hours=24))
+    assert checkouts == []  # (the pooled fast path checked a connection out per call)
     assert store._hot_connection() is first
-    assert store.engine.pool.checkedout() == 0  # the pool's connections are all back; this one is not among them
     with store.engine.connect() as conn:  # a pooled connection is another one
         assert conn.connection.dbapi_connection is not first
     assert first.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # opened with the engine's PRAGMAs
-    assert len(_raw_rows(store)) == 2
+    assert len(_raw_rows(store)) == 4
 
 
 def test_a_broken_hot_connection_is_replaced_and_the_next_call_works(store):
@@ -107,8 +110,45 @@ def test_a_broken_hot_connection_is_replaced_and_the_next_call_works(store):
     with pytest.raises(sqlite3.ProgrammingError):
         store.issue_cards([card()])
     c = card()
-    assert store.issue_cards([c]) == set()  # the lock was released and a new connection opened
+    assert store.issue_cards([c]) == set()  # the write lock was released and a new connection opened
     assert c.card_uuid in _raw_rows(store)
+
+
+def test_a_connection_broken_inside_the_transaction_is_replaced(store, monkeypatch):
+    """Broken after BEGIN, so that not even ROLLBACK runs: the call fails, the next one opens a new connection."""
+    kept = card()
+    store.issue_cards([kept])
+    broken = store._hot_connection()
+    row = store._fast_sqlite.row
+
+    def break_then_fail(c):
+        broken.close()
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store._fast_sqlite, "row", break_then_fail)
+    with pytest.raises(sqlite3.OperationalError):
+        store.issue_cards([card()])
+    monkeypatch.setattr(store._fast_sqlite, "row", row)
+    c = card()
+    assert store.issue_cards([c]) == set()
+    assert store._hot_connection() is not broken
+    assert set(_raw_rows(store)) == {kept.card_uuid, c.card_uuid}
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_store_keeps_its_tables_after_a_card_write(url):
+    """An in-memory database lives in its thread's one pooled connection: the card write must not take it
+    away from the other methods (they would find a new, empty database)."""
+    store = FeedbackStore(url)
+    try:
+        c = card()
+        store.issue_cards([c])
+        assert store.issued_to("open", "migraine-med-safety-sign", [c.card_uuid]) == {c.card_uuid: c.rule_id}
+        assert store.record_feedback("migraine-med-safety-sign", [
+            {"card": c.card_uuid, "outcome": "overridden", "outcomeTimestamp": "2026-03-01T12:05:00Z"}]) == 1
+        assert store.issue_cards([card(key=c.suppression_key)], skip_overridden_since=T0) == {c.suppression_key}
+    finally:
+        store.close()
 
 
 def test_a_failed_write_leaves_the_hot_connection_usable(store):
