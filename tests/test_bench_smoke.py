@@ -42,3 +42,21 @@ def test_instructions_bench_counts_the_measured_calls():
         counts[n] = float(re.search(r"^CS\s+([\d.]+) M instructions per call", proc.stdout, re.M).group(1))
     assert 0.1 < counts[2] < 10, counts  # json.loads of a 13 KB body: about a million instructions
     assert abs(counts[4] - counts[2]) / counts[2] < 0.02, counts  # per call: start-up and warm-up not counted
+
+
+def test_worker_phases_times_the_cases_interleaved_each_phase_under_its_case():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "worker_phases.py"), "--cases", "AS", "--n", "5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line[:58].strip(): line[58:].split() for line in proc.stdout.splitlines()[2:]}
+    assert len(rows["process (all threads, mean)"]) == 2 and len(rows["handle"]) == 2, proc.stdout
+    assert len(rows["view"]) == 1 and len(rows["call_service: decide"]) == 1, proc.stdout  # the hook's phases: S only
+
+
+def test_compare_versions_serves_two_checkouts_side_by_side():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "compare_versions.py"), str(REPO), str(REPO),
+                           "--rounds", "3"], cwd=REPO, capture_output=True, text=True, timeout=240,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "S: the same answer" in proc.stdout and "B: the same answer" in proc.stdout, proc.stdout
+    assert len(re.findall(r"wall A [\d.]+ S [\d.]+ B [\d.]+", proc.stdout)) == 2, proc.stdout
