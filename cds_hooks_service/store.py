@@ -13,8 +13,9 @@ Tables (created if missing):
 
 ``cds_issued_card``
     card_uuid PK, rule_id, service_id, client_id (the JWT ``iss`` of the client the card was sent to, or
-    "open"), hook_instance, indicator, mode ("active" | "shadow"), suppression_key (indexed; opaque HMAC
-    hex of client, patient, draft order and rule), issued_at.
+    "open"), hook_instance, indicator, mode ("active" | "shadow"), suppression_key (opaque HMAC
+    hex of client, patient, draft order and rule; not indexed: no query reads cards by it), issued_at; index
+    (rule_id, issued_at).
 ``cds_feedback``
     id PK, card_uuid (indexed), service_id, client_id, rule_id, outcome, override_system, override_code,
     override_display, has_comment, accepted_suggestions (JSON text list of ids),
@@ -104,7 +105,7 @@ issued_card = Table(
     Column("hook_instance", String(HOOK_INSTANCE_WIDTH), nullable=False),
     Column("indicator", String(16), nullable=False),
     Column("mode", String(16), nullable=False),
-    Column("suppression_key", String(128), nullable=False, index=True),
+    Column("suppression_key", String(128), nullable=False),  # not indexed: read only with the row (0003)
     Column("issued_at", UTCDateTime(), nullable=False),
     Index("ix_cds_issued_card_rule_issued", "rule_id", "issued_at"),
 )
