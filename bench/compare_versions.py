@@ -109,9 +109,10 @@ def run(roots: list[Path], rounds: int) -> int:
     for i, root in enumerate(roots):
         p50 = {c: statistics.median(wall[(i, c)]) * 1000 for c in CASES}
         cp = {c: cpu[(i, c)] / rounds / 1e6 for c in CASES}
-        print(f"{str(root)[-28:]:>28}  wall A {p50['A']:.3f} S {p50['S']:.3f} B {p50['B']:.3f}  S/A {p50['S'] / p50['A']:.2f}"
-              f"  S-A {p50['S'] - p50['A']:.3f}  B-A {p50['B'] - p50['A']:.3f}  |  CPU A {cp['A']:.3f} S {cp['S']:.3f}"
-              f" B {cp['B']:.3f}  S-A {cp['S'] - cp['A']:.3f}  B-A {cp['B'] - cp['A']:.3f}")
+        print(f"{str(root)[-28:]:>28}  wall A {p50['A']:.3f} S {p50['S']:.3f} B {p50['B']:.3f}"
+              f"  S/A {p50['S'] / p50['A']:.2f}  S-A {p50['S'] - p50['A']:.3f}  B-A {p50['B'] - p50['A']:.3f}"
+              f"  |  CPU A {cp['A']:.3f} S {cp['S']:.3f} B {cp['B']:.3f}  S-A {cp['S'] - cp['A']:.3f}"
+              f"  B-A {cp['B'] - cp['A']:.3f}")
     return 0
 
 

@@ -423,7 +423,7 @@ class Evaluation:
         return items, len(items), ("inner matched" if inner else "inner absent")
 
 
-# The Evaluation method of each kind of check (its function, called with the evaluation: no bound method per check).
+# The Evaluation method of each kind of check, as a function called with the evaluation (no bound method per check).
 _KIND_METHODS = {kind: getattr(Evaluation, "_" + kind) for kind in CHECK_KINDS}
 
 

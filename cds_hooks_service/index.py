@@ -120,7 +120,8 @@ class RecordIndex:
 
     def __init__(self, resources: dict[str, list[dict]], normaliser: Normaliser, medications: MedicationIndex,
                  drafts: list[MedicationFact], concepts: RuleConcepts | None):
-        self.stats = {"resources": 0, "normalised": 0, "skipped": 0}  # seen / normalised in full / skipped after a look-up
+        # resources seen / normalised in full / skipped after a look-up
+        self.stats = {"resources": 0, "normalised": 0, "skipped": 0}
         self.drafts = ConceptIndex(drafts)
         self.shared: dict[tuple[str, str], object] = {}
         self._resources, self._normaliser, self._medication_index = resources, normaliser, medications

@@ -366,10 +366,10 @@ class FeedbackStore:
         (their cards are not to be shown).
 
         The cards are committed before this returns (so before the hook call is answered): a crash of the
-        process after the answer loses none. On SQLite the transaction runs on a DB-API connection kept for it
-        (no pool checkout) with statements rendered once (``_issue_cards_sqlite``: ~0.1 ms instead of ~0.4-0.9 ms of CPU through
-        SQLAlchemy's execution layer); the columns are bound by the table's own types, so the rows are the
-        same."""
+        process after the answer loses none. On a SQLite file the transaction runs on a DB-API connection kept
+        for it (no pool checkout) with statements rendered once (``_issue_cards_sqlite``: ~0.1 ms instead of
+        ~0.4-0.9 ms of CPU through SQLAlchemy's execution layer); the columns are bound by the table's own types,
+        so the rows are the same."""
         if not cards:
             return set()
         if self._fast_sqlite is not None:
@@ -427,8 +427,7 @@ class FeedbackStore:
         a time whatever the worker's threads or greenlets; a forked child opens its own."""
         hot = self._hot
         if hot is None or hot[0] != _forks:
-            if hot is not None:  # the parent's, inherited through fork: never used, closed or collected here
-                self._inherited.append(hot[1])  # (SQLite: a connection must not be touched by a forked child)
+            self._close_hot()  # (a parent's, after a fork, is kept: never used, closed or collected here)
             fairy = self.engine.raw_connection()
             fairy.detach()  # out of the pool: closed by close(), never handed to another caller
             hot = self._hot = (_forks, fairy.dbapi_connection)
@@ -448,8 +447,8 @@ class FeedbackStore:
         hot, self._hot = self._hot, None
         if hot is None:
             return
-        if hot[0] != _forks:  # a parent's, inherited through fork: kept, never closed here
-            self._inherited.append(hot[1])
+        if hot[0] != _forks:  # a parent's, inherited through fork: SQLite's connections must not be touched by
+            self._inherited.append(hot[1])  # a forked child, not even closed (or collected) there
             return
         try:
             hot[1].close()
