@@ -133,13 +133,14 @@ class Evaluation:
         self._categories: frozenset[str] | None = None  # the draft's order categories, read on first use
 
     def check(self, name: str) -> Evidence | None:
-        if name in self._memo:
-            return self._memo[name]
-        self._memo[name] = None  # guards against cycles (also refused at load time)
+        memo = self._memo
+        if name in memo:
+            return memo[name]
+        memo[name] = None  # guards against cycles (also refused at load time)
         c = self.rule.checks[name]
         items, total, note = _KIND_METHODS[c.kind](self, c)
         evidence = Evidence(name, c.label, c.indicator, items, total) if total else None
-        self._memo[name] = evidence
+        memo[name] = evidence
         if self.trace is not None:
             self.trace.append({"check": name, "kind": c.kind, "label": c.label, "matched": bool(total),
                                "why": note, "evidence": items})
