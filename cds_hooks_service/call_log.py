@@ -1,15 +1,18 @@
 """The one log line per hook call: service, HTTP status, duration and cards by indicator.
 
 It holds no patient data, no token and no client-chosen text: the service id is one of this service's
-(``unknown`` otherwise), the rest are numbers. Logged after the response is built, on the API's logger.
+(``unknown`` otherwise), the rest are numbers. Made when the response is built, written on the API's logger once
+the answer is sent (when the WSGI server closes the response).
 """
 from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 from flask import Flask, g, request
 
+from . import logs
 from .services import SERVICES
 
 log = logging.getLogger("cds_hooks_service.api")  # the one line per hook call belongs to the API's log
@@ -28,6 +31,8 @@ def _start() -> None:
 
 
 def _log_hook_call(response):
+    """The call's line, made now (its duration ends here) and written once the answer is sent: the WSGI server
+    closes the response after writing its body (gunicorn, werkzeug), so the client does not wait for the log."""
     if request.endpoint != "cds.hook" or not log.isEnabledFor(logging.INFO):
         return response
     elapsed = time.perf_counter() - g.get("cds_call_started", time.perf_counter())
@@ -35,9 +40,10 @@ def _log_hook_call(response):
     service = service_id if service_id in SERVICES else "unknown"
     cards = g.get("cds_cards", {})
     by_indicator = " (" + ", ".join(f"{k} {v}" for k, v in sorted(cards.items())) + ")" if cards else ""
-    log.info("hook %s answered %d in %.1f ms: %d card(s)%s", service, response.status_code, elapsed * 1000,
-             sum(cards.values()), by_indicator,
-             extra={"status": response.status_code, "cards": cards, "duration_ms": round(elapsed * 1000, 2)})
+    response.call_on_close(partial(
+        log.info, "hook %s answered %d in %.1f ms: %d card(s)%s", service, response.status_code, elapsed * 1000,
+        sum(cards.values()), by_indicator, extra={"status": response.status_code, "cards": cards,
+                                                  "duration_ms": round(elapsed * 1000, 2), **logs.correlation()}))
     return response
 
 

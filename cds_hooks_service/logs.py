@@ -77,20 +77,24 @@ def current_request_id() -> str | None:
     return corr.request_id if corr else None
 
 
+def correlation() -> dict[str, str | None]:
+    """hookInstance, requestId and service of the request being handled (None outside requests): what
+    :class:`CorrelationFilter` adds to a record, for a line logged once the request is over."""
+    corr = _current.get()
+    if corr is None:
+        return {"hookInstance": None, "requestId": None, "service": None}
+    return {"hookInstance": corr.hook_instance or corr.request_id, "requestId": corr.request_id,
+            "service": corr.service}
+
+
 class CorrelationFilter(logging.Filter):
-    """Adds hookInstance, requestId and service of the request being handled (None outside requests)."""
+    """Adds hookInstance, requestId and service of the request being handled (None outside requests), unless
+    the record carries them already (``extra=correlation()``, taken while the request was handled)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        corr = _current.get()
         fields = record.__dict__
-        if corr is None:
-            fields.setdefault("hookInstance", None)
-            fields.setdefault("requestId", None)
-            fields.setdefault("service", None)
-        else:
-            fields.setdefault("hookInstance", corr.hook_instance or corr.request_id)
-            fields.setdefault("requestId", corr.request_id)
-            fields.setdefault("service", corr.service)
+        for key, value in correlation().items():
+            fields.setdefault(key, value)
         return True
 
 

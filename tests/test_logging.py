@@ -43,8 +43,15 @@ def hook_lines(lines: list[dict]) -> list[dict]:
     return [line for line in lines if line["logger"] == "cds_hooks_service.api" and line["message"].startswith("hook ")]
 
 
+def sent(response):
+    """The response closed, as a WSGI server closes it once its body is written: the hook call's line is written
+    then (Flask's test client closes nothing by itself)."""
+    response.close()
+    return response
+
+
 def test_one_json_line_per_hook_call_with_the_hook_instance(client, json_log):
-    r = post(client, SIGN, request_body(), headers={"X-Request-Id": "req-42.a"})
+    r = sent(post(client, SIGN, request_body(), headers={"X-Request-Id": "req-42.a"}))
     assert r.status_code == 200 and r.headers["X-Request-Id"] == "req-42.a"
     [line] = hook_lines(json_log())
     assert list(line)[:8] == ["time", "level", "logger", "message", "hookInstance", "requestId", "service", "pid"]
@@ -54,9 +61,23 @@ def test_one_json_line_per_hook_call_with_the_hook_instance(client, json_log):
     assert datetime.fromisoformat(line["time"]).utcoffset() == timedelta(0)  # ISO 8601, UTC
 
 
+def test_the_hook_line_is_written_once_the_answer_is_sent_with_the_calls_ids(client, json_log):
+    """Written when the server closes the response (after sending it), not before: the client does not wait
+    for it; its request and hook ids are the call's, though the request is over by then."""
+    r = post(client, SIGN, request_body(), headers={"X-Request-Id": "req-43"})
+    assert r.status_code == 200 and hook_lines(json_log()) == []
+    logging.getLogger("cds_hooks_service.runtime").info("between the answer and the close")
+    sent(r)
+    [line] = hook_lines(json_log())
+    assert (line["requestId"], line["hookInstance"], line["service"]) == (
+        "req-43", HOOK_INSTANCE, "migraine-med-safety-sign")
+    [between] = [x for x in json_log() if x["message"] == "between the answer and the close"]
+    assert between["requestId"] is None  # the request's context was over: the ids were taken before
+
+
 def test_error_answers_are_logged_too(client, json_log):
-    assert post(client, SIGN, {"hook": "order-sign"}).status_code == 400
-    assert post(client, "/cds-services/no-such-service", request_body()).status_code == 404
+    assert sent(post(client, SIGN, {"hook": "order-sign"})).status_code == 400
+    assert sent(post(client, "/cds-services/no-such-service", request_body())).status_code == 404
     bad, unknown = hook_lines(json_log())
     assert (bad["status"], bad["cards"], bad["service"]) == (400, {}, "migraine-med-safety-sign")
     assert bad["hookInstance"] == bad["requestId"]  # no valid body: the request id stands in
@@ -108,7 +129,7 @@ def test_request_id_is_echoed_only_when_safe(client):
 def test_unsafe_hook_instance_is_not_repeated(client, json_log):
     body = request_body()
     body["hookInstance"] = "line\nforged"
-    assert post(client, SIGN, body).status_code == 200
+    assert sent(post(client, SIGN, body)).status_code == 200
     [line] = hook_lines(json_log())
     assert line["hookInstance"] == "invalid"
 
