@@ -349,3 +349,52 @@ def test_a_card_template_failing_at_render_time_still_warns(make_app, tmp_path, 
     assert card_json["summary"].startswith("Opioid ordered for migraine or headache")
     assert "Migraine or headache diagnosis" in card_json["detail"]
     assert "card template opioid-in-migraine failed" in caplog.text
+
+
+# -- after the answer --------------------------------------------------------------------------------
+@pytest.fixture
+def held_results(client, monkeypatch):
+    """Weak references to each hook call's result and its record index, as the view made them."""
+    import weakref
+
+    from cds_hooks_service import api
+
+    real, results = api.call_service, []
+
+    def call_service(*args, **kwargs):
+        result = real(*args, **kwargs)
+        results.append((weakref.ref(result), weakref.ref(result.index)))
+        return result
+
+    monkeypatch.setattr(api, "call_service", call_service)
+    return results
+
+
+def test_the_calls_record_is_freed_once_the_answer_is_sent_not_before(client, held_results):
+    """The decoded request and its index (thousands of objects for a long record) are freed when the WSGI
+    server closes the response, after writing it: the client does not wait for that."""
+    r = post(client, SIGN, request_body())
+    assert r.status_code == 200 and r.get_json()["cards"]
+    [(result, index)] = held_results
+    assert result() is not None and index() is not None  # answered, not yet sent
+    r.close()  # as gunicorn does once the body is written
+    assert result() is None and index() is None
+
+
+def test_answers_not_yet_sent_hold_at_most_a_few_records(client, held_results):
+    """Clients that do not read their answers hold at most HELD_AFTER_ANSWER records of the process; past that a
+    call's record is freed before its answer, as any request's."""
+    from cds_hooks_service.runtime import HELD_AFTER_ANSWER
+
+    unsent = [post(client, SIGN, request_body()) for _ in range(HELD_AFTER_ANSWER + 2)]
+    assert all(r.status_code == 200 for r in unsent)
+    alive = [result() is not None for result, _ in held_results]
+    assert alive == [True] * HELD_AFTER_ANSWER + [False, False]
+    unsent[0].close()  # one answer sent: its slot is free again
+    assert held_results[0][0]() is None
+    again = post(client, SIGN, request_body())
+    assert held_results[-1][0]() is not None
+    again.close()
+    for r in unsent[1:]:
+        r.close()
+    assert all(result() is None for result, _ in held_results)
