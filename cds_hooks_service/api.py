@@ -77,24 +77,7 @@ def hook(service_id: str):
     call_log.hook_result(result)  # the line per hook call is logged after the response
     if trace:  # CDS_DEBUG_TRACE: the explain report (codes and resource ids; no names, no patient id)
         log.info("explain %s", json.dumps(explain_report(result, rt.rulebook, service.hook), default=str))
-    answer = Response(orjson.dumps(result.response), mimetype="application/json")  # bounded (limits.py), ~3x jsonify
-    return freed_after_answer(answer, rt.held_after_answer, body, result)
-
-
-def freed_after_answer(response: Response, slots, *objects) -> Response:
-    """The response, holding ``objects`` until the WSGI server closes it, after writing it (gunicorn, werkzeug):
-    a request's decoded record is thousands of objects, and the client need not wait while they are freed.
-    ``slots`` (a semaphore) bounds how many requests of the process are held so, a client that does not read its
-    answer holding one: when none is free, the objects are freed before the answer, as any request's."""
-    if slots.acquire(blocking=False):
-        held = list(objects)
-
-        def release() -> None:
-            held.clear()
-            slots.release()
-
-        response.call_on_close(release)
-    return response
+    return Response(orjson.dumps(result.response), mimetype="application/json")  # bounded (limits.py), ~3x jsonify
 
 
 @bp.post("/cds-services/<service_id>/feedback")

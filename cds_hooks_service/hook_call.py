@@ -63,7 +63,6 @@ class Decision:
     data: PatientData
     live: list[tuple[Rule, MedicationFact]]  # the (rule, draft) pairs whose triggers matched
     not_evaluated: list[tuple[Rule, MedicationFact]] = field(default_factory=list)  # past the deadline
-    index: RecordIndex | None = None  # the record as the rules read it
 
 
 @dataclass
@@ -72,7 +71,6 @@ class HookResult:
     findings: list[Finding] = field(default_factory=list)  # each with its outcome (and reason)
     data: PatientData | None = None
     not_completed: list[str] = field(default_factory=list)  # ids of rules answered with "Check not completed"
-    index: RecordIndex | None = None  # the decision's (freed with the result: the service frees it after answering)
 
     def with_outcome(self, *outcomes: str) -> list[Finding]:
         return [f for f in self.findings if f.outcome in outcomes]
@@ -145,7 +143,7 @@ def call_service(service: CdsService, body: dict, *, rulebook: Rulebook, store, 
         return HookResult({"cards": []})
     issued = record(decision, body, store=store, secret=settings.suppression_secret, service=service, client=client)
     cards, not_completed = render(decision, issued, rulebook=rulebook, limits=limits)
-    return HookResult({"cards": cards}, decision.findings, decision.data, not_completed, decision.index)
+    return HookResult({"cards": cards}, decision.findings, decision.data, not_completed)
 
 
 # -- decide ---------------------------------------------------------------------------------------------
@@ -174,7 +172,7 @@ def decide(service: CdsService, body: dict, *, rulebook: Rulebook, settings, lim
     ctx.unread = frozenset(k for k, why in data.unavailable.items() if not is_partly_read(why))  # alternatives
     record_index = RecordIndex(data.resources, normaliser, medications, drafts,
                                None if trace else RuleConcepts.of(rulebook, [rule for rule, _ in live]))
-    decision = Decision(ctx, [], data, live, index=record_index)
+    decision = Decision(ctx, [], data, live)
     # The deadline counts this request's own CPU time (its thread's): other requests sharing the worker's
     # GIL, or other processes of a loaded machine, do not make a check "not completed"; its own work does.
     deadline = time.thread_time() + limits.eval_deadline

@@ -35,7 +35,6 @@ from .rulefiles import call_with_deadline
 from .store import FeedbackStore
 
 log = logging.getLogger(__name__)
-HELD_AFTER_ANSWER = 4  # requests per process whose objects are freed after their answer is sent (api.py)
 
 
 def _rule_dirs(settings: Settings) -> tuple[Path, ...]:
@@ -126,7 +125,6 @@ class Runtime:
         # How a reload runs the (CPU-bound, ~0.5 s) rule loading: here, or on a native thread so that a gevent
         # worker keeps serving meanwhile (serving.start_worker sets it).
         self.run_blocking = lambda fn, *args: fn(*args)
-        self.held_after_answer = threading.BoundedSemaphore(HELD_AFTER_ANSWER)
         if rulebook is None:
             try:
                 rulebook = load_rulebook(settings.rules_dir, settings.cards_dir, settings.rules_local_dir)
