@@ -36,6 +36,11 @@ RULE_OF = ("CASE {i} % 6 WHEN 0 THEN 'opioid-in-migraine' WHEN 1 THEN 'dhe-cyp3a
            "WHEN 4 THEN 'dhe-contraindicated-condition' ELSE 'ketamine-non-refractory-migraine' END")
 
 
+# The columns filled (client_id: its server default, the open-mode client), named: the table gains columns.
+_CARD_COLUMNS = ("INSERT INTO cds_issued_card (card_uuid, rule_id, service_id, hook_instance, indicator, mode, "
+                 "suppression_key, issued_at)")
+
+
 def fill(store: FeedbackStore, n: int) -> None:
     pg = store.dialect == "postgresql"
     mod = (lambda a, b: f"mod({a}, {b})") if pg else (lambda a, b: f"({a}) % {b}")
@@ -44,13 +49,13 @@ def fill(store: FeedbackStore, n: int) -> None:
     common = (f"{rule}, CASE {mod(i, 2)} WHEN 0 THEN 'migraine-med-safety-sign' ELSE 'migraine-med-safety-select' END, "
               f"'h', 'warning', CASE {mod(i, 6)} WHEN 5 THEN 'shadow' ELSE 'active' END")
     if pg:
-        cards = (f"INSERT INTO cds_issued_card SELECT 'c' || lpad(i::text, 9, '0'), {common}, 'k' || i, "
+        cards = (f"{_CARD_COLUMNS} SELECT 'c' || lpad(i::text, 9, '0'), {common}, 'k' || i, "
                  f"timestamptz '{NOW}' - (({n - 1} - i)::bigint * {YEAR_S} / {n}) * interval '1 second' "
                  f"FROM generate_series(0, {n - 1}) i")
         num = "substr(card_uuid, 2)::bigint"
     else:
         cards = (f"WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i < {n - 1}) "
-                 f"INSERT INTO cds_issued_card SELECT printf('c%09d', i), {common}, 'k' || i, "
+                 f"{_CARD_COLUMNS} SELECT printf('c%09d', i), {common}, 'k' || i, "
                  f"strftime('%Y-%m-%d %H:%M:%f', '2026-03-01 12:00:00', printf('-%d seconds', (({n - 1} - i) * {YEAR_S}) / {n})) "
                  f"FROM s")
         num = "CAST(substr(card_uuid, 2) AS INTEGER)"
@@ -79,7 +84,7 @@ def main() -> int:
     fill(store, args.cards)
     print(f"{store.dialect}: {args.cards} cards filled in {time.perf_counter() - started:.1f} s")
     settings = Settings(database_url=url, instance_dir=tmp, suppression_secret=b"bench",
-                        fixed_now=parse_time(NOW), admin_token=TOKEN)
+                        fixed_now=parse_time(NOW), admin_token=TOKEN, listen_hosts=("127.0.0.1",))
     client = create_app(settings, store=store).test_client()
     headers = {"Authorization": "Basic " + base64.b64encode(f"bench:{TOKEN}".encode()).decode()}
     for path in VIEWS:

@@ -6,7 +6,9 @@ interval, accepted cards and suggestions, cards without feedback, a "candidate f
 a daily chart (override rate with its interval above the cards per day) and the top override reasons.
 ``GET /admin/rules/<rule_id>/overrides`` lists the individual overrides of one rule; ``/admin/rules.csv``
 and ``/admin/overrides.csv`` export the table and the overrides; ``/admin/stats.json`` the figures.
-The queries are in analytics.py (aggregated in SQL).
+The queries are in analytics.py (aggregated in SQL). They take seconds over a year of a busy service's cards,
+so every view runs away from the hook calls (``off_loop``): under the gevent worker, whose connections share one
+thread, a view run there held up every hook call of its worker until it was done.
 
 Access needs the admin token (``CDS_ADMIN_TOKEN``), sent as the password of HTTP Basic (any user
 name) or as ``Authorization: Bearer <token>``. Without a configured token the page does not exist
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import csv
+import functools
 import hashlib
 import hmac
 import io
@@ -45,6 +49,17 @@ RULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 REALM = "cds-admin"
 
 bp = Blueprint("admin", __name__, template_folder="templates")
+
+
+def off_loop(view):
+    """The view run by ``Runtime.run_blocking`` (a native thread under gevent, where SQLite and psycopg release
+    the GIL while the database works; the calling thread elsewhere), in a copy of the request's context: the hook
+    calls of the worker are served meanwhile. Its exceptions are raised here, for Flask's error handlers."""
+    @functools.wraps(view)
+    def run(**view_args):
+        return runtime().run_blocking(contextvars.copy_context().run, functools.partial(view, **view_args))
+
+    return run
 
 
 # -- access ---------------------------------------------------------------
@@ -381,6 +396,7 @@ def _quick_ranges(window: Window) -> list[dict]:
 
 
 @bp.get("/admin")
+@off_loop
 def page():
     window = _window_param()
     figures = collect(window)
@@ -390,6 +406,7 @@ def page():
 
 
 @bp.get("/admin/stats.json")
+@off_loop
 def stats_json():
     return jsonify(collect(_window_param()))
 
@@ -413,17 +430,26 @@ def _cell(value) -> str:
 
 
 def _csv_response(name: str, header: list[str], rows) -> Response:
-    def generate():
+    rows = iter(rows)
+    run_blocking = runtime().run_blocking  # the rows are read while the response is sent, after the view
+
+    def chunk(first: bool) -> str:
+        """The next ~64 KB of the file ("" at its end): the rows are read from the database off the loop too."""
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\r\n")
-        writer.writerow(header)
+        if first:
+            writer.writerow(header)
         for row in rows:
             writer.writerow([_cell(v) for v in row])
             if buf.tell() > 64_000:
-                yield buf.getvalue()
-                buf.seek(0)
-                buf.truncate()
-        yield buf.getvalue()
+                break
+        return buf.getvalue()
+
+    def generate():
+        first = True
+        while data := run_blocking(chunk, first):
+            first = False
+            yield data
 
     response = Response(generate(), mimetype="text/csv")
     response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
@@ -436,6 +462,7 @@ RULE_CSV = ["rule_id", "title", "mode", "in_rulebook", "from", "to", "cards_show
 
 
 @bp.get("/admin/rules.csv")
+@off_loop
 def rules_csv():
     window = _window_param()
     figures = collect(window)
@@ -507,6 +534,7 @@ def _labels_cache():
 
 
 @bp.get("/admin/overrides.csv")
+@off_loop
 def overrides_csv():
     window = _window_param()
     rule_id = _rule_param()
@@ -531,6 +559,7 @@ def overrides_csv():
 
 # -- drill-down: the overrides of one rule -------------------------------------
 @bp.get("/admin/rules/<rule_id>/overrides")
+@off_loop
 def rule_overrides(rule_id: str):
     window = _window_param()
     rule_id = _known_rule(rule_id, field="rule_id")
