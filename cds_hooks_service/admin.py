@@ -8,7 +8,8 @@ a daily chart (override rate with its interval above the cards per day) and the 
 and ``/admin/overrides.csv`` export the table and the overrides; ``/admin/stats.json`` the figures.
 The queries are in analytics.py (aggregated in SQL). They take seconds over a year of a busy service's cards,
 so every view runs away from the hook calls (``off_loop``): under the gevent worker, whose connections share one
-thread, a view run there held up every hook call of its worker until it was done.
+thread, a view run there held up every hook call of its worker until it was done. They run on a pool of two
+native threads of their own per worker (``serving.ADMIN_THREADS``); further views wait their turn.
 
 Access needs the admin token (``CDS_ADMIN_TOKEN``), sent as the password of HTTP Basic (any user
 name) or as ``Authorization: Bearer <token>``. Without a configured token the page does not exist
@@ -52,12 +53,13 @@ bp = Blueprint("admin", __name__, template_folder="templates")
 
 
 def off_loop(view):
-    """The view run by ``Runtime.run_blocking`` (a native thread under gevent, where SQLite and psycopg release
-    the GIL while the database works; the calling thread elsewhere), in a copy of the request's context: the hook
-    calls of the worker are served meanwhile. Its exceptions are raised here, for Flask's error handlers."""
+    """The view run by ``Runtime.run_admin`` (the admin's native threads under gevent, where SQLite and psycopg
+    release the GIL while the database works; the calling thread elsewhere), in a copy of the request's context:
+    the hook calls of the worker are served meanwhile. Its exceptions are raised here, for Flask's error
+    handlers."""
     @functools.wraps(view)
     def run(**view_args):
-        return runtime().run_blocking(contextvars.copy_context().run, functools.partial(view, **view_args))
+        return runtime().run_admin(contextvars.copy_context().run, functools.partial(view, **view_args))
 
     return run
 
@@ -431,7 +433,7 @@ def _cell(value) -> str:
 
 def _csv_response(name: str, header: list[str], rows) -> Response:
     rows = iter(rows)
-    run_blocking = runtime().run_blocking  # the rows are read while the response is sent, after the view
+    run_admin = runtime().run_admin  # the rows are read while the response is sent, after the view
 
     def chunk(first: bool) -> str:
         """The next ~64 KB of the file ("" at its end): the rows are read from the database off the loop too."""
@@ -447,7 +449,7 @@ def _csv_response(name: str, header: list[str], rows) -> Response:
 
     def generate():
         first = True
-        while data := run_blocking(chunk, first):
+        while data := run_admin(chunk, first):
             first = False
             yield data
 

@@ -125,6 +125,10 @@ class Runtime:
         # How a reload runs the (CPU-bound, ~0.5 s) rule loading: here, or on a native thread so that a gevent
         # worker keeps serving meanwhile (serving.start_worker sets it).
         self.run_blocking = lambda fn, *args: fn(*args)
+        # How the /admin views run (admin.off_loop): here, or on a small pool of native threads of their own
+        # (serving.start_worker), so that the hook calls are served meanwhile and the hub's threadpool, which
+        # gevent also resolves host names on, stays free.
+        self.run_admin = self.run_blocking
         if rulebook is None:
             try:
                 rulebook = load_rulebook(settings.rules_dir, settings.cards_dir, settings.rules_local_dir)

@@ -321,6 +321,7 @@ def hold_signals() -> None:
 
 
 GC_GEN0_THRESHOLD = 10_000  # young-generation threshold in the workers (Python's default: 700)
+ADMIN_THREADS = 2  # native threads per gevent worker for the /admin views; more views wait their turn
 
 
 def start_worker(app) -> None:
@@ -332,6 +333,11 @@ def start_worker(app) -> None:
             import gevent
 
             rt.run_blocking = _on_native_thread(gevent.get_hub().threadpool)
+            # Not the hub's pool: gevent resolves host names there (the FHIR and JWKS connections), and ten
+            # admin views at once held all of its threads.
+            from gevent.threadpool import ThreadPool
+
+            rt.run_admin = _on_native_thread(ThreadPool(ADMIN_THREADS))
         if hasattr(signal, "SIGHUP") and _main_thread():
             rt.install_sighup_handler()
         rt.start_watching(rt.settings.rules_poll_seconds)
