@@ -435,22 +435,20 @@ def _csv_response(name: str, header: list[str], rows) -> Response:
     rows = iter(rows)
     run_admin = runtime().run_admin  # the rows are read while the response is sent, after the view
 
-    def chunk(first: bool) -> str:
+    def chunk(lines) -> str:
         """The next ~64 KB of the file ("" at its end): the rows are read from the database off the loop too."""
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\r\n")
-        if first:
-            writer.writerow(header)
-        for row in rows:
-            writer.writerow([_cell(v) for v in row])
+        for line in lines:
+            writer.writerow(line)
             if buf.tell() > 64_000:
                 break
         return buf.getvalue()
 
     def generate():
-        first = True
-        while data := run_admin(chunk, first):
-            first = False
+        yield chunk([header])
+        lines = ([_cell(v) for v in row] for row in rows)
+        while data := run_admin(chunk, lines):
             yield data
 
     response = Response(generate(), mimetype="text/csv")
